@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The two commands of the README:
+#   ./run.sh demo [args]  set up, then run the capture flow on the embedded default
+#   ./run.sh test [args]  set up, then run the test suite
+set -euo pipefail
+cd "$(dirname "$0")"
+cmd=${1:-}
+shift || true
+case "$cmd" in
+    demo) bash scripts/setup.sh && exec .venv/bin/qsae demo "$@" ;;
+    test) bash scripts/setup.sh && HF_HUB_OFFLINE=1 exec .venv/bin/python -m pytest "$@" ;;
+    *) echo "usage: ./run.sh demo|test [args]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,51 @@
+"""Exception types with messages that name the problem, so users see what to fix."""
+
+from __future__ import annotations
+
+
+class QsaeError(Exception):
+    """Base class for every error qsae raises on purpose."""
+
+
+class SAEFormatError(QsaeError):
+    """An SAE file or folder is missing keys, has wrong shapes or non-finite weights."""
+
+
+class UntrustedPickleError(SAEFormatError):
+    """A .pt file needs more than tensors and plain containers to load; it is refused."""
+
+
+class SAENotCachedError(QsaeError):
+    """A Hugging Face repo id was given but is not in the local cache (we never download)."""
+
+
+class SAEModelMismatchError(QsaeError):
+    """The SAE's d_model does not equal the model's hidden size."""
+
+
+class LayerError(QsaeError):
+    """A requested layer does not exist in the model."""
+
+
+class SchemaError(QsaeError):
+    """A store does not follow the lake schema (missing variable, wrong dims or dtype)."""
+
+
+class NewerSchemaError(SchemaError):
+    """A store was written by a newer schema version than this qsae understands."""
+
+
+class ConfigMismatchError(QsaeError):
+    """An existing store was created with a different config than the one asked for."""
+
+
+class RegionError(QsaeError):
+    """A write region does not align with the store's shard grid (would lose data)."""
+
+
+class StoreUnreachableError(QsaeError):
+    """A store URL cannot be reached or opened."""
+
+
+class DatasetError(QsaeError):
+    """A dataset is empty, unreadable or has malformed rows."""

@@ -1,0 +1,505 @@
+"""The question lake: create, validate, open and write one Zarr v3 store per capture run.
+
+Writes go by shard: a region of ``questions_per_shard`` questions across every layer, so
+independent workers touch disjoint files, a retried task rewrites exactly its own region,
+and the ``done`` mask (written last) says which questions are complete. A region that does
+not align with the shard grid is refused: two writers sharing a shard lose data silently.
+Imports numpy/zarr/xarray only, so notebooks and dask workers can read without torch.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Sequence
+
+import numpy as np
+import xarray as xr
+import zarr
+from zarr.codecs import ZstdCodec
+
+from . import __version__
+from .errors import (
+    ConfigMismatchError,
+    NewerSchemaError,
+    RegionError,
+    SchemaError,
+    StoreUnreachableError,
+)
+from .schema import (
+    COORDS,
+    KIND_QUESTIONS,
+    LAYER,
+    QUESTION,
+    REQUIRED_ATTRS,
+    RESID_DTYPES,
+    SAMPLE,
+    SCHEMA_VERSION,
+    Variable,
+    lake_variables,
+    resolve_dtype,
+)
+from .storage import local_path, xarray_target, zarr_store
+
+warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+
+OpenMode = Literal["resume", "overwrite", "create"]
+
+# Lineage keys that identify a run: a store with other values here is another run.
+IDENTITY_LINEAGE_KEYS = (
+    "model", "model_revision", "hook", "sae_sha256", "dataset", "dataset_revision",
+    "sampling", "seed", "prompt_template",
+)
+
+
+@dataclass(frozen=True)
+class LakeLayout:
+    """Shard and chunk sizes along the question axis (every other axis is one chunk).
+
+    A shard is the unit of work and of writing; inner chunks keep random reads small.
+    """
+
+    questions_per_shard: int = 32
+    questions_per_chunk: int = 4
+
+    def __post_init__(self) -> None:
+        if self.questions_per_shard < 1 or self.questions_per_chunk < 1:
+            raise ValueError("questions_per_shard and questions_per_chunk must be >= 1")
+        if self.questions_per_shard % self.questions_per_chunk:
+            raise ValueError(
+                f"questions_per_shard ({self.questions_per_shard}) must be a multiple of "
+                f"questions_per_chunk ({self.questions_per_chunk})"
+            )
+
+
+@dataclass
+class LakeSpec:
+    """Everything that fixes a lake's shape and identity.
+
+    ``lineage`` holds model, model_revision, hook, sae_source, sae_sha256 ({layer: hash}),
+    dataset, dataset_revision, sampling, seed and prompt_template.
+    """
+
+    question_ids: Sequence[int]
+    layers: Sequence[int]
+    n_samples: int
+    d_model: int
+    max_new_tokens: int
+    d_sae: int | None = None
+    k: int | None = None
+    resid_dtype: str = "float16"
+    layout: LakeLayout = field(default_factory=LakeLayout)
+    lineage: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        ids = np.asarray(self.question_ids, dtype=np.int64)
+        if ids.ndim != 1 or ids.size == 0:
+            raise ValueError("question_ids must be a non-empty 1-D sequence")
+        if np.unique(ids).size != ids.size:
+            raise ValueError("question_ids must be unique")
+        if len(self.layers) == 0 or len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"layers must be non-empty and unique, got {list(self.layers)}")
+        if self.resid_dtype not in RESID_DTYPES:
+            raise ValueError(f"resid_dtype must be one of {RESID_DTYPES}, got {self.resid_dtype!r}")
+        if (self.d_sae is None) != (self.k is None):
+            raise ValueError("d_sae and k go together: give both (SAE codes) or neither")
+        if self.n_samples < 1 or self.max_new_tokens < 1 or self.d_model < 1:
+            raise ValueError("n_samples, max_new_tokens and d_model must be >= 1")
+        missing = [key for key in IDENTITY_LINEAGE_KEYS if key not in self.lineage]
+        if missing:
+            raise ValueError(f"lineage is missing {missing}")
+
+    @property
+    def has_sae(self) -> bool:
+        return self.d_sae is not None
+
+    def identity(self) -> dict[str, Any]:
+        """The JSON dict two runs must share to write into the same store."""
+        ids = np.asarray(self.question_ids, dtype=np.int64)
+        ident = {
+            "n_questions": int(ids.size),
+            "question_ids_sha256": hashlib.sha256(ids.tobytes()).hexdigest(),
+            "layers": [int(x) for x in self.layers],
+            "n_samples": int(self.n_samples),
+            "d_model": int(self.d_model),
+            "max_new_tokens": int(self.max_new_tokens),
+            "d_sae": self.d_sae,
+            "k": self.k,
+            "resid_dtype": self.resid_dtype,
+            "questions_per_shard": self.layout.questions_per_shard,
+            "questions_per_chunk": self.layout.questions_per_chunk,
+        }
+        for key in IDENTITY_LINEAGE_KEYS:
+            ident[key] = _jsonable(self.lineage[key])
+        return ident
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def fingerprint(identity: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of an identity dict."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def identity_diff(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Keys whose values differ between two identity dicts, as (stored, wanted)."""
+    keys = sorted(set(stored) | set(wanted))
+    return {k: (stored.get(k), wanted.get(k)) for k in keys if stored.get(k) != wanted.get(k)}
+
+
+def _sizes(spec: LakeSpec) -> dict[str, int]:
+    return {
+        "layer": len(spec.layers),
+        "question": len(spec.question_ids),
+        "sample": spec.n_samples,
+        "d_model": spec.d_model,
+        "k": spec.k or 0,
+        "new_token": spec.max_new_tokens,
+    }
+
+
+def _layout_for(var: Variable, sizes: Mapping[str, int], layout: LakeLayout):
+    """(chunks, shards) for a variable: one layer per chunk, question blocks, rest whole."""
+    outer, inner = [], []
+    for dim in var.dims:
+        if dim == LAYER:
+            outer.append(1)
+            inner.append(1)
+        elif dim == QUESTION:
+            outer.append(layout.questions_per_shard)
+            inner.append(layout.questions_per_chunk)
+        else:
+            outer.append(max(sizes[dim], 1))
+            inner.append(max(sizes[dim], 1))
+    if var.sharded:
+        return tuple(inner), tuple(outer)
+    return tuple(outer), None
+
+
+class QuestionLake:
+    """A question lake store opened for reading or writing through zarr."""
+
+    def __init__(self, url: str, group: zarr.Group, storage_options: dict | None = None):
+        self.url = url
+        self.group = group
+        self.storage_options = storage_options
+        self.attrs = dict(group.attrs)
+        self.variables = lake_variables(self.attrs.get("d_sae") is not None)
+
+    # ----------------------------------------------------------------- open/create
+    @classmethod
+    def open_or_create(
+        cls,
+        url: str,
+        spec: LakeSpec,
+        mode: OpenMode = "resume",
+        storage_options: dict | None = None,
+    ) -> "QuestionLake":
+        """Create the store for ``spec``, or reopen it to resume the same run.
+
+        ``resume``: reopen an existing store only if its config equals ``spec`` (else
+        ConfigMismatchError naming each difference). ``overwrite``: delete any existing
+        store and start a new run. ``create``: refuse if a store exists.
+        """
+        exists = store_exists(url, storage_options)
+        if exists and mode == "create":
+            raise ConfigMismatchError(f"a store already exists at {url} (mode='create')")
+        if exists and mode == "overwrite":
+            delete_store(url, storage_options)
+            exists = False
+        if exists:
+            lake = cls.open(url, mode="r+", storage_options=storage_options)
+            diff = identity_diff(lake.attrs["config"], spec.identity())
+            if diff:
+                lines = "\n".join(f"  {k}: store has {a!r}, asked for {b!r}" for k, (a, b) in diff.items())
+                raise ConfigMismatchError(
+                    f"the store at {url} was written with a different config:\n{lines}\n"
+                    "Use another --store, or mode='overwrite' to start a new run there."
+                )
+            return lake
+        return cls._create(url, spec, storage_options)
+
+    @classmethod
+    def _create(cls, url: str, spec: LakeSpec, storage_options: dict | None) -> "QuestionLake":
+        store = zarr_store(url, storage_options)
+        group = zarr.open_group(store=store, mode="w", zarr_format=3)
+        sizes = _sizes(spec)
+        coord_values = {
+            LAYER: np.asarray(spec.layers, dtype=COORDS[LAYER]),
+            QUESTION: np.asarray(spec.question_ids, dtype=COORDS[QUESTION]),
+            SAMPLE: np.arange(spec.n_samples, dtype=COORDS[SAMPLE]),
+        }
+        for name, values in coord_values.items():
+            arr = group.create_array(name, shape=values.shape, chunks=values.shape, dtype=values.dtype,
+                                     dimension_names=[name], compressors=None)
+            arr[:] = values
+        for var in lake_variables(spec.has_sae):
+            chunks, shards = _layout_for(var, sizes, spec.layout)
+            dtype = resolve_dtype(var, spec.resid_dtype, spec.d_sae)
+            group.create_array(
+                var.name,
+                shape=tuple(sizes[d] for d in var.dims),
+                chunks=chunks,
+                shards=shards,
+                dtype=dtype,
+                fill_value=var.fill,
+                dimension_names=list(var.dims),
+                compressors=ZstdCodec(level=3) if var.compress else None,
+                attributes={"description": var.doc},
+            )
+        identity = spec.identity()
+        attrs = {
+            "schema_version": SCHEMA_VERSION,
+            "kind": KIND_QUESTIONS,
+            **{k: _jsonable(v) for k, v in spec.lineage.items()},
+            "d_sae": spec.d_sae,
+            "k": spec.k,
+            "resid_dtype": spec.resid_dtype,
+            "qsae_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "config": identity,
+            "config_fingerprint": fingerprint(identity),
+        }
+        attrs.setdefault("sae_source", None)
+        group.attrs.update(attrs)
+        zarr.consolidate_metadata(store)
+        return cls.open(url, mode="r+", storage_options=storage_options)
+
+    @classmethod
+    def open(cls, url: str, mode: Literal["r", "r+"] = "r", storage_options: dict | None = None) -> "QuestionLake":
+        """Open an existing store and validate it against the schema."""
+        try:
+            store = zarr_store(url, storage_options, read_only=(mode == "r"))
+            group = zarr.open_group(store=store, mode=mode, zarr_format=3, use_consolidated=False)
+        except FileNotFoundError as exc:
+            raise StoreUnreachableError(f"no lake at {url}: {exc}") from exc
+        except (OSError, ValueError) as exc:
+            raise StoreUnreachableError(f"cannot open the store at {url}: {type(exc).__name__}: {exc}") from exc
+        validate_group(group, url)
+        return cls(url, group, storage_options)
+
+    # --------------------------------------------------------------------- layout
+    @property
+    def layout(self) -> LakeLayout:
+        cfg = self.attrs["config"]
+        return LakeLayout(cfg["questions_per_shard"], cfg["questions_per_chunk"])
+
+    @property
+    def n_questions(self) -> int:
+        return int(self.attrs["config"]["n_questions"])
+
+    @property
+    def n_shards(self) -> int:
+        q = self.layout.questions_per_shard
+        return -(-self.n_questions // q)
+
+    def shard_region(self, shard: int) -> slice:
+        """The question slice of shard number ``shard``."""
+        if not 0 <= shard < self.n_shards:
+            raise RegionError(f"shard {shard} out of range: the store has {self.n_shards} shards")
+        q = self.layout.questions_per_shard
+        return slice(shard * q, min((shard + 1) * q, self.n_questions))
+
+    def check_aligned(self, region: slice) -> None:
+        """Refuse a question region that does not start and end on the shard grid."""
+        q = self.layout.questions_per_shard
+        start, stop = region.start, region.stop
+        if start is None or stop is None or not (0 <= start < stop <= self.n_questions):
+            raise RegionError(f"region {region} is empty or outside 0..{self.n_questions}")
+        if start % q or (stop % q and stop != self.n_questions):
+            raise RegionError(
+                f"region {start}:{stop} does not align with the shard grid of {q} questions "
+                f"(store has {self.n_questions} questions): a write sharing a shard with "
+                "another writer would lose data"
+            )
+
+    # ---------------------------------------------------------------------- state
+    def done_mask(self) -> np.ndarray:
+        return np.asarray(self.group["done"][:], dtype=bool)
+
+    def pending_shards(self) -> list[int]:
+        """Shards with at least one question not done (these are (re)written whole)."""
+        done = self.done_mask()
+        return [s for s in range(self.n_shards) if not done[self.shard_region(s)].all()]
+
+    def question_ids(self) -> np.ndarray:
+        return np.asarray(self.group[QUESTION][:])
+
+    @property
+    def layers(self) -> list[int]:
+        return [int(x) for x in self.group[LAYER][:]]
+
+    # ---------------------------------------------------------------------- write
+    def expected_shape(self, var: Variable, n_region: int) -> tuple[int, ...]:
+        shape = list(self.group[var.name].shape)
+        shape[var.dims.index(QUESTION)] = n_region
+        return tuple(shape)
+
+    def write_region(self, region: slice, data: Mapping[str, np.ndarray], durable: bool = True) -> None:
+        """Write every variable of a shard-aligned question region, then mark it done.
+
+        ``data`` must hold each lake variable except ``done``, shaped like the region.
+        If the region was done before (a forced rewrite), it is marked not done first, so
+        a crash in between never leaves stale data marked done.
+        """
+        self.check_aligned(region)
+        n = region.stop - region.start
+        wanted = {v.name: v for v in self.variables if v.name != "done"}
+        missing = sorted(set(wanted) - set(data))
+        unknown = sorted(set(data) - set(wanted))
+        if missing or unknown:
+            raise SchemaError(f"write_region: missing variables {missing}, unknown variables {unknown}")
+        for name, var in wanted.items():
+            shape = self.expected_shape(var, n)
+            if tuple(np.shape(data[name])) != shape:
+                raise SchemaError(
+                    f"write_region: {name} has shape {tuple(np.shape(data[name]))}, "
+                    f"expected {shape} {var.dims}"
+                )
+        done = self.group["done"]
+        if np.asarray(done[region]).any():
+            done[region] = False
+        for name, var in wanted.items():
+            index = tuple(region if d == QUESTION else slice(None) for d in var.dims)
+            self.group[name][index] = data[name]
+        if durable:
+            self._sync_region(region, wanted.values())
+        done[region] = True
+        if durable:
+            self._sync_region(region, [v for v in self.variables if v.name == "done"])
+
+    def write_shard(self, shard: int, data: Mapping[str, np.ndarray], durable: bool = True) -> None:
+        """Write one whole shard (see ``write_region``)."""
+        self.write_region(self.shard_region(shard), data, durable=durable)
+
+    def _sync_region(self, region: slice, variables) -> None:
+        """fsync the shard files of a region on local disk (remote stores are durable on PUT)."""
+        root = local_path(self.url)
+        if root is None:
+            return
+        q = self.layout.questions_per_shard
+        shard_idx = region.start // q
+        for var in variables:
+            arr = self.group[var.name]
+            ranges = []
+            for dim in var.dims:
+                if dim == LAYER:
+                    ranges.append(range(arr.shape[0]))
+                elif dim == QUESTION:
+                    ranges.append([shard_idx])
+                else:
+                    ranges.append([0])
+            for coords in np.ndindex(*[len(r) for r in ranges]):
+                key = arr.metadata.encode_chunk_key(tuple(r[i] for r, i in zip(ranges, coords)))
+                path = root / var.name / key
+                if path.exists():
+                    fd = os.open(path, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+
+    def update_attrs(self, **attrs: Any) -> None:
+        """Add run statistics or links to the lake's attributes (never identity keys)."""
+        clash = set(attrs) & {"config", "config_fingerprint", "schema_version", "kind"}
+        if clash:
+            raise ValueError(f"refusing to change identity attributes {sorted(clash)}")
+        self.group.attrs.update({k: _jsonable(v) for k, v in attrs.items()})
+        self.attrs = dict(self.group.attrs)
+        consolidate(self.url, self.storage_options)
+
+    def to_xarray(self, **kwargs: Any) -> xr.Dataset:
+        return open_lake(self.url, storage_options=self.storage_options, **kwargs)
+
+
+# ----------------------------------------------------------------- module helpers
+def validate_group(group: zarr.Group, url: str = "") -> None:
+    """Check a zarr group against the lake schema; raise SchemaError naming what is wrong."""
+    attrs = dict(group.attrs)
+    version = attrs.get("schema_version")
+    if version is None:
+        raise SchemaError(f"{url} is not a qsae lake: no schema_version attribute")
+    if int(version) > SCHEMA_VERSION:
+        raise NewerSchemaError(
+            f"{url} was written with lake schema version {version}; this qsae "
+            f"({__version__}) reads versions up to {SCHEMA_VERSION}. Upgrade qsae to read it."
+        )
+    if attrs.get("kind") != KIND_QUESTIONS:
+        raise SchemaError(f"{url} is a {attrs.get('kind')!r} store, not a question lake")
+    missing = [a for a in REQUIRED_ATTRS if a not in attrs]
+    if missing:
+        raise SchemaError(f"{url} lacks lineage attributes {missing}")
+    names = set(group.array_keys())
+    for coord in COORDS:
+        if coord not in names:
+            raise SchemaError(f"{url} lacks the coordinate array {coord!r}")
+    sizes = {c: group[c].shape[0] for c in COORDS}
+    cfg = attrs["config"]
+    sizes.update(d_model=cfg["d_model"], k=cfg.get("k") or 0, new_token=cfg["max_new_tokens"])
+    for var in lake_variables(attrs.get("d_sae") is not None):
+        if var.name not in names:
+            raise SchemaError(f"{url} lacks the variable {var.name!r} {var.dims}")
+        arr = group[var.name]
+        dims = tuple(arr.metadata.dimension_names or ())
+        if dims != var.dims:
+            raise SchemaError(f"{url}: {var.name} has dims {dims}, the schema says {var.dims}")
+        want_shape = tuple(sizes[d] for d in var.dims)
+        if arr.shape != want_shape:
+            raise SchemaError(f"{url}: {var.name} has shape {arr.shape}, expected {want_shape}")
+        want = resolve_dtype(var, attrs["resid_dtype"], attrs.get("d_sae"))
+        got = arr.dtype
+        if want == "str":
+            if got.kind not in ("T", "U", "O"):
+                raise SchemaError(f"{url}: {var.name} has dtype {got}, expected strings")
+        elif np.dtype(got) != want:
+            raise SchemaError(f"{url}: {var.name} has dtype {got}, expected {want}")
+
+
+def store_exists(url: str, storage_options: dict | None = None) -> bool:
+    """True if a zarr group exists at the URL."""
+    try:
+        store = zarr_store(url, storage_options, read_only=True)
+        zarr.open_group(store=store, mode="r", zarr_format=3, use_consolidated=False)
+        return True
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
+        return False
+
+
+def delete_store(url: str, storage_options: dict | None = None) -> None:
+    """Remove a whole store (used when the caller asks for a new run)."""
+    path = local_path(url)
+    if path is not None:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    import fsspec
+
+    from .storage import resolve_storage_options
+
+    fs, root = fsspec.core.url_to_fs(url, **resolve_storage_options(url, storage_options))
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+
+
+def consolidate(url: str, storage_options: dict | None = None) -> None:
+    """Rewrite the consolidated metadata so xarray opens the store in one read."""
+    zarr.consolidate_metadata(zarr_store(url, storage_options))
+
+
+def open_lake(url: str, storage_options: dict | None = None, group: str | None = None, **kwargs: Any) -> xr.Dataset:
+    """Open a lake (or one of its result groups) lazily with xarray, after schema checks.
+
+    Equivalent to ``xarray.open_zarr(url)`` on a valid lake; dask-backed, one dask chunk
+    per inner zarr chunk unless ``chunks=`` says otherwise.
+    """
+    if group is None:
+        QuestionLake.open(url, storage_options=storage_options)
+    target, opts = xarray_target(url, storage_options)
+    kwargs.setdefault("consolidated", None)
+    return xr.open_zarr(target, storage_options=opts or None, group=group, **kwargs)

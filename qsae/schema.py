@@ -1,0 +1,148 @@
+"""The question lake's schema, defined once: variables, dims, dtypes, layout and attributes.
+
+Everything that writes or reads a lake takes names, dims and dtypes from here. The names
+are the public contract of ``shared/DESIGN.md``; a rename needs a ``SCHEMA_VERSION`` bump.
+This module imports numpy only, so reading a lake never needs torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+KIND_QUESTIONS = "questions"
+
+# float16's largest finite value: residuals beyond it are clipped and counted, never inf.
+FP16_MAX = float(np.finfo(np.float16).max)
+RESID_DTYPES = ("float16", "float32")
+
+# Dimension names.
+LAYER, QUESTION, SAMPLE, D_MODEL, K, NEW_TOKEN = "layer", "question", "sample", "d_model", "k", "new_token"
+
+# Attributes every lake carries (lineage). Values are JSON.
+REQUIRED_ATTRS = (
+    "schema_version",
+    "kind",
+    "model",
+    "model_revision",
+    "hook",
+    "sae_source",
+    "sae_sha256",
+    "d_sae",
+    "k",
+    "dataset",
+    "dataset_revision",
+    "sampling",
+    "seed",
+    "prompt_template",
+    "resid_dtype",
+    "qsae_version",
+    "created",
+    "config",
+    "config_fingerprint",
+)
+
+
+@dataclass(frozen=True)
+class Variable:
+    """One array of the lake: its dims, on-disk dtype, fill value and layout class.
+
+    dtype is a numpy dtype name, or one of the placeholders ``"resid"`` (the lake's residual
+    dtype) and ``"index"`` (the smallest unsigned integer holding ``d_sae - 1``).
+    ``sharded`` arrays are stored as shards of ``questions_per_shard`` questions with inner
+    chunks of ``questions_per_chunk`` (cheap random reads, fast whole-shard writes); the
+    others are plain chunks of ``questions_per_shard`` questions.
+    """
+
+    name: str
+    dims: tuple[str, ...]
+    dtype: str
+    fill: Any
+    doc: str
+    sharded: bool = False
+    compress: bool = False
+    needs_sae: bool = False
+
+
+VARIABLES: tuple[Variable, ...] = (
+    Variable("resid", (LAYER, QUESTION, SAMPLE, D_MODEL), "resid", np.nan,
+             "residual after `layer` at the last token of each sampled completion", sharded=True),
+    Variable("resid_prompt", (LAYER, QUESTION, D_MODEL), "resid", np.nan,
+             "residual after `layer` at the last token of the prompt"),
+    Variable("resid_norm", (LAYER, QUESTION, SAMPLE), "float32", np.nan,
+             "L2 norm of `resid` before the cast to the on-disk dtype (flags massive activations)"),
+    Variable("resid_prompt_norm", (LAYER, QUESTION), "float32", np.nan,
+             "L2 norm of `resid_prompt` before the cast to the on-disk dtype"),
+    Variable("resid_overflow", (LAYER, QUESTION, SAMPLE), "uint16", 0,
+             "elements of `resid` beyond float16's range, stored clipped to +-65504"),
+    Variable("resid_prompt_overflow", (LAYER, QUESTION), "uint16", 0,
+             "elements of `resid_prompt` beyond float16's range, stored clipped to +-65504"),
+    Variable("resid_nonfinite", (LAYER, QUESTION, SAMPLE), "uint16", 0,
+             "NaN/inf elements the model itself produced in `resid` (stored as they came)"),
+    Variable("resid_prompt_nonfinite", (LAYER, QUESTION), "uint16", 0,
+             "NaN/inf elements the model itself produced in `resid_prompt`"),
+    Variable("codes_idx", (LAYER, QUESTION, SAMPLE, K), "index", 0,
+             "TopK SAE feature indices of `resid`, sorted ascending per row", sharded=True,
+             compress=True, needs_sae=True),
+    Variable("codes_val", (LAYER, QUESTION, SAMPLE, K), "float32", 0.0,
+             "TopK SAE activations matching `codes_idx` (0 where fewer than k fire)",
+             sharded=True, needs_sae=True),
+    Variable("prompt_codes_idx", (LAYER, QUESTION, K), "index", 0,
+             "TopK SAE feature indices of `resid_prompt`, sorted ascending per row",
+             compress=True, needs_sae=True),
+    Variable("prompt_codes_val", (LAYER, QUESTION, K), "float32", 0.0,
+             "TopK SAE activations matching `prompt_codes_idx`", needs_sae=True),
+    Variable("entropy", (QUESTION,), "float64", np.nan,
+             "exact first-token entropy (nats) of softmax(logits / temperature) at the prompt's end"),
+    Variable("sample_entropy", (QUESTION,), "float64", np.nan,
+             "entropy (nats) of the empirical distribution of the S sampled first tokens"),
+    Variable("first_token", (QUESTION, SAMPLE), "int32", -1, "first sampled token id"),
+    Variable("first_logprob", (QUESTION, SAMPLE), "float32", np.nan,
+             "log-probability of `first_token` under softmax(logits / temperature)"),
+    Variable("completion", (QUESTION, SAMPLE), "str", "", "decoded sampled completion"),
+    Variable("completion_ids", (QUESTION, SAMPLE, NEW_TOKEN), "int32", -1,
+             "sampled token ids, padded with -1", compress=True),
+    Variable("completion_len", (QUESTION, SAMPLE), "int32", 0,
+             "number of sampled tokens; `resid` is taken at position prompt_len + completion_len - 1"),
+    Variable("correct", (QUESTION, SAMPLE), "bool", False,
+             "completion contains a gold answer (case-insensitive)"),
+    Variable("question_text", (QUESTION,), "str", "", "the dataset's question"),
+    Variable("answers", (QUESTION,), "str", "", "gold answers as a JSON list"),
+    Variable("prompt_len", (QUESTION,), "int32", 0, "prompt length in tokens after truncation"),
+    Variable("prompt_truncated", (QUESTION,), "bool", False,
+             "the prompt was longer than the context allowed and was cut from the left"),
+    Variable("done", (QUESTION,), "bool", False,
+             "the question's whole region is durable; set last, after its data"),
+)
+
+VARIABLES_BY_NAME: dict[str, Variable] = {v.name: v for v in VARIABLES}
+COORDS = {LAYER: "int32", QUESTION: "int64", SAMPLE: "int32"}
+
+
+def index_dtype(d_sae: int) -> np.dtype:
+    """Smallest unsigned integer type that holds every feature index of a d_sae-wide SAE."""
+    for dt in (np.uint8, np.uint16, np.uint32):
+        if d_sae - 1 <= np.iinfo(dt).max:
+            return np.dtype(dt)
+    return np.dtype(np.uint64)
+
+
+def resolve_dtype(var: Variable, resid_dtype: str, d_sae: int | None) -> np.dtype | str:
+    """The concrete on-disk dtype of a variable for a lake's resid dtype and SAE width."""
+    if var.dtype == "resid":
+        return np.dtype(resid_dtype)
+    if var.dtype == "index":
+        if d_sae is None:
+            raise ValueError(f"{var.name} needs d_sae")
+        return index_dtype(d_sae)
+    if var.dtype == "str":
+        return "str"
+    return np.dtype(var.dtype)
+
+
+def lake_variables(has_sae: bool) -> tuple[Variable, ...]:
+    """The variables a lake holds: the SAE codes only when an SAE was given."""
+    return tuple(v for v in VARIABLES if has_sae or not v.needs_sae)

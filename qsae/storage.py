@@ -1,0 +1,69 @@
+"""Where lakes live: fsspec URLs turned into zarr stores (local path, memory://, s3://, ...).
+
+A URL without a scheme is a local path. S3 settings come from the caller's
+``storage_options`` or, when none are given, from the environment (see
+``storage/profiles.yaml``); credentials never come from the repository.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import zarr
+import zarr.storage
+
+
+def _scheme(url: str) -> str:
+    return url.split("://", 1)[0] if "://" in url else "file"
+
+
+def local_path(url: str) -> Path | None:
+    """The filesystem path of a local store URL, or None for remote ones."""
+    scheme = _scheme(url)
+    if scheme != "file":
+        return None
+    return Path(url.split("://", 1)[1] if "://" in url else url).expanduser().resolve()
+
+
+def env_storage_options(url: str) -> dict[str, Any]:
+    """Storage options read from the environment for a URL's scheme (empty if none apply).
+
+    For s3:// the endpoint comes from ``QSAE_S3_ENDPOINT`` (or ``AWS_ENDPOINT_URL``) and
+    credentials from the usual AWS variables, which s3fs/botocore read themselves.
+    """
+    if _scheme(url) not in ("s3", "s3a"):
+        return {}
+    opts: dict[str, Any] = {}
+    endpoint = os.environ.get("QSAE_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        opts["endpoint_url"] = endpoint
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if region:
+        opts["client_kwargs"] = {"region_name": region}
+    return opts
+
+
+def resolve_storage_options(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """The caller's storage options if given, else those from the environment."""
+    return dict(storage_options) if storage_options else env_storage_options(url)
+
+
+def zarr_store(url: str, storage_options: dict[str, Any] | None = None, read_only: bool = False):
+    """A zarr v3 store object for a URL: LocalStore for paths, FsspecStore otherwise."""
+    path = local_path(url)
+    if path is not None:
+        if not read_only:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        return zarr.storage.LocalStore(path, read_only=read_only)
+    opts = resolve_storage_options(url, storage_options)
+    return zarr.storage.FsspecStore.from_url(url, storage_options=opts, read_only=read_only)
+
+
+def xarray_target(url: str, storage_options: dict[str, Any] | None = None) -> tuple[str, dict]:
+    """(url, storage_options) to hand to ``xarray.open_zarr`` for the same store."""
+    path = local_path(url)
+    if path is not None:
+        return str(path), {}
+    return url, resolve_storage_options(url, storage_options)

@@ -17,6 +17,7 @@ that needs more than tensors and plain containers is refused before any of it ru
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 from dataclasses import replace
@@ -151,7 +152,8 @@ def from_saelens_folder(folder: str | Path, *, dtype: torch.dtype = torch.float3
     hook, layer, _ = _hook_of(cfg)
     k = int(cfg["k"]) if arch == "topk" else None
     b_pre = b_dec if cfg.get("apply_b_dec_to_input", arch == "standard") else None
-    info = SAEInfo(d_in, d_sae, arch, k, hook, layer, str(folder), file_sha256(w_path), f"saelens-{arch}")  # type: ignore[arg-type]
+    activation = "topk" if arch == "topk" else "relu"
+    info = SAEInfo(d_in, d_sae, activation, k, hook, layer, str(folder), file_sha256(w_path), f"saelens-{arch}")  # type: ignore[arg-type]
     return SAE(W_enc, b_enc, W_dec, b_dec, info, b_pre=b_pre)
 
 
@@ -179,8 +181,9 @@ def resolve_hf_repo(repo_id: str, revision: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
+    cache_dir = os.environ.get("HF_HUB_CACHE")  # read per call, so tests and users can redirect it
     try:
-        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True, cache_dir=cache_dir))
     except (LocalEntryNotFoundError, FileNotFoundError, OSError) as exc:
         raise SAENotCachedError(
             f"{repo_id} is not in the local Hugging Face cache ({type(exc).__name__}). qsae never "

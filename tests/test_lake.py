@@ -1,0 +1,176 @@
+"""The lake contract: schema, layout, region writes, done mask, config identity, URLs."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+from qsae.errors import ConfigMismatchError, NewerSchemaError, RegionError, SchemaError, StoreUnreachableError
+from qsae.lake import LakeLayout, QuestionLake, open_lake
+from qsae.schema import SCHEMA_VERSION, VARIABLES, index_dtype
+
+from .lake_fixtures import random_shard, small_spec
+
+
+def test_index_dtype_is_smallest_that_holds_d_sae():
+    assert index_dtype(256) == np.uint8
+    assert index_dtype(257) == np.uint16
+    assert index_dtype(32768) == np.uint16  # Qwen-Scope W32K
+    assert index_dtype(65536) == np.uint16
+    assert index_dtype(65537) == np.uint32
+
+
+def test_created_lake_follows_the_design_contract(tmp_path):
+    url = str(tmp_path / "lake.zarr")
+    lake = QuestionLake.open_or_create(url, small_spec())
+    ds = xr.open_zarr(url)  # what users type
+    assert ds.attrs["schema_version"] == SCHEMA_VERSION
+    for key in ("model", "model_revision", "sae_source", "sae_sha256", "d_sae", "k", "hook", "dataset",
+                "dataset_revision", "sampling", "seed", "qsae_version", "created"):
+        assert key in ds.attrs, key
+    assert list(ds.layer.values) == [3, 5]
+    assert ds.question.dtype == np.int64 and ds.question.values[1] == 103
+    assert list(ds.sample.values) == [0, 1, 2, 3]
+    for var in VARIABLES:
+        assert ds[var.name].dims == var.dims, var.name
+    assert ds.resid.dtype == np.float16
+    assert ds.codes_idx.dtype == np.uint16
+    assert isinstance(ds.resid.data, da.Array)
+    assert ds.resid.encoding["shards"] == (1, 16, 4, 8)
+    assert ds.resid.encoding["chunks"] == (1, 4, 4, 8)
+    assert not ds.done.values.any()
+    assert lake.pending_shards() == [0, 1, 2, 3, 4]
+
+
+def test_shard_write_round_trips_and_marks_done(tmp_path):
+    url = str(tmp_path / "lake.zarr")
+    lake = QuestionLake.open_or_create(url, small_spec())
+    data = random_shard(lake, 1)
+    lake.write_shard(1, data)
+    last = random_shard(lake, 4)  # the partial last shard: questions 64..69
+    lake.write_shard(4, last)
+    ds = open_lake(url)
+    np.testing.assert_array_equal(ds.done.values, np.r_[np.zeros(16), np.ones(16), np.zeros(32), np.ones(6)].astype(bool))
+    np.testing.assert_array_equal(ds.resid.isel(question=slice(16, 32)).values, data["resid"])
+    np.testing.assert_array_equal(ds.codes_idx.isel(question=slice(64, 70)).values, last["codes_idx"])
+    np.testing.assert_array_equal(ds.completion.isel(question=slice(16, 32)).values, data["completion"])
+    assert lake.pending_shards() == [0, 2, 3]
+
+
+def test_misaligned_regions_are_refused(tmp_path):
+    lake = QuestionLake.open_or_create(str(tmp_path / "lake.zarr"), small_spec())
+    data = random_shard(lake, 1)
+    for bad in (slice(8, 24), slice(16, 24), slice(60, 70), slice(0, 0), slice(64, 80)):
+        with pytest.raises(RegionError):
+            lake.write_region(bad, data)
+    assert not lake.done_mask().any()
+
+
+def test_wrong_shapes_and_missing_variables_are_refused_before_writing(tmp_path):
+    lake = QuestionLake.open_or_create(str(tmp_path / "lake.zarr"), small_spec())
+    data = random_shard(lake, 0)
+    bad = dict(data, resid=data["resid"][:, :, :3])
+    with pytest.raises(SchemaError, match=r"resid has shape \(2, 16, 3, 8\), expected \(2, 16, 4, 8\)"):
+        lake.write_shard(0, bad)
+    missing = {k: v for k, v in data.items() if k != "entropy"}
+    with pytest.raises(SchemaError, match=r"missing variables \['entropy'\]"):
+        lake.write_shard(0, missing)
+    assert np.isnan(lake.group["resid"][0, 0, 0, 0])  # nothing was written
+
+
+def test_rewriting_a_done_shard_clears_done_first(tmp_path, monkeypatch):
+    lake = QuestionLake.open_or_create(str(tmp_path / "lake.zarr"), small_spec())
+    lake.write_shard(0, random_shard(lake, 0))
+    assert lake.done_mask()[:16].all()
+    # A crash after the first variable of a rewrite must not leave the shard marked done.
+    from zarr.core.array import AsyncArray
+
+    real = AsyncArray.setitem
+    calls = []
+
+    async def crash_on_second_data_write(self, selection, value, prototype=None):
+        if self.path != "done":
+            calls.append(self.path)
+            if len(calls) == 2:
+                raise OSError("disk gone")
+        return await real(self, selection, value, prototype)
+
+    monkeypatch.setattr(AsyncArray, "setitem", crash_on_second_data_write)
+    with pytest.raises(OSError):
+        lake.write_shard(0, random_shard(lake, 0, seed=9))
+    monkeypatch.undo()
+    assert not lake.done_mask()[:16].any()
+
+
+def test_other_config_is_refused_unless_a_new_run_is_asked(tmp_path):
+    url = str(tmp_path / "lake.zarr")
+    lake = QuestionLake.open_or_create(url, small_spec())
+    lake.write_shard(0, random_shard(lake, 0))
+    same = QuestionLake.open_or_create(url, small_spec())  # resume: same config is fine
+    assert same.done_mask()[:16].all()
+    changes = {
+        "layers": dict(layers=(3, 6)),
+        "n_samples": dict(n_samples=5),
+        "resid_dtype": dict(resid_dtype="float32"),
+        "sae_sha256": dict(lineage={"sae_sha256": {"3": "cc", "5": "bb"}}),
+        "model": dict(lineage={"model": "other-model"}),
+    }
+    for key, change in changes.items():
+        with pytest.raises(ConfigMismatchError, match=rf"{key}: store has"):
+            QuestionLake.open_or_create(url, small_spec(**change))
+    fresh = QuestionLake.open_or_create(url, small_spec(n_samples=5), mode="overwrite")
+    assert not fresh.done_mask().any() and fresh.group["resid"].shape[2] == 5
+    with pytest.raises(ConfigMismatchError, match="already exists"):
+        QuestionLake.open_or_create(url, small_spec(), mode="create")
+
+
+def test_newer_schema_and_broken_stores_are_refused(tmp_path):
+    url = str(tmp_path / "lake.zarr")
+    QuestionLake.open_or_create(url, small_spec())
+    g = zarr.open_group(url, mode="r+")
+    g.attrs["schema_version"] = SCHEMA_VERSION + 1
+    with pytest.raises(NewerSchemaError, match=f"schema version {SCHEMA_VERSION + 1}"):
+        open_lake(url)
+    g.attrs["schema_version"] = SCHEMA_VERSION
+    del g["entropy"]
+    with pytest.raises(SchemaError, match="lacks the variable 'entropy'"):
+        QuestionLake.open(url)
+    with pytest.raises(StoreUnreachableError):
+        QuestionLake.open(str(tmp_path / "nothing.zarr"))
+    not_a_lake = zarr.open_group(str(tmp_path / "plain.zarr"), mode="w")
+    not_a_lake.attrs["x"] = 1
+    with pytest.raises(SchemaError, match="not a qsae lake"):
+        QuestionLake.open(str(tmp_path / "plain.zarr"))
+
+
+def test_lake_without_sae_has_no_code_variables(tmp_path):
+    lake = QuestionLake.open_or_create(str(tmp_path / "l.zarr"), small_spec(d_sae=None, k=None))
+    names = {v.name for v in lake.variables}
+    assert "resid" in names and "codes_idx" not in names
+    lake.write_shard(0, random_shard(lake, 0))
+    assert "codes_idx" not in open_lake(lake.url)
+
+
+def test_layout_must_nest():
+    with pytest.raises(ValueError, match="multiple"):
+        LakeLayout(questions_per_shard=10, questions_per_chunk=4)
+
+
+@pytest.mark.parametrize("scheme", ["memory", "s3"])
+def test_same_code_works_on_remote_urls(scheme, request):
+    if scheme == "s3":
+        _, opts = request.getfixturevalue("s3_server")
+        url = "s3://lake/test-remote.zarr"
+    else:
+        opts, url = None, "memory://qsae-test/remote.zarr"
+    lake = QuestionLake.open_or_create(url, small_spec(), storage_options=opts)
+    data = random_shard(lake, 2)
+    lake.write_shard(2, data)
+    ds = open_lake(url, storage_options=opts)
+    np.testing.assert_array_equal(ds.codes_val.isel(question=slice(32, 48)).values, data["codes_val"])
+    assert int(ds.done.sum()) == 16
+    with pytest.raises(ConfigMismatchError):
+        QuestionLake.open_or_create(url, small_spec(n_samples=2), storage_options=opts)

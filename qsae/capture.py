@@ -1,0 +1,482 @@
+"""Capture: sampled completions, entropies, residuals and TopK SAE codes into a question lake.
+
+For each batch of questions: S seeded samples per question through ``generate``
+(``qsae.sampling``), then ONE hooked forward pass over prompt + completion that stops after
+the deepest requested layer and keeps two positions per row: the prompt's last token and
+the completion's last token. Residuals are converted to the lake dtype on the device
+(float16 overflow clipped and counted), SAE codes are the TopK of the stored residual,
+computed on the device; only (k indices, k values) ever reach the host. A shard is handed
+to a bounded background writer while the model works on the next one.
+
+Plain functions, no Prefect: ``run_capture(CaptureConfig(...))`` works in a notebook; the
+flow in ``flows/capture.py`` maps ``capture_shards`` over shards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+
+from .datasets import Question, QuestionSet, format_prompt, is_correct, load_questions
+from .errors import DatasetError
+from .hooks import check_layers, run_with_capture
+from .lake import LakeLayout, LakeSpec, QuestionLake
+from .models import LoadedModel, load_model
+from .sae import SAE, check_sae_matches_model
+from .sae_formats import load_saes
+from .sampling import SeededTopPSampler, StopOnTokens, empirical_entropy, newline_token_ids
+from .schema import FP16_MAX
+
+log = logging.getLogger("qsae.capture")
+Log = Callable[[str], None]
+
+
+class CaptureConfig(BaseModel):
+    """One capture run. Fields that fix the lake's identity are checked on resume."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("smollm2", description="local folder, cached HF repo id, or 'smollm2'")
+    model_revision: str | None = None
+    trust_remote_code: bool = False
+    sae: str | None = Field(None, description="SAE folder/file/repo id (per layer), or None for residuals only")
+    sae_k: int | None = Field(None, description="k for the stored codes (default: the SAE's)")
+    layers: list[int] = Field(default_factory=lambda: [15])
+    dataset: str = "popqa-demo"
+    dataset_split: str = "test"
+    limit: int | None = Field(None, description="use only the first N usable questions")
+    on_bad_row: Literal["skip", "raise"] = "skip"
+    n_samples: int = Field(20, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    max_new_tokens: int = Field(16, ge=1)
+    stop_at_newline: bool = True
+    seed: int = 0
+    prompt_template: str = "Q: {question}\nA:"
+    max_prompt_tokens: int | None = Field(None, description="default: model context - max_new_tokens")
+    on_long_prompt: Literal["truncate", "refuse"] = "truncate"
+    resid_dtype: Literal["float16", "float32"] = "float16"
+    questions_per_shard: int = Field(64, ge=1)
+    questions_per_chunk: int = Field(4, ge=1)
+    questions_per_batch: int = Field(8, ge=1)
+    device: str = "auto"
+    dtype: str = "auto"
+    store: str = "storage/lakes/demo.zarr"
+    storage_options: dict[str, Any] | None = None
+    mode: Literal["resume", "overwrite", "create"] = "resume"
+    writer_queue: int = Field(2, ge=1, description="shards buffered for the background writer")
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_unique(cls, v: list[int]) -> list[int]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"layers must be non-empty and unique, got {v}")
+        return v
+
+    def lineage(self, lm_name: str, lm_revision: str, qs: QuestionSet, saes: dict[int, SAE]) -> dict[str, Any]:
+        return {
+            "model": lm_name,
+            "model_revision": lm_revision,
+            "hook": "resid_post",
+            "sae_source": self.sae,
+            "sae_sha256": {str(layer): sae.info.sha256 for layer, sae in saes.items()},
+            "dataset": qs.name,
+            "dataset_revision": qs.revision,
+            "sampling": {
+                "n_samples": self.n_samples, "temperature": self.temperature, "top_p": self.top_p,
+                "max_new_tokens": self.max_new_tokens, "stop_at_newline": self.stop_at_newline,
+                "sampler": "qsae.sampling.SeededTopPSampler/v1",
+            },
+            "seed": self.seed,
+            "prompt_template": self.prompt_template,
+        }
+
+
+# ------------------------------------------------------------------ shared resources
+@dataclass
+class _Resources:
+    lm: LoadedModel
+    lock: threading.Lock
+
+
+@lru_cache(maxsize=2)
+def _model(name: str, revision: str | None, device: str, dtype: str, trust_remote_code: bool) -> _Resources:
+    lm = load_model(name, revision=revision, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    return _Resources(lm, threading.Lock())
+
+
+def get_model(cfg: CaptureConfig) -> _Resources:
+    """The process-wide model for a config, with the lock that serialises its use (hooks)."""
+    return _model(cfg.model, cfg.model_revision, cfg.device, cfg.dtype, cfg.trust_remote_code)
+
+
+@lru_cache(maxsize=4)
+def _saes(source: str, layers: tuple[int, ...], k: int | None, device: str) -> dict[int, SAE]:
+    return load_saes(source, list(layers), k=k, device=device)
+
+
+def get_saes(cfg: CaptureConfig, lm: LoadedModel) -> dict[int, SAE]:
+    """The SAEs for the requested layers on the model's device, checked against the model."""
+    if cfg.sae is None:
+        return {}
+    saes = _saes(cfg.sae, tuple(cfg.layers), cfg.sae_k, str(lm.device))
+    for sae in saes.values():
+        check_sae_matches_model(sae, lm.d_model, lm.name)
+        if sae.info.hook != "resid_post":
+            raise DatasetError(f"SAE {sae.info.source} reads {sae.info.hook}; capture stores the residual stream")
+    widths = {(s.d_sae, cfg.sae_k or s.k) for s in saes.values()}
+    if len(widths) != 1 or None in next(iter(widths)):
+        raise DatasetError(f"all layers' SAEs need one d_sae and a k for the codes, got (d_sae, k) {sorted(widths, key=str)}")
+    return saes
+
+
+@lru_cache(maxsize=4)
+def _questions(dataset: str, split: str, on_bad_row: str, limit: int | None) -> QuestionSet:
+    return load_questions(dataset, on_error=on_bad_row, limit=limit, split=split)  # type: ignore[arg-type]
+
+
+def get_questions(cfg: CaptureConfig) -> QuestionSet:
+    return _questions(cfg.dataset, cfg.dataset_split, cfg.on_bad_row, cfg.limit)
+
+
+# ------------------------------------------------------------------------- planning
+@dataclass
+class CapturePlan:
+    lake: QuestionLake
+    questions: QuestionSet
+    pending: list[int]
+    long_prompts: list[int] = field(default_factory=list)
+
+
+def prompt_budget(cfg: CaptureConfig, lm: LoadedModel) -> int:
+    """How many prompt tokens fit: the configured cap, else context length - max_new_tokens."""
+    if cfg.max_prompt_tokens is not None:
+        return cfg.max_prompt_tokens
+    ctx = getattr(lm.model.config.get_text_config(), "max_position_embeddings", None) or 4096
+    return int(ctx) - cfg.max_new_tokens
+
+
+def plan_capture(cfg: CaptureConfig, log_fn: Log = log.info) -> CapturePlan:
+    """Load the dataset, model and SAEs, check them against each other, create/open the store."""
+    qs = get_questions(cfg)
+    for p in qs.problems:
+        log_fn(f"dataset {qs.name}: skipped {p}")
+    res = get_model(cfg)
+    lm = res.lm
+    check_layers(lm.model, cfg.layers)
+    saes = get_saes(cfg, lm)
+    budget = prompt_budget(cfg, lm)
+    long = [q.id for q in qs.questions if len(_encode_prompt(lm, cfg, q)) > budget]
+    if long and cfg.on_long_prompt == "refuse":
+        raise DatasetError(f"{len(long)} prompts are longer than {budget} tokens (ids {long[:10]}); "
+                           "set on_long_prompt='truncate' to cut them from the left")
+    any_sae = next(iter(saes.values()), None)
+    spec = LakeSpec(
+        question_ids=qs.ids(), layers=cfg.layers, n_samples=cfg.n_samples, d_model=lm.d_model,
+        max_new_tokens=cfg.max_new_tokens,
+        d_sae=any_sae.d_sae if any_sae else None, k=(cfg.sae_k or any_sae.k) if any_sae else None,
+        resid_dtype=cfg.resid_dtype, layout=LakeLayout(cfg.questions_per_shard, cfg.questions_per_chunk),
+        lineage=cfg.lineage(lm.name, lm.revision, qs, saes),
+    )
+    lake = QuestionLake.open_or_create(cfg.store, spec, mode=cfg.mode, storage_options=cfg.storage_options)
+    if qs.problems and "dataset_problems" not in lake.attrs:
+        lake.update_attrs(dataset_problems=[str(p) for p in qs.problems])
+    return CapturePlan(lake, qs, lake.pending_shards(), long)
+
+
+def _encode_prompt(lm: LoadedModel, cfg: CaptureConfig, q: Question) -> list[int]:
+    return lm.tokenizer(format_prompt(cfg.prompt_template, q), add_special_tokens=True).input_ids
+
+
+# ------------------------------------------------------------------------ one batch
+def to_lake_dtype(x: torch.Tensor, resid_dtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(stored, norm, overflow count, non-finite count) of rows of x, computed on x's device.
+
+    float16 cannot hold |x| > 65504: such values are clipped to +-65504 and counted per row,
+    never turned into inf. Non-finite values the model produced are kept and counted.
+    """
+    xf = x.float()
+    finite = torch.isfinite(xf)
+    nonfinite = (~finite).sum(-1)
+    norm = torch.linalg.vector_norm(torch.where(finite, xf, 0.0), dim=-1)
+    norm = torch.where(nonfinite > 0, torch.full_like(norm, float("nan")), norm)
+    if resid_dtype == "float16":
+        over = finite & (xf.abs() > FP16_MAX)
+        stored = torch.where(over, xf.clamp(-FP16_MAX, FP16_MAX), xf).to(torch.float16)
+        return stored, norm, over.sum(-1), nonfinite
+    return xf, norm, torch.zeros_like(nonfinite), nonfinite
+
+
+@dataclass
+class BatchResult:
+    """Everything one batch of questions contributes to its shard (numpy, host memory)."""
+
+    arrays: dict[str, np.ndarray]
+    new_tokens: int
+    prompt_tokens: int
+
+
+def capture_batch(
+    lm: LoadedModel, saes: dict[int, SAE], questions: Sequence[Question], cfg: CaptureConfig, budget: int,
+) -> BatchResult:
+    """Sample, measure and capture one batch of questions (all S samples each)."""
+    tok, model, dev = lm.tokenizer, lm.model, lm.device
+    S, B, T = cfg.n_samples, len(questions), cfg.max_new_tokens
+    prompts, truncated = [], np.zeros(B, bool)
+    for i, q in enumerate(questions):
+        ids = _encode_prompt(lm, cfg, q)
+        if len(ids) > budget:
+            ids, truncated[i] = ids[-budget:], True
+        prompts.append(ids)
+    plen = np.array([len(p) for p in prompts])
+    P = int(plen.max())
+    pad = tok.pad_token_id
+    # Generation input: left-padded prompts, each repeated S times.
+    gen_ids = torch.full((B, P), pad, dtype=torch.long)
+    gen_mask = torch.zeros((B, P), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        gen_ids[i, P - len(p):] = torch.tensor(p)
+        gen_mask[i, P - len(p):] = 1
+    gen_ids = gen_ids.repeat_interleave(S, 0).to(dev)
+    gen_mask = gen_mask.repeat_interleave(S, 0).to(dev)
+    rows = [(q.id, s) for q in questions for s in range(S)]
+    sampler = SeededTopPSampler(rows, P, cfg.seed, cfg.temperature, cfg.top_p)
+    stops = [StopOnTokens(newline_token_ids(tok), P)] if cfg.stop_at_newline else []
+    gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=T, pad_token_id=pad,
+                               eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    with torch.inference_mode():
+        out = model.generate(input_ids=gen_ids, attention_mask=gen_mask, generation_config=gen_cfg,
+                             logits_processor=LogitsProcessorList([sampler]),
+                             stopping_criteria=StoppingCriteriaList(stops))
+    new = out[:, P:].cpu()
+    R = B * S
+    stop_set = set(newline_token_ids(tok).tolist()) if cfg.stop_at_newline else set()
+    eos = tok.eos_token_id
+    eos_set = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+    lengths = np.empty(R, np.int32)
+    comp_ids = np.full((R, T), -1, np.int32)
+    texts = np.empty(R, dtype=object)
+    new_np = new.numpy()
+    for r in range(R):
+        seq = new_np[r]
+        end = next((j + 1 for j, t in enumerate(seq) if t in eos_set or t in stop_set), len(seq))
+        lengths[r] = end
+        comp_ids[r, :end] = seq[:end]
+        text = tok.decode(seq[:end].tolist(), skip_special_tokens=True)
+        texts[r] = (text.split("\n")[0] if cfg.stop_at_newline else text).strip()
+    # One hooked forward over prompt + completion, right-padded (exact for causal models).
+    L = int((plen.repeat(S) + lengths).max())
+    fwd_ids = torch.full((R, L), pad, dtype=torch.long)
+    fwd_mask = torch.zeros((R, L), dtype=torch.long)
+    positions = torch.empty((R, 2), dtype=torch.long)
+    for r in range(R):
+        p = prompts[r // S]
+        seq = p + comp_ids[r, : lengths[r]].tolist()
+        fwd_ids[r, : len(seq)] = torch.tensor(seq)
+        fwd_mask[r, : len(seq)] = 1
+        positions[r] = torch.tensor([len(p) - 1, len(seq) - 1])
+    _, cap = run_with_capture(model, fwd_ids.to(dev), fwd_mask.to(dev), layers=cfg.layers,
+                              positions=positions.to(dev), stop_early=True)
+    arrays = _layer_arrays(cap.resid, saes, cfg, B, S)
+    first_token = sampler.first_token.numpy().reshape(B, S).astype(np.int32)
+    correct = np.array([is_correct(texts[r], questions[r // S].answers) for r in range(R)]).reshape(B, S)
+    arrays.update(
+        entropy=sampler.first_entropy.numpy().reshape(B, S)[:, 0].astype(np.float64),
+        sample_entropy=np.array([empirical_entropy(first_token[i]) for i in range(B)]),
+        first_token=first_token,
+        first_logprob=sampler.first_logprob.numpy().reshape(B, S).astype(np.float32),
+        completion=texts.reshape(B, S).astype(str),
+        completion_ids=comp_ids.reshape(B, S, T),
+        completion_len=lengths.reshape(B, S),
+        correct=correct,
+        question_text=np.array([q.question for q in questions], dtype=str),
+        answers=np.array([json.dumps(list(q.answers), ensure_ascii=False) for q in questions], dtype=str),
+        prompt_len=plen.astype(np.int32),
+        prompt_truncated=truncated,
+    )
+    return BatchResult(arrays, int(lengths.sum()), int(plen.sum()) * S)
+
+
+def _layer_arrays(resid: dict[int, torch.Tensor], saes: dict[int, SAE], cfg: CaptureConfig, B: int, S: int) -> dict[str, np.ndarray]:
+    """Per-layer residual variables and codes, stacked over layers (layer axis first)."""
+    per: dict[str, list[np.ndarray]] = {}
+
+    def add(name: str, value: torch.Tensor) -> None:
+        per.setdefault(name, []).append(value.cpu().numpy())
+
+    for layer in cfg.layers:
+        x = resid[layer]  # (R, 2, d): prompt end, completion end
+        comp, prompt = x[:, 1], x[::S, 0]
+        for prefix, rows, shape in (("resid", comp, (B, S)), ("resid_prompt", prompt, (B,))):
+            stored, norm, over, nonfinite = to_lake_dtype(rows, cfg.resid_dtype)
+            add(prefix, stored.reshape(*shape, -1))
+            add(f"{prefix}_norm", norm.reshape(shape))
+            add(f"{prefix}_overflow", over.clamp(max=65535).to(torch.int32).reshape(shape))
+            add(f"{prefix}_nonfinite", nonfinite.clamp(max=65535).to(torch.int32).reshape(shape))
+            if saes:
+                sae = saes[layer]
+                idx, vals = sae.encode_topk(stored.float(), k=cfg.sae_k or sae.k)
+                codes = "codes" if prefix == "resid" else "prompt_codes"
+                add(f"{codes}_idx", idx.to(torch.int32).reshape(*shape, -1))
+                add(f"{codes}_val", vals.float().reshape(*shape, -1))
+    return {name: np.stack(vals) for name, vals in per.items()}
+
+
+# ------------------------------------------------------------------- writing shards
+class ShardWriter:
+    """A background thread writing finished shards; at most ``max_pending`` wait in memory.
+
+    A write error is re-raised in the producer on its next ``submit`` or on ``close``.
+    """
+
+    def __init__(self, lake: QuestionLake, max_pending: int = 2):
+        self.lake = lake
+        self.queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self.error: BaseException | None = None
+        self.bytes_written = 0
+        self.write_seconds = 0.0
+        self.thread = threading.Thread(target=self._run, name="qsae-shard-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is not None:
+                continue  # drain so the producer never blocks on a dead writer
+            shard, data = item
+            try:
+                t = time.perf_counter()
+                self.lake.write_shard(shard, data)
+                self.write_seconds += time.perf_counter() - t
+                self.bytes_written += sum(v.nbytes for v in data.values() if v.dtype.kind not in "OUT")
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the producer
+                self.error = exc
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"shard writer failed: {self.error!r}") from self.error
+
+    def submit(self, shard: int, data: dict[str, np.ndarray]) -> None:
+        self._raise()
+        self.queue.put((shard, data))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        self._raise()
+
+
+def _empty_shard(lake: QuestionLake, n: int) -> dict[str, np.ndarray]:
+    out = {}
+    for var in lake.variables:
+        if var.name == "done":
+            continue
+        dtype = lake.arrays[var.name].dtype
+        shape = lake.expected_shape(var, n)
+        out[var.name] = np.empty(shape, dtype=object if dtype.kind in "TUO" else dtype)
+    return out
+
+
+@dataclass
+class CaptureStats:
+    shards: list[int]
+    questions: int = 0
+    samples: int = 0
+    new_tokens: int = 0
+    prompt_tokens: int = 0
+    compute_seconds: float = 0.0
+    write_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    bytes_written: int = 0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return (self.new_tokens + self.prompt_tokens) / self.wall_seconds if self.wall_seconds else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["tokens_per_second"] = self.tokens_per_second
+        return d
+
+
+def capture_shards(
+    cfg: CaptureConfig, shards: Sequence[int], log_fn: Log = log.info, progress: bool = False,
+) -> CaptureStats:
+    """Capture the given shards of an existing store (each rewritten whole, then marked done)."""
+    t0 = time.perf_counter()
+    res = get_model(cfg)
+    lm = res.lm
+    saes = get_saes(cfg, lm)
+    qs = get_questions(cfg)
+    lake = QuestionLake.open(cfg.store, mode="r+", storage_options=cfg.storage_options)
+    if list(lake.question_ids()) != qs.ids():
+        raise DatasetError(f"the store's questions differ from {qs.name}: wrong store or dataset?")
+    budget = prompt_budget(cfg, lm)
+    stats = CaptureStats(list(shards))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        total = sum(lake.shard_region(s).stop - lake.shard_region(s).start for s in shards)
+        bar = tqdm(total=total, unit="q", desc="capture")
+    writer = ShardWriter(lake, cfg.writer_queue)
+    try:
+        with res.lock:
+            for shard in shards:
+                region = lake.shard_region(shard)
+                shard_qs = qs.questions[region]
+                buf = _empty_shard(lake, len(shard_qs))
+                for start in range(0, len(shard_qs), cfg.questions_per_batch):
+                    batch = shard_qs[start:start + cfg.questions_per_batch]
+                    t = time.perf_counter()
+                    result = capture_batch(lm, saes, batch, cfg, budget)
+                    stats.compute_seconds += time.perf_counter() - t
+                    for name, value in result.arrays.items():
+                        qaxis = 1 if lake.arrays[name].metadata.dimension_names[0] == "layer" else 0
+                        index = [slice(None)] * buf[name].ndim
+                        index[qaxis] = slice(start, start + len(batch))
+                        buf[name][tuple(index)] = value
+                    stats.new_tokens += result.new_tokens
+                    stats.prompt_tokens += result.prompt_tokens
+                    if bar is not None:
+                        bar.update(len(batch))
+                writer.submit(shard, {k: (v.astype(str) if v.dtype == object else v) for k, v in buf.items()})
+                stats.questions += len(shard_qs)
+                stats.samples += len(shard_qs) * cfg.n_samples
+                log_fn(f"shard {shard}: {len(shard_qs)} questions captured (questions {region.start}..{region.stop - 1})")
+    finally:
+        try:
+            writer.close()
+        finally:
+            if bar is not None:
+                bar.close()
+    stats.write_seconds = writer.write_seconds
+    stats.bytes_written = writer.bytes_written
+    stats.wall_seconds = time.perf_counter() - t0
+    return stats
+
+
+def run_capture(cfg: CaptureConfig, log_fn: Log = log.info, progress: bool = False) -> tuple[QuestionLake, CaptureStats]:
+    """Plan and capture every pending shard in this process (the notebook entry point)."""
+    plan = plan_capture(cfg, log_fn)
+    log_fn(f"store {cfg.store}: {len(plan.pending)} of {plan.lake.n_shards} shards to capture")
+    stats = capture_shards(cfg, plan.pending, log_fn, progress=progress)
+    return QuestionLake.open(cfg.store, storage_options=cfg.storage_options), stats
+
+
+def store_path_for(cfg: CaptureConfig) -> str:
+    """The store URL with local paths made absolute (so workers agree on it)."""
+    if "://" in cfg.store:
+        return cfg.store
+    return str(Path(cfg.store).expanduser().resolve())

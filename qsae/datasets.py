@@ -1,0 +1,242 @@
+"""Question datasets for capture: PopQA (TSV/JSONL/JSON or a cached HF dataset) and prompt lists.
+
+Every malformed row is reported with its row number and reason, then skipped or refused per
+``on_error``; nothing is dropped silently. Row numbers count from 1 (the header of a TSV is
+row 0, so they match a text editor's line numbers minus one there).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+from .errors import DatasetError
+
+OnError = Literal["skip", "raise"]
+EMBEDDED_DATASETS = {"popqa-demo": "popqa_demo.jsonl"}
+TEXT_KEYS = ("question", "prompt", "text", "input")
+ANSWER_KEYS = ("possible_answers", "answers", "output")
+
+
+@dataclass(frozen=True)
+class Question:
+    """One question: its dataset id, text and gold answers (may be empty for plain prompts)."""
+
+    id: int
+    question: str
+    answers: tuple[str, ...] = ()
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass(frozen=True)
+class RowProblem:
+    row: int
+    id: Any
+    reason: str
+
+    def __str__(self) -> str:
+        return f"row {self.row} (id {self.id}): {self.reason}"
+
+
+@dataclass
+class QuestionSet:
+    """Loaded questions plus the rows that were refused and why (recorded in the lake)."""
+
+    questions: list[Question]
+    name: str
+    revision: str
+    problems: list[RowProblem] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+    def ids(self) -> list[int]:
+        return [q.id for q in self.questions]
+
+
+def _parse_answers(value: Any) -> tuple[str, ...]:
+    if value is None:
+        raise ValueError("no answers")
+    if isinstance(value, str):
+        parsed = json.loads(value)
+    else:
+        parsed = value
+    if isinstance(parsed, str):
+        parsed = [parsed]
+    if not isinstance(parsed, (list, tuple)) or not all(isinstance(a, str) for a in parsed):
+        raise ValueError(f"answers must be a list of strings, got {type(parsed).__name__}")
+    answers = tuple(a for a in parsed if a.strip())
+    if not answers:
+        raise ValueError("answers list is empty")
+    return answers
+
+
+def _rows_from_records(records: Iterable[tuple[int, Any]], require_answers: bool) -> tuple[list[Question], list[RowProblem]]:
+    questions, problems, seen = [], [], set()
+    for row, rec in records:
+        if isinstance(rec, RowProblem):
+            problems.append(rec)
+            continue
+        if not isinstance(rec, dict):
+            problems.append(RowProblem(row, None, f"not an object but {type(rec).__name__}"))
+            continue
+        raw_id = rec.get("id", row)
+        try:
+            qid = int(raw_id)
+        except (TypeError, ValueError):
+            problems.append(RowProblem(row, raw_id, "id is not an integer"))
+            continue
+        text = next((rec[k] for k in TEXT_KEYS if k in rec), None)
+        if not isinstance(text, str) or not text.strip():
+            problems.append(RowProblem(row, qid, "missing or empty question"))
+            continue
+        answers: tuple[str, ...] = ()
+        ans_key = next((k for k in ANSWER_KEYS if k in rec), None)
+        if ans_key is not None or require_answers:
+            try:
+                answers = _parse_answers(rec.get(ans_key) if ans_key else None)
+            except (ValueError, json.JSONDecodeError) as exc:
+                problems.append(RowProblem(row, qid, f"unparsable answers: {exc}"))
+                continue
+        if qid in seen:
+            problems.append(RowProblem(row, qid, "duplicate id"))
+            continue
+        seen.add(qid)
+        meta = {k: v for k, v in rec.items() if k not in (*TEXT_KEYS, *ANSWER_KEYS, "id")}
+        questions.append(Question(qid, text.strip(), answers, meta))
+    return questions, problems
+
+
+def _decode_lines(data: bytes) -> Iterable[tuple[int, str | RowProblem]]:
+    for i, raw in enumerate(data.splitlines(), start=1):
+        try:
+            yield i, raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield i, RowProblem(i, None, f"not valid UTF-8 ({exc.reason} at byte {exc.start})")
+
+
+def _jsonl_records(data: bytes):
+    for i, line in _decode_lines(data):
+        if isinstance(line, RowProblem):
+            yield i, line
+        elif line.strip():
+            try:
+                yield i, json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield i, RowProblem(i, None, f"invalid JSON: {exc.msg}")
+
+
+def _tsv_records(data: bytes):
+    lines = list(_decode_lines(data))
+    if not lines or isinstance(lines[0][1], RowProblem):
+        raise DatasetError("TSV file has no readable header row")
+    header = next(csv.reader([lines[0][1]], delimiter="\t"))
+    for i, line in lines[1:]:
+        if isinstance(line, RowProblem):
+            yield i - 1, RowProblem(i - 1, None, line.reason)
+            continue
+        if not line.strip():
+            continue
+        values = next(csv.reader(io.StringIO(line), delimiter="\t"))
+        if len(values) != len(header):
+            yield i - 1, RowProblem(i - 1, None, f"has {len(values)} fields, the header has {len(header)}")
+            continue
+        yield i - 1, dict(zip(header, values))
+
+
+def _json_records(data: bytes):
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"JSON file is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    if isinstance(obj, dict):  # {"dev": [...], "test": [...]} style
+        obj = [r for key in ("dev", "test", "train", "data", "rows") if isinstance(obj.get(key), list) for r in obj[key]]
+    if not isinstance(obj, list):
+        raise DatasetError("JSON file must hold a list of rows (or a dict of such lists)")
+    return enumerate(obj, start=1)
+
+
+def _finish(questions, problems, name, revision, on_error: OnError, limit: int | None) -> QuestionSet:
+    if problems and on_error == "raise":
+        shown = "\n".join(f"  {p}" for p in problems[:10])
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise DatasetError(f"{name}: {len(problems)} malformed rows:\n{shown}{more}")
+    if limit is not None:
+        questions = questions[:limit]
+    if not questions:
+        raise DatasetError(f"{name}: no usable questions ({len(problems)} malformed rows)")
+    return QuestionSet(questions, name, revision, problems)
+
+
+def load_questions(
+    source: str, *, on_error: OnError = "skip", limit: int | None = None, require_answers: bool | None = None,
+    split: str = "test",
+) -> QuestionSet:
+    """Load questions from an embedded name, a local file, or a cached Hugging Face dataset.
+
+    Files: ``.jsonl``, ``.json``, ``.tsv`` (PopQA columns: ``id``, ``question``,
+    ``possible_answers`` as a JSON list string, ...) and ``.txt`` (one prompt per line, ids
+    are line numbers). ``require_answers`` defaults to True except for ``.txt``.
+    """
+    if source in EMBEDDED_DATASETS:
+        data = resources.files("qsae.data").joinpath(EMBEDDED_DATASETS[source]).read_bytes()
+        recs = _jsonl_records(data)
+        name = f"qsae:{source}"
+        required = True if require_answers is None else require_answers
+    else:
+        path = Path(source).expanduser()
+        if not path.exists():
+            return _load_hf_dataset(source, split, on_error, limit, require_answers)
+        data = path.read_bytes()
+        name = str(path)
+        suffix = path.suffix.lower()
+        required = (suffix != ".txt") if require_answers is None else require_answers
+        if suffix == ".jsonl":
+            recs = _jsonl_records(data)
+        elif suffix == ".json":
+            recs = _json_records(data)
+        elif suffix in (".tsv", ".csv"):
+            recs = _tsv_records(data)
+        elif suffix == ".txt":
+            recs = ((i, line if isinstance(line, RowProblem) else {"id": i, "prompt": line})
+                    for i, line in _decode_lines(data) if isinstance(line, RowProblem) or line.strip())
+        else:
+            raise DatasetError(f"{path}: unknown dataset format {suffix!r} (use .jsonl, .json, .tsv or .txt)")
+    questions, problems = _rows_from_records(recs, required)
+    revision = "sha256-" + hashlib.sha256(data).hexdigest()
+    return _finish(questions, problems, name, revision, on_error, limit)
+
+
+def _load_hf_dataset(name: str, split: str, on_error: OnError, limit: int | None, require_answers: bool | None) -> QuestionSet:
+    """A Hugging Face dataset (e.g. ``akariasai/PopQA``) from the local cache only."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split=split, download_mode="reuse_cache_if_exists")
+    except Exception as exc:  # datasets raises many types; the message is what matters
+        raise DatasetError(
+            f"{name} is neither a local file nor a dataset in the local Hugging Face cache "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
+    questions, problems = _rows_from_records(enumerate(ds, start=1), True if require_answers is None else require_answers)
+    return _finish(questions, problems, f"hf:{name}:{split}", f"fingerprint-{ds._fingerprint}", on_error, limit)
+
+
+def is_correct(completion: str, answers: Iterable[str]) -> bool:
+    """PopQA's rule: a gold answer appears in the completion, case-insensitively."""
+    text = completion.lower()
+    return any(a.lower() in text for a in answers if a)
+
+
+def format_prompt(template: str, question: Question) -> str:
+    """Fill the prompt template (``{question}`` and any of the row's fields)."""
+    try:
+        return template.format(question=question.question, **{k: v for k, v in question.meta.items() if k != "question"})
+    except KeyError as exc:
+        raise DatasetError(f"prompt template needs field {exc} which row id {question.id} does not have") from None

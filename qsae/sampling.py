@@ -1,0 +1,116 @@
+"""Reproducible temperature + top-p sampling, seeded per (run seed, question id, sample, step).
+
+``transformers.generate`` samples from one global RNG, so a question's samples would depend
+on which other questions share its batch, and a retried or resumed question would come out
+differently. Here every draw is one uniform number derived by hashing (seed, question id,
+sample, step); the token is picked by inverse-CDF within the top-p nucleus of
+softmax(logits / temperature). ``generate`` runs greedily over scores that this processor
+sets to 0 for the chosen token and -inf elsewhere, so caching, padding and the model's own
+cache types (hybrid linear attention included) stay transformers' business.
+
+At the first step it also keeps what the lake stores per question: the exact entropy of
+softmax(logits / temperature) over the whole vocabulary, and each sample's first-token
+log-probability under that distribution.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from typing import Sequence
+
+import numpy as np
+import torch
+from transformers import LogitsProcessor, StoppingCriteria
+
+
+def uniform(seed: int, question_id: int, sample: int, step: int) -> float:
+    """A uniform number in [0, 1) that depends only on its four arguments (53-bit)."""
+    digest = hashlib.blake2b(struct.pack("<qqqq", seed, question_id, sample, step), digest_size=8).digest()
+    return (int.from_bytes(digest, "little") >> 11) * 2.0**-53
+
+
+def derive_seed(seed: int, question_id: int) -> int:
+    """A 63-bit seed for one question (exposed for users who want their own draws)."""
+    digest = hashlib.blake2b(struct.pack("<qq", seed, question_id), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Entropy in nats of softmax(logits / temperature), in float64."""
+    logp = torch.log_softmax(logits.double() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def empirical_entropy(tokens: np.ndarray) -> float:
+    """Entropy in nats of the empirical distribution of a 1-D array of token ids."""
+    _, counts = np.unique(tokens, return_counts=True)
+    p = counts / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+class SeededTopPSampler(LogitsProcessor):
+    """Picks each row's next token from its own hashed uniform; see the module docstring."""
+
+    def __init__(self, rows: Sequence[tuple[int, int]], prompt_len: int, seed: int, temperature: float, top_p: float):
+        if temperature <= 0:
+            raise ValueError("temperature must be > 0 for sampling")
+        if not 0 < top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        self.rows = list(rows)  # (question_id, sample) per batch row
+        self.prompt_len = prompt_len
+        self.seed = seed
+        self.temperature = temperature
+        self.top_p = top_p
+        self.first_entropy: torch.Tensor | None = None
+        self.first_logprob: torch.Tensor | None = None
+        self.first_token: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        step = input_ids.shape[1] - self.prompt_len
+        logp = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        sorted_logp, order = logp.sort(dim=-1, descending=True)
+        sorted_p = sorted_logp.exp()
+        before = sorted_p.cumsum(-1) - sorted_p  # mass of strictly more likely tokens
+        kept = torch.where(before < self.top_p, sorted_p, torch.zeros_like(sorted_p))
+        cdf = kept.cumsum(-1)
+        u = torch.tensor([uniform(self.seed, q, s, step) for q, s in self.rows], dtype=cdf.dtype, device=cdf.device)
+        target = u[:, None] * cdf[:, -1:]
+        pos = (cdf <= target).sum(-1, keepdim=True).clamp_(max=cdf.shape[1] - 1)
+        # Never step past the nucleus (float rounding at the end of the cdf).
+        n_kept = (kept > 0).sum(-1, keepdim=True)
+        pos = torch.minimum(pos, n_kept - 1)
+        token = order.gather(-1, pos)
+        if step == 0:
+            self.first_entropy = entropy_from_logits(scores, self.temperature).cpu()
+            self.first_logprob = logp.gather(-1, token).squeeze(-1).cpu()
+            self.first_token = token.squeeze(-1).cpu()
+        out = torch.full_like(scores, float("-inf"))
+        out.scatter_(-1, token, 0.0)
+        return out
+
+
+class StopOnTokens(StoppingCriteria):
+    """Per-row stop once a row emits one of ``stop_ids`` (e.g. any token containing a newline)."""
+
+    def __init__(self, stop_ids: torch.Tensor, prompt_len: int):
+        self.stop_ids = stop_ids
+        self.prompt_len = prompt_len
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        if input_ids.shape[1] <= self.prompt_len:
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        return torch.isin(input_ids[:, -1], self.stop_ids.to(input_ids.device))
+
+
+_NEWLINE_CACHE: dict[int, torch.Tensor] = {}
+
+
+def newline_token_ids(tokenizer) -> torch.Tensor:
+    """Ids of every vocabulary token whose text contains a newline (computed once per tokenizer)."""
+    key = id(tokenizer)
+    if key not in _NEWLINE_CACHE:
+        vocab = len(tokenizer)
+        texts = tokenizer.batch_decode([[i] for i in range(vocab)])
+        _NEWLINE_CACHE[key] = torch.tensor([i for i, t in enumerate(texts) if "\n" in t], dtype=torch.long)
+    return _NEWLINE_CACHE[key]

@@ -1,0 +1,180 @@
+"""Capture into the lake, checked against fresh forward passes and hand computations."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+from qsae.capture import CaptureConfig, plan_capture, run_capture
+from qsae.errors import ConfigMismatchError, DatasetError, SAEModelMismatchError
+from qsae.hooks import run_with_capture
+from qsae.lake import open_lake
+from qsae.sae_formats import load_sae
+
+from .test_sae_formats import qwen_scope_dict
+
+
+def write_sae_folder(path, d_model, d_sae, layers, scale=1.0):
+    path.mkdir(parents=True, exist_ok=True)
+    for layer in layers:
+        d = qwen_scope_dict(d_model=d_model, d_sae=d_sae, seed=layer)
+        d["W_enc"] *= scale / d_model**0.5
+        torch.save(d, path / f"layer{layer}.sae.pt")
+    return path
+
+
+def small_cfg(tmp, model, sae, layers, **kw) -> CaptureConfig:
+    base = dict(model=model, sae=str(sae), layers=layers, limit=6, n_samples=3, max_new_tokens=6,
+                questions_per_shard=4, questions_per_chunk=2, questions_per_batch=2, device="cpu", dtype="float32",
+                store=str(tmp / "lake.zarr"), resid_dtype="float32", seed=7)
+    base.update(kw)
+    return CaptureConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def smol_run(tmp_path_factory, smollm2):
+    tmp = tmp_path_factory.mktemp("cap-smol")
+    sae = write_sae_folder(tmp / "SAE-L0_8", 576, 256, [2, 9])
+    cfg = small_cfg(tmp, "smollm2", sae, [2, 9], sae_k=None)
+    lake, stats = run_capture(cfg)
+    return cfg, open_lake(cfg.store).load(), stats
+
+
+@pytest.fixture(scope="module")
+def qwen_run(tmp_path_factory, tiny_qwen_dir):
+    tmp = tmp_path_factory.mktemp("cap-qwen")
+    sae = write_sae_folder(tmp / "sae", 64, 128, [1, 3])
+    cfg = small_cfg(tmp, str(tiny_qwen_dir), sae, [1, 3], sae_k=5, resid_dtype="float16", limit=5)
+    run_capture(cfg)
+    return cfg, open_lake(cfg.store).load()
+
+
+def _lm(cfg):
+    from qsae.capture import get_model
+
+    return get_model(cfg).lm
+
+
+def _fresh_residuals(cfg, ds, q_index, sample):
+    lm = _lm(cfg)
+    prompt_len = int(ds.prompt_len[q_index])
+    n = int(ds.completion_len[q_index, sample])
+    q_text = str(ds.question_text[q_index].values)
+    prompt_ids = lm.tokenizer(cfg.prompt_template.format(question=q_text)).input_ids
+    assert len(prompt_ids) == prompt_len
+    ids = prompt_ids + ds.completion_ids[q_index, sample, :n].values.tolist()
+    _, cap = run_with_capture(lm.model, torch.tensor([ids]), layers=cfg.layers, stop_early=True)
+    return {layer: (cap.resid[layer][0, prompt_len - 1], cap.resid[layer][0, len(ids) - 1]) for layer in cfg.layers}
+
+
+def test_lake_is_complete_and_shaped(smol_run):
+    cfg, ds, stats = smol_run
+    assert ds.done.all() and ds.sizes["question"] == 6 and ds.sizes["sample"] == 3
+    assert list(ds.layer.values) == [2, 9] and ds.attrs["k"] == 8  # k from the name "L0_8"
+    assert stats.questions == 6 and stats.samples == 18 and stats.new_tokens == int(ds.completion_len.sum())
+    assert (ds.completion_len >= 1).all() and (ds.completion_len <= 6).all()
+    lens = ds.completion_len.values
+    ids = ds.completion_ids.values
+    for q in range(6):
+        for s in range(3):
+            assert (ids[q, s, lens[q, s]:] == -1).all() and (ids[q, s, : lens[q, s]] >= 0).all()
+    assert (ds.first_token.values == ids[:, :, 0]).all()
+    assert set(ds.attrs["sae_sha256"]) == {"2", "9"}
+
+
+@pytest.mark.parametrize("run", ["smol_run", "qwen_run"])
+def test_stored_residual_equals_fresh_forward(request, run):
+    cfg, ds = request.getfixturevalue(run)[:2]
+    for q_index, sample in [(0, 0), (3, 2), (4, 1)]:
+        fresh = _fresh_residuals(cfg, ds, q_index, sample)
+        for li, layer in enumerate(cfg.layers):
+            prompt_x, comp_x = (t.numpy() for t in fresh[layer])
+            stored = ds.resid.values[li, q_index, sample].astype(np.float32)
+            stored_prompt = ds.resid_prompt.values[li, q_index].astype(np.float32)
+            tol = 1e-4 if cfg.resid_dtype == "float32" else 2e-3
+            np.testing.assert_allclose(stored, comp_x, rtol=tol, atol=tol * np.abs(comp_x).max())
+            np.testing.assert_allclose(stored_prompt, prompt_x, rtol=tol, atol=tol * np.abs(prompt_x).max())
+            np.testing.assert_allclose(ds.resid_norm.values[li, q_index, sample], np.linalg.norm(comp_x), rtol=1e-4)
+
+
+@pytest.mark.parametrize("run", ["smol_run", "qwen_run"])
+def test_stored_codes_are_topk_of_stored_residual(request, run):
+    cfg, ds = request.getfixturevalue(run)[:2]
+    for li, layer in enumerate(cfg.layers):
+        sae = load_sae(cfg.sae, layer=layer, k=cfg.sae_k)
+        x = torch.from_numpy(ds.resid.values[li].reshape(-1, ds.sizes["d_model"]).astype(np.float32))
+        idx, vals = sae.encode_topk(x)
+        k = ds.sizes["k"]
+        np.testing.assert_array_equal(ds.codes_idx.values[li].reshape(-1, k), idx.numpy())
+        np.testing.assert_allclose(ds.codes_val.values[li].reshape(-1, k), vals.numpy(), rtol=1e-6, atol=1e-6)
+        assert (np.diff(ds.codes_idx.values[li].astype(int), axis=-1) > 0).all()  # sorted, unique
+        xp = torch.from_numpy(ds.resid_prompt.values[li].astype(np.float32))
+        np.testing.assert_array_equal(ds.prompt_codes_idx.values[li], sae.encode_topk(xp)[0].numpy())
+
+
+def test_entropy_and_first_logprob_equal_hand_computation(smol_run):
+    cfg, ds, _ = smol_run
+    lm = _lm(cfg)
+    for q in range(3):
+        prompt = cfg.prompt_template.format(question=str(ds.question_text[q].values))
+        with torch.inference_mode():
+            logits = lm.model(torch.tensor([lm.tokenizer(prompt).input_ids])).logits[0, -1].double().numpy()
+        p = scipy.special.softmax(logits / cfg.temperature)
+        np.testing.assert_allclose(ds.entropy.values[q], scipy.stats.entropy(p), rtol=1e-5)
+        for s in range(3):
+            tok = int(ds.first_token[q, s])
+            np.testing.assert_allclose(ds.first_logprob.values[q, s], np.log(p[tok]), rtol=1e-4, atol=1e-4)
+        _, counts = np.unique(ds.first_token.values[q], return_counts=True)
+        np.testing.assert_allclose(ds.sample_entropy.values[q], scipy.stats.entropy(counts))
+
+
+def test_correct_flag_follows_popqa_rule(smol_run):
+    _, ds, _ = smol_run
+    for q in range(6):
+        answers = json.loads(str(ds.answers[q].values))
+        for s in range(3):
+            text = str(ds.completion[q, s].values).lower()
+            assert bool(ds.correct[q, s]) == any(a.lower() in text for a in answers)
+
+
+def test_same_seed_gives_identical_lake_and_resume_skips_done(tmp_path, qwen_run):
+    cfg0, ds0 = qwen_run
+    cfg = cfg0.model_copy(update={"store": str(tmp_path / "again.zarr")})
+    run_capture(cfg)
+    ds = open_lake(cfg.store).load()
+    for name in ds0.data_vars:
+        np.testing.assert_array_equal(ds[name].values, ds0[name].values, err_msg=name)
+    # A rerun of a complete store has nothing pending.
+    assert plan_capture(cfg).pending == []
+    other = cfg.model_copy(update={"store": str(tmp_path / "seed8.zarr"), "seed": 8})
+    run_capture(other)
+    assert not np.array_equal(open_lake(other.store).completion_ids.values, ds0.completion_ids.values)
+
+
+def test_other_config_on_existing_store_is_refused(qwen_run, tmp_path):
+    cfg, _ = qwen_run
+    for change in ({"n_samples": 4}, {"layers": [1]}, {"temperature": 0.7}, {"resid_dtype": "float32"}):
+        with pytest.raises(ConfigMismatchError, match="different config"):
+            plan_capture(cfg.model_copy(update=change))
+
+
+def test_sae_of_another_model_is_refused(qwen_run, tmp_path):
+    cfg, _ = qwen_run
+    sae = write_sae_folder(tmp_path / "wide", 576, 64, [1, 3])
+    with pytest.raises(SAEModelMismatchError, match=r"d_model=576.*hidden_size=64"):
+        plan_capture(cfg.model_copy(update={"sae": str(sae), "store": str(tmp_path / "x.zarr")}))
+
+
+def test_long_prompts_truncated_or_refused(qwen_run, tmp_path):
+    cfg, _ = qwen_run
+    cut = cfg.model_copy(update={"store": str(tmp_path / "cut.zarr"), "max_prompt_tokens": 8, "limit": 2,
+                                 "questions_per_shard": 2})
+    run_capture(cut)
+    ds = open_lake(cut.store)
+    assert ds.prompt_truncated.values.all() and (ds.prompt_len.values == 8).all()
+    with pytest.raises(DatasetError, match="longer than 8 tokens"):
+        plan_capture(cut.model_copy(update={"store": str(tmp_path / "refuse.zarr"), "on_long_prompt": "refuse"}))

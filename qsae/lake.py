@@ -1,9 +1,12 @@
-"""The question lake: create, validate, open and write one Zarr v3 store per capture run.
+"""Lake stores: create, validate, open and write one Zarr v3 store per run.
 
-Writes go by shard: a region of ``questions_per_shard`` questions across every layer, so
-independent workers touch disjoint files, a retried task rewrites exactly its own region,
-and the ``done`` mask (written last) says which questions are complete. A region that does
-not align with the shard grid is refused: two writers sharing a shard lose data silently.
+Two kinds share this machinery (see ``qsae.schema``): the question lake of a capture run
+(unit: question) and the token lake of a collection run (unit: token). Writes go by shard:
+a region of ``shard_size`` units across every layer, so independent workers touch disjoint
+files, a retried task rewrites exactly its own region, and the ``done`` mask (written last)
+says which units are complete. A region that does not align with the shard grid is refused:
+two writers sharing a shard lose data silently.
+
 Imports numpy/zarr/xarray only, so notebooks and dask workers can read without torch.
 """
 
@@ -27,42 +30,37 @@ from zarr.codecs import ZstdCodec
 from zarr.core.sync import sync as zarr_sync
 
 from . import __version__
-from .errors import (
-    ConfigMismatchError,
-    NewerSchemaError,
-    RegionError,
-    SchemaError,
-    StoreUnreachableError,
-)
+from .errors import ConfigMismatchError, NewerSchemaError, RegionError, SchemaError, StoreUnreachableError
 from .schema import (
-    COORDS,
-    KIND_QUESTIONS,
     LAYER,
     QUESTION,
-    REQUIRED_ATTRS,
+    QUESTION_SCHEMA,
     RESID_DTYPES,
     SAMPLE,
     SCHEMA_VERSION,
+    SCHEMAS,
+    TOKEN_SCHEMA,
+    LakeSchema,
     Variable,
-    lake_variables,
     resolve_dtype,
 )
-from .storage import local_path, xarray_target, zarr_store
+from .storage import local_path, resolve_storage_options, xarray_target, zarr_store
 
 warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
 
 OpenMode = Literal["resume", "overwrite", "create"]
 
-# Lineage keys that identify a run: a store with other values here is another run.
+# Lineage keys that identify a capture run: a store with other values here is another run.
 IDENTITY_LINEAGE_KEYS = (
     "model", "model_revision", "hook", "sae_sha256", "dataset", "dataset_revision",
     "sampling", "seed", "prompt_template",
 )
+TOKEN_IDENTITY_KEYS = ("model", "model_revision", "hook", "dataset", "dataset_revision", "context_length", "bos")
 
 
 @dataclass(frozen=True)
 class LakeLayout:
-    """Shard and chunk sizes along the question axis (every other axis is one chunk).
+    """Shard and inner-chunk sizes along the unit axis (every other axis is one chunk).
 
     A shard is the unit of work and of writing; inner chunks keep random reads small.
     """
@@ -72,32 +70,81 @@ class LakeLayout:
 
     def __post_init__(self) -> None:
         if self.questions_per_shard < 1 or self.questions_per_chunk < 1:
-            raise ValueError("questions_per_shard and questions_per_chunk must be >= 1")
+            raise ValueError("shard and chunk sizes must be >= 1")
         if self.questions_per_shard % self.questions_per_chunk:
             raise ValueError(
                 f"questions_per_shard ({self.questions_per_shard}) must be a multiple of "
                 f"questions_per_chunk ({self.questions_per_chunk})"
             )
 
+    @property
+    def shard(self) -> int:
+        return self.questions_per_shard
+
+    @property
+    def chunk(self) -> int:
+        return self.questions_per_chunk
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+class _Spec:
+    """What every store spec provides to ``Lake.open_or_create``."""
+
+    schema: LakeSchema
+    layers: Sequence[int]
+    d_model: int
+    resid_dtype: str
+    layout: LakeLayout
+    lineage: dict[str, Any]
+    has_sae: bool = False
+    d_sae: int | None = None
+
+    def sizes(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def coords(self) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def identity(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def extra_attrs(self) -> dict[str, Any]:
+        return {}
+
+    def _check_common(self, identity_keys: Sequence[str]) -> None:
+        if len(self.layers) == 0 or len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"layers must be non-empty and unique, got {list(self.layers)}")
+        if self.resid_dtype not in RESID_DTYPES:
+            raise ValueError(f"resid_dtype must be one of {RESID_DTYPES}, got {self.resid_dtype!r}")
+        if self.d_model < 1:
+            raise ValueError("d_model must be >= 1")
+        missing = [key for key in identity_keys if key not in self.lineage]
+        if missing:
+            raise ValueError(f"lineage is missing {missing}")
+
 
 @dataclass
-class LakeSpec:
-    """Everything that fixes a lake's shape and identity.
+class LakeSpec(_Spec):
+    """Everything that fixes a question lake's shape and identity.
 
     ``lineage`` holds model, model_revision, hook, sae_source, sae_sha256 ({layer: hash}),
     dataset, dataset_revision, sampling, seed and prompt_template.
     """
 
-    question_ids: Sequence[int]
-    layers: Sequence[int]
-    n_samples: int
-    d_model: int
-    max_new_tokens: int
+    question_ids: Sequence[int] = ()
+    layers: Sequence[int] = ()
+    n_samples: int = 1
+    d_model: int = 0
+    max_new_tokens: int = 1
     d_sae: int | None = None
     k: int | None = None
     resid_dtype: str = "float16"
     layout: LakeLayout = field(default_factory=LakeLayout)
     lineage: dict[str, Any] = field(default_factory=dict)
+    schema: LakeSchema = field(default=QUESTION_SCHEMA, init=False, repr=False)
 
     def __post_init__(self) -> None:
         ids = np.asarray(self.question_ids, dtype=np.int64)
@@ -105,45 +152,85 @@ class LakeSpec:
             raise ValueError("question_ids must be a non-empty 1-D sequence")
         if np.unique(ids).size != ids.size:
             raise ValueError("question_ids must be unique")
-        if len(self.layers) == 0 or len(set(self.layers)) != len(self.layers):
-            raise ValueError(f"layers must be non-empty and unique, got {list(self.layers)}")
-        if self.resid_dtype not in RESID_DTYPES:
-            raise ValueError(f"resid_dtype must be one of {RESID_DTYPES}, got {self.resid_dtype!r}")
         if (self.d_sae is None) != (self.k is None):
             raise ValueError("d_sae and k go together: give both (SAE codes) or neither")
-        if self.n_samples < 1 or self.max_new_tokens < 1 or self.d_model < 1:
-            raise ValueError("n_samples, max_new_tokens and d_model must be >= 1")
-        missing = [key for key in IDENTITY_LINEAGE_KEYS if key not in self.lineage]
-        if missing:
-            raise ValueError(f"lineage is missing {missing}")
+        if self.n_samples < 1 or self.max_new_tokens < 1:
+            raise ValueError("n_samples and max_new_tokens must be >= 1")
+        self._check_common(IDENTITY_LINEAGE_KEYS)
 
     @property
-    def has_sae(self) -> bool:
+    def has_sae(self) -> bool:  # type: ignore[override]
         return self.d_sae is not None
+
+    def sizes(self) -> dict[str, int]:
+        return {"layer": len(self.layers), "question": len(self.question_ids), "sample": self.n_samples,
+                "d_model": self.d_model, "k": self.k or 0, "new_token": self.max_new_tokens}
+
+    def coords(self) -> dict[str, np.ndarray]:
+        return {
+            LAYER: np.asarray(self.layers, dtype="int32"),
+            QUESTION: np.asarray(self.question_ids, dtype="int64"),
+            SAMPLE: np.arange(self.n_samples, dtype="int32"),
+        }
 
     def identity(self) -> dict[str, Any]:
         """The JSON dict two runs must share to write into the same store."""
         ids = np.asarray(self.question_ids, dtype=np.int64)
         ident = {
-            "n_questions": int(ids.size),
+            "sizes": self.sizes(),
             "question_ids_sha256": hashlib.sha256(ids.tobytes()).hexdigest(),
             "layers": [int(x) for x in self.layers],
-            "n_samples": int(self.n_samples),
-            "d_model": int(self.d_model),
-            "max_new_tokens": int(self.max_new_tokens),
             "d_sae": self.d_sae,
-            "k": self.k,
             "resid_dtype": self.resid_dtype,
-            "questions_per_shard": self.layout.questions_per_shard,
-            "questions_per_chunk": self.layout.questions_per_chunk,
+            "shard_size": self.layout.shard,
+            "chunk_size": self.layout.chunk,
         }
-        for key in IDENTITY_LINEAGE_KEYS:
-            ident[key] = _jsonable(self.lineage[key])
+        ident.update({key: _jsonable(self.lineage[key]) for key in IDENTITY_LINEAGE_KEYS})
         return ident
 
+    def extra_attrs(self) -> dict[str, Any]:
+        return {"d_sae": self.d_sae, "k": self.k, "sae_source": self.lineage.get("sae_source")}
 
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+@dataclass
+class TokenLakeSpec(_Spec):
+    """A token lake: ``n_tokens`` activations per layer, written in blocks of ``block_tokens``.
+
+    ``lineage`` holds model, model_revision, hook, dataset, dataset_revision, context_length,
+    bos, tokens_per_window.
+    """
+
+    n_tokens: int = 0
+    layers: Sequence[int] = ()
+    d_model: int = 0
+    block_tokens: int = 4096
+    resid_dtype: str = "float16"
+    lineage: dict[str, Any] = field(default_factory=dict)
+    schema: LakeSchema = field(default=TOKEN_SCHEMA, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.n_tokens < 1 or self.block_tokens < 1:
+            raise ValueError("n_tokens and block_tokens must be >= 1")
+        self._check_common(TOKEN_IDENTITY_KEYS)
+
+    @property
+    def layout(self) -> LakeLayout:  # type: ignore[override]
+        return LakeLayout(self.block_tokens, self.block_tokens)
+
+    def sizes(self) -> dict[str, int]:
+        return {"layer": len(self.layers), "token": self.n_tokens, "d_model": self.d_model}
+
+    def coords(self) -> dict[str, np.ndarray]:
+        return {LAYER: np.asarray(self.layers, dtype="int32")}
+
+    def identity(self) -> dict[str, Any]:
+        ident = {"sizes": self.sizes(), "layers": [int(x) for x in self.layers], "resid_dtype": self.resid_dtype,
+                 "shard_size": self.block_tokens, "chunk_size": self.block_tokens}
+        ident.update({key: _jsonable(self.lineage[key]) for key in TOKEN_IDENTITY_KEYS})
+        return ident
+
+    def extra_attrs(self) -> dict[str, Any]:
+        return {"tokens_per_window": self.lineage.get("tokens_per_window")}
 
 
 def fingerprint(identity: Mapping[str, Any]) -> str:
@@ -151,62 +238,58 @@ def fingerprint(identity: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def identity_diff(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Keys whose values differ between two identity dicts, as (stored, wanted)."""
-    keys = sorted(set(stored) | set(wanted))
-    return {k: (stored.get(k), wanted.get(k)) for k in keys if stored.get(k) != wanted.get(k)}
+    """Dotted keys whose values differ between two identity dicts, as (stored, wanted)."""
+    a, b = _flatten(stored), _flatten(wanted)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
-def _sizes(spec: LakeSpec) -> dict[str, int]:
-    return {
-        "layer": len(spec.layers),
-        "question": len(spec.question_ids),
-        "sample": spec.n_samples,
-        "d_model": spec.d_model,
-        "k": spec.k or 0,
-        "new_token": spec.max_new_tokens,
-    }
-
-
-def _layout_for(var: Variable, sizes: Mapping[str, int], layout: LakeLayout):
-    """(chunks, shards) for a variable: one layer per chunk, question blocks, rest whole."""
+def _layout_for(var: Variable, unit: str, sizes: Mapping[str, int], layout: LakeLayout):
+    """(chunks, shards) for a variable: one layer per chunk, unit blocks, rest whole."""
     outer, inner = [], []
     for dim in var.dims:
         if dim == LAYER:
             outer.append(1)
             inner.append(1)
-        elif dim == QUESTION:
-            outer.append(layout.questions_per_shard)
-            inner.append(layout.questions_per_chunk)
+        elif dim == unit:
+            outer.append(layout.shard)
+            inner.append(layout.chunk)
         else:
             outer.append(max(sizes[dim], 1))
             inner.append(max(sizes[dim], 1))
-    if var.sharded:
+    if var.sharded and layout.chunk != layout.shard:
         return tuple(inner), tuple(outer)
     return tuple(outer), None
 
 
-class QuestionLake:
-    """A question lake store opened for reading or writing through zarr."""
+class Lake:
+    """A store of one schema kind, opened through zarr for reading or region writes."""
+
+    schema: LakeSchema = QUESTION_SCHEMA
 
     def __init__(self, url: str, group: zarr.Group, storage_options: dict | None = None):
         self.url = url
         self.group = group
         self.storage_options = storage_options
         self.attrs = dict(group.attrs)
-        self.variables = lake_variables(self.attrs.get("d_sae") is not None)
+        self.schema = SCHEMAS[self.attrs["kind"]]
+        self.variables = self.schema.variables_for(self.attrs.get("d_sae") is not None)
         # Array handles opened once: each group lookup costs a metadata read.
         self.arrays: dict[str, zarr.Array] = {v.name: group[v.name] for v in self.variables}
 
     # ----------------------------------------------------------------- open/create
     @classmethod
-    def open_or_create(
-        cls,
-        url: str,
-        spec: LakeSpec,
-        mode: OpenMode = "resume",
-        storage_options: dict | None = None,
-    ) -> "QuestionLake":
+    def open_or_create(cls, url: str, spec: _Spec, mode: OpenMode = "resume", storage_options: dict | None = None):
         """Create the store for ``spec``, or reopen it to resume the same run.
 
         ``resume``: reopen an existing store only if its config equals ``spec`` (else
@@ -232,28 +315,22 @@ class QuestionLake:
         return cls._create(url, spec, storage_options)
 
     @classmethod
-    def _create(cls, url: str, spec: LakeSpec, storage_options: dict | None) -> "QuestionLake":
+    def _create(cls, url: str, spec: _Spec, storage_options: dict | None):
         store = zarr_store(url, storage_options)
         group = zarr.open_group(store=store, mode="w", zarr_format=3)
-        sizes = _sizes(spec)
-        coord_values = {
-            LAYER: np.asarray(spec.layers, dtype=COORDS[LAYER]),
-            QUESTION: np.asarray(spec.question_ids, dtype=COORDS[QUESTION]),
-            SAMPLE: np.arange(spec.n_samples, dtype=COORDS[SAMPLE]),
-        }
-        for name, values in coord_values.items():
+        sizes = spec.sizes()
+        for name, values in spec.coords().items():
             arr = group.create_array(name, shape=values.shape, chunks=values.shape, dtype=values.dtype,
                                      dimension_names=[name], compressors=None)
             arr[:] = values
-        for var in lake_variables(spec.has_sae):
-            chunks, shards = _layout_for(var, sizes, spec.layout)
-            dtype = resolve_dtype(var, spec.resid_dtype, spec.d_sae)
+        for var in spec.schema.variables_for(spec.has_sae):
+            chunks, shards = _layout_for(var, spec.schema.unit, sizes, spec.layout)
             group.create_array(
                 var.name,
                 shape=tuple(sizes[d] for d in var.dims),
                 chunks=chunks,
                 shards=shards,
-                dtype=dtype,
+                dtype=resolve_dtype(var, spec.resid_dtype, spec.d_sae),
                 fill_value=var.fill,
                 dimension_names=list(var.dims),
                 compressors=ZstdCodec(level=3) if var.compress else None,
@@ -264,67 +341,63 @@ class QuestionLake:
         identity = spec.identity()
         attrs = {
             "schema_version": SCHEMA_VERSION,
-            "kind": KIND_QUESTIONS,
+            "kind": spec.schema.kind,
             **{k: _jsonable(v) for k, v in spec.lineage.items()},
-            "d_sae": spec.d_sae,
-            "k": spec.k,
+            **_jsonable(spec.extra_attrs()),
             "resid_dtype": spec.resid_dtype,
             "qsae_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "config": identity,
             "config_fingerprint": fingerprint(identity),
         }
-        attrs.setdefault("sae_source", None)
         group.attrs.update(attrs)
         zarr.consolidate_metadata(store)
         return cls.open(url, mode="r+", storage_options=storage_options)
 
     @classmethod
-    def open(cls, url: str, mode: Literal["r", "r+"] = "r", storage_options: dict | None = None) -> "QuestionLake":
-        """Open an existing store and validate it against the schema."""
+    def open(cls, url: str, mode: Literal["r", "r+"] = "r", storage_options: dict | None = None):
+        """Open an existing store and validate it against its schema."""
         try:
             store = zarr_store(url, storage_options, read_only=(mode == "r"))
             group = zarr.open_group(store=store, mode=mode, zarr_format=3, use_consolidated=False)
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
             raise StoreUnreachableError(f"no lake at {url}: {exc}") from exc
         except (OSError, ValueError) as exc:
             raise StoreUnreachableError(f"cannot open the store at {url}: {type(exc).__name__}: {exc}") from exc
-        validate_group(group, url)
+        validate_group(group, url, expect=cls.schema)
         return cls(url, group, storage_options)
 
     # --------------------------------------------------------------------- layout
     @property
     def layout(self) -> LakeLayout:
         cfg = self.attrs["config"]
-        return LakeLayout(cfg["questions_per_shard"], cfg["questions_per_chunk"])
+        return LakeLayout(cfg["shard_size"], cfg["chunk_size"])
 
     @property
-    def n_questions(self) -> int:
-        return int(self.attrs["config"]["n_questions"])
+    def n_units(self) -> int:
+        return int(self.arrays["done"].shape[0])
 
     @property
     def n_shards(self) -> int:
-        q = self.layout.questions_per_shard
-        return -(-self.n_questions // q)
+        return -(-self.n_units // self.layout.shard)
 
     def shard_region(self, shard: int) -> slice:
-        """The question slice of shard number ``shard``."""
+        """The unit slice of shard number ``shard``."""
         if not 0 <= shard < self.n_shards:
             raise RegionError(f"shard {shard} out of range: the store has {self.n_shards} shards")
-        q = self.layout.questions_per_shard
-        return slice(shard * q, min((shard + 1) * q, self.n_questions))
+        q = self.layout.shard
+        return slice(shard * q, min((shard + 1) * q, self.n_units))
 
     def check_aligned(self, region: slice) -> None:
-        """Refuse a question region that does not start and end on the shard grid."""
-        q = self.layout.questions_per_shard
+        """Refuse a region that does not start and end on the shard grid."""
+        q, n, unit = self.layout.shard, self.n_units, self.schema.unit
         start, stop = region.start, region.stop
-        if start is None or stop is None or not (0 <= start < stop <= self.n_questions):
-            raise RegionError(f"region {region} is empty or outside 0..{self.n_questions}")
-        if start % q or (stop % q and stop != self.n_questions):
+        if start is None or stop is None or not (0 <= start < stop <= n):
+            raise RegionError(f"region {region} is empty or outside 0..{n}")
+        if start % q or (stop % q and stop != n):
             raise RegionError(
-                f"region {start}:{stop} does not align with the shard grid of {q} questions "
-                f"(store has {self.n_questions} questions): a write sharing a shard with "
-                "another writer would lose data"
+                f"region {start}:{stop} does not align with the shard grid of {q} {unit}s "
+                f"(store has {n} {unit}s): a write sharing a shard with another writer would lose data"
             )
 
     # ---------------------------------------------------------------------- state
@@ -332,12 +405,9 @@ class QuestionLake:
         return np.asarray(self.arrays["done"][:], dtype=bool)
 
     def pending_shards(self) -> list[int]:
-        """Shards with at least one question not done (these are (re)written whole)."""
+        """Shards with at least one unit not done (these are (re)written whole)."""
         done = self.done_mask()
         return [s for s in range(self.n_shards) if not done[self.shard_region(s)].all()]
-
-    def question_ids(self) -> np.ndarray:
-        return np.asarray(self.group[QUESTION][:])
 
     @property
     def layers(self) -> list[int]:
@@ -346,15 +416,15 @@ class QuestionLake:
     # ---------------------------------------------------------------------- write
     def expected_shape(self, var: Variable, n_region: int) -> tuple[int, ...]:
         shape = list(self.arrays[var.name].shape)
-        shape[var.dims.index(QUESTION)] = n_region
+        shape[var.dims.index(self.schema.unit)] = n_region
         return tuple(shape)
 
     def write_region(self, region: slice, data: Mapping[str, np.ndarray], durable: bool = True) -> None:
-        """Write every variable of a shard-aligned question region, then mark it done.
+        """Write every variable of a shard-aligned region, then mark it done.
 
-        ``data`` must hold each lake variable except ``done``, shaped like the region.
-        If the region was done before (a forced rewrite), it is marked not done first, so
-        a crash in between never leaves stale data marked done.
+        ``data`` must hold each variable except ``done``, shaped like the region. If the
+        region was done before (a forced rewrite), it is marked not done first, so a crash
+        in between never leaves stale data marked done.
         """
         self.check_aligned(region)
         n = region.stop - region.start
@@ -367,15 +437,14 @@ class QuestionLake:
             shape = self.expected_shape(var, n)
             if tuple(np.shape(data[name])) != shape:
                 raise SchemaError(
-                    f"write_region: {name} has shape {tuple(np.shape(data[name]))}, "
-                    f"expected {shape} {var.dims}"
+                    f"write_region: {name} has shape {tuple(np.shape(data[name]))}, expected {shape} {var.dims}"
                 )
         done = self.arrays["done"]
         if np.asarray(done[region]).any():
             done[region] = False
         writes = []
         for name, var in wanted.items():
-            index = tuple(region if d == QUESTION else slice(None) for d in var.dims)
+            index = tuple(region if d == self.schema.unit else slice(None) for d in var.dims)
             writes.append(self.arrays[name].async_array.setitem(index, np.asarray(data[name])))
         _run_concurrently(writes)
         if durable:
@@ -393,8 +462,7 @@ class QuestionLake:
         root = local_path(self.url)
         if root is None:
             return
-        q = self.layout.questions_per_shard
-        shard_idx = region.start // q
+        shard_idx = region.start // self.layout.shard
         paths = []
         for var in variables:
             arr = self.arrays[var.name]
@@ -402,7 +470,7 @@ class QuestionLake:
             for dim in var.dims:
                 if dim == LAYER:
                     ranges.append(range(arr.shape[0]))
-                elif dim == QUESTION:
+                elif dim == self.schema.unit:
                     ranges.append([shard_idx])
                 else:
                     ranges.append([0])
@@ -412,7 +480,7 @@ class QuestionLake:
         list(_FSYNC_POOL.map(_fsync, paths))
 
     def update_attrs(self, **attrs: Any) -> None:
-        """Add run statistics or links to the lake's attributes (never identity keys)."""
+        """Add run statistics or links to the attributes (never identity keys)."""
         clash = set(attrs) & {"config", "config_fingerprint", "schema_version", "kind"}
         if clash:
             raise ValueError(f"refusing to change identity attributes {sorted(clash)}")
@@ -424,12 +492,31 @@ class QuestionLake:
         return open_lake(self.url, storage_options=self.storage_options, **kwargs)
 
 
+class QuestionLake(Lake):
+    """The question lake of a capture run (see ``shared/DESIGN.md``)."""
+
+    schema = QUESTION_SCHEMA
+
+    @property
+    def n_questions(self) -> int:
+        return self.n_units
+
+    def question_ids(self) -> np.ndarray:
+        return np.asarray(self.group[QUESTION][:])
+
+
+class TokenLake(Lake):
+    """The token lake of a collection run: activations of every token of a corpus."""
+
+    schema = TOKEN_SCHEMA
+
+
 # ----------------------------------------------------------------- module helpers
 _FSYNC_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="qsae-fsync")
 
 
 def _fsync(path) -> None:
-    """fsync one file if it exists (a chunk equal to the fill value is never written)."""
+    """fsync one file if it exists."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
@@ -449,8 +536,8 @@ def _run_concurrently(coroutines) -> None:
     zarr_sync(gather())
 
 
-def validate_group(group: zarr.Group, url: str = "") -> None:
-    """Check a zarr group against the lake schema; raise SchemaError naming what is wrong."""
+def validate_group(group: zarr.Group, url: str = "", expect: LakeSchema | None = None) -> None:
+    """Check a zarr group against its schema; raise SchemaError naming what is wrong."""
     attrs = dict(group.attrs)
     version = attrs.get("schema_version")
     if version is None:
@@ -460,19 +547,19 @@ def validate_group(group: zarr.Group, url: str = "") -> None:
             f"{url} was written with lake schema version {version}; this qsae "
             f"({__version__}) reads versions up to {SCHEMA_VERSION}. Upgrade qsae to read it."
         )
-    if attrs.get("kind") != KIND_QUESTIONS:
-        raise SchemaError(f"{url} is a {attrs.get('kind')!r} store, not a question lake")
-    missing = [a for a in REQUIRED_ATTRS if a not in attrs]
+    schema = SCHEMAS.get(attrs.get("kind"))
+    if schema is None or (expect is not None and schema is not expect):
+        want = expect.kind if expect is not None else "|".join(SCHEMAS)
+        raise SchemaError(f"{url} is a {attrs.get('kind')!r} store, not a {want} lake")
+    missing = [a for a in schema.required_attrs if a not in attrs]
     if missing:
         raise SchemaError(f"{url} lacks lineage attributes {missing}")
     names = set(group.array_keys())
-    for coord in COORDS:
+    for coord in schema.coords:
         if coord not in names:
             raise SchemaError(f"{url} lacks the coordinate array {coord!r}")
-    sizes = {c: group[c].shape[0] for c in COORDS}
-    cfg = attrs["config"]
-    sizes.update(d_model=cfg["d_model"], k=cfg.get("k") or 0, new_token=cfg["max_new_tokens"])
-    for var in lake_variables(attrs.get("d_sae") is not None):
+    sizes = dict(attrs["config"]["sizes"])
+    for var in schema.variables_for(attrs.get("d_sae") is not None):
         if var.name not in names:
             raise SchemaError(f"{url} lacks the variable {var.name!r} {var.dims}")
         arr = group[var.name]
@@ -509,8 +596,6 @@ def delete_store(url: str, storage_options: dict | None = None) -> None:
         return
     import fsspec
 
-    from .storage import resolve_storage_options
-
     fs, root = fsspec.core.url_to_fs(url, **resolve_storage_options(url, storage_options))
     if fs.exists(root):
         fs.rm(root, recursive=True)
@@ -528,7 +613,12 @@ def open_lake(url: str, storage_options: dict | None = None, group: str | None =
     per inner zarr chunk unless ``chunks=`` says otherwise.
     """
     if group is None:
-        QuestionLake.open(url, storage_options=storage_options)
+        store = zarr_store(url, storage_options, read_only=True)
+        try:
+            g = zarr.open_group(store=store, mode="r", zarr_format=3, use_consolidated=False)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+            raise StoreUnreachableError(f"no lake at {url}: {exc}") from exc
+        validate_group(g, url)
     target, opts = xarray_target(url, storage_options)
     kwargs.setdefault("consolidated", None)
     return xr.open_zarr(target, storage_options=opts or None, group=group, **kwargs)

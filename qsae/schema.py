@@ -14,6 +14,7 @@ import numpy as np
 
 SCHEMA_VERSION = 1
 KIND_QUESTIONS = "questions"
+KIND_TOKENS = "tokens"
 
 # float16's largest finite value: residuals beyond it are clipped and counted, never inf.
 FP16_MAX = float(np.finfo(np.float16).max)
@@ -21,29 +22,12 @@ RESID_DTYPES = ("float16", "float32")
 
 # Dimension names.
 LAYER, QUESTION, SAMPLE, D_MODEL, K, NEW_TOKEN = "layer", "question", "sample", "d_model", "k", "new_token"
+TOKEN = "token"
 
-# Attributes every lake carries (lineage). Values are JSON.
-REQUIRED_ATTRS = (
-    "schema_version",
-    "kind",
-    "model",
-    "model_revision",
-    "hook",
-    "sae_source",
-    "sae_sha256",
-    "d_sae",
-    "k",
-    "dataset",
-    "dataset_revision",
-    "sampling",
-    "seed",
-    "prompt_template",
-    "resid_dtype",
-    "qsae_version",
-    "created",
-    "config",
-    "config_fingerprint",
-)
+# Attributes every store carries (lineage). Values are JSON.
+COMMON_ATTRS = ("schema_version", "kind", "model", "model_revision", "hook", "dataset", "dataset_revision",
+                "resid_dtype", "qsae_version", "created", "config", "config_fingerprint")
+REQUIRED_ATTRS = COMMON_ATTRS + ("sae_source", "sae_sha256", "d_sae", "k", "sampling", "seed", "prompt_template")
 
 
 @dataclass(frozen=True)
@@ -121,6 +105,42 @@ VARIABLES: tuple[Variable, ...] = (
 VARIABLES_BY_NAME: dict[str, Variable] = {v.name: v for v in VARIABLES}
 COORDS = {LAYER: "int32", QUESTION: "int64", SAMPLE: "int32"}
 
+# The token lake: activations of every token of a text corpus, for training SAEs.
+TOKEN_VARIABLES: tuple[Variable, ...] = (
+    Variable("acts", (LAYER, TOKEN, D_MODEL), "resid", np.nan,
+             "activation at the store's `hook` (residual after `layer`, or its MLP output)"),
+    Variable("norm", (LAYER, TOKEN), "float32", np.nan, "L2 norm of `acts` before the cast to the on-disk dtype"),
+    Variable("overflow", (LAYER, TOKEN), "uint16", 0, "elements beyond float16's range, stored clipped to +-65504"),
+    Variable("nonfinite", (LAYER, TOKEN), "uint16", 0, "NaN/inf elements the model produced"),
+    Variable("token_id", (TOKEN,), "int32", -1, "the input token id at this position"),
+    Variable("doc", (TOKEN,), "int32", -1, "index of the source document"),
+    Variable("position", (TOKEN,), "int32", -1, "position in the context window (BOS is position 0)"),
+    Variable("special", (TOKEN,), "bool", False,
+             "BOS/EOS/pad or the first position of a window without BOS: excluded from training by default"),
+    Variable("done", (TOKEN,), "bool", False, "the token's block is durable; set last, after its data"),
+)
+TOKEN_COORDS = {LAYER: "int32"}
+TOKEN_REQUIRED_ATTRS = COMMON_ATTRS + ("context_length", "bos", "tokens_per_window")
+
+
+@dataclass(frozen=True)
+class LakeSchema:
+    """A kind of store: its variables, the unit dim along which regions are written, coords."""
+
+    kind: str
+    unit: str
+    variables: tuple[Variable, ...]
+    coords: dict[str, str]
+    required_attrs: tuple[str, ...]
+
+    def variables_for(self, has_sae: bool) -> tuple[Variable, ...]:
+        return tuple(v for v in self.variables if has_sae or not v.needs_sae)
+
+
+QUESTION_SCHEMA = LakeSchema(KIND_QUESTIONS, QUESTION, VARIABLES, COORDS, REQUIRED_ATTRS)
+TOKEN_SCHEMA = LakeSchema(KIND_TOKENS, TOKEN, TOKEN_VARIABLES, TOKEN_COORDS, TOKEN_REQUIRED_ATTRS)
+SCHEMAS = {s.kind: s for s in (QUESTION_SCHEMA, TOKEN_SCHEMA)}
+
 
 def index_dtype(d_sae: int) -> np.dtype:
     """Smallest unsigned integer type that holds every feature index of a d_sae-wide SAE."""
@@ -144,5 +164,5 @@ def resolve_dtype(var: Variable, resid_dtype: str, d_sae: int | None) -> np.dtyp
 
 
 def lake_variables(has_sae: bool) -> tuple[Variable, ...]:
-    """The variables a lake holds: the SAE codes only when an SAE was given."""
-    return tuple(v for v in VARIABLES if has_sae or not v.needs_sae)
+    """The variables a question lake holds: the SAE codes only when an SAE was given."""
+    return QUESTION_SCHEMA.variables_for(has_sae)

@@ -113,14 +113,16 @@ def test_other_config_is_refused_unless_a_new_run_is_asked(tmp_path):
     assert same.done_mask()[:16].all()
     changes = {
         "layers": dict(layers=(3, 6)),
-        "n_samples": dict(n_samples=5),
+        r"sizes\.sample": dict(n_samples=5),
         "resid_dtype": dict(resid_dtype="float32"),
-        "sae_sha256": dict(lineage={"sae_sha256": {"3": "cc", "5": "bb"}}),
+        r"sae_sha256\.3": dict(lineage={"sae_sha256": {"3": "cc", "5": "bb"}}),
         "model": dict(lineage={"model": "other-model"}),
     }
     for key, change in changes.items():
         with pytest.raises(ConfigMismatchError, match=rf"{key}: store has"):
             QuestionLake.open_or_create(url, small_spec(**change))
+    with pytest.raises(ConfigMismatchError, match=r"sae_sha256\.3: store has 'aa', asked for 'cc'"):
+        QuestionLake.open_or_create(url, small_spec(lineage={"sae_sha256": {"3": "cc", "5": "bb"}}))
     fresh = QuestionLake.open_or_create(url, small_spec(n_samples=5), mode="overwrite")
     assert not fresh.done_mask().any() and fresh.group["resid"].shape[2] == 5
     with pytest.raises(ConfigMismatchError, match="already exists"):

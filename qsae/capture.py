@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from .models import LoadedModel, load_model
 from .sae import SAE, check_sae_matches_model
 from .sae_formats import load_saes
 from .sampling import SeededTopPSampler, StopOnTokens, empirical_entropy, newline_token_ids
-from .schema import FP16_MAX
+from .writer import ShardWriter, to_lake_dtype
 
 log = logging.getLogger("qsae.capture")
 Log = Callable[[str], None]
@@ -201,24 +200,6 @@ def _encode_prompt(lm: LoadedModel, cfg: CaptureConfig, q: Question) -> list[int
 
 
 # ------------------------------------------------------------------------ one batch
-def to_lake_dtype(x: torch.Tensor, resid_dtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(stored, norm, overflow count, non-finite count) of rows of x, computed on x's device.
-
-    float16 cannot hold |x| > 65504: such values are clipped to +-65504 and counted per row,
-    never turned into inf. Non-finite values the model produced are kept and counted.
-    """
-    xf = x.float()
-    finite = torch.isfinite(xf)
-    nonfinite = (~finite).sum(-1)
-    norm = torch.linalg.vector_norm(torch.where(finite, xf, 0.0), dim=-1)
-    norm = torch.where(nonfinite > 0, torch.full_like(norm, float("nan")), norm)
-    if resid_dtype == "float16":
-        over = finite & (xf.abs() > FP16_MAX)
-        stored = torch.where(over, xf.clamp(-FP16_MAX, FP16_MAX), xf).to(torch.float16)
-        return stored, norm, over.sum(-1), nonfinite
-    return xf, norm, torch.zeros_like(nonfinite), nonfinite
-
-
 @dataclass
 class BatchResult:
     """Everything one batch of questions contributes to its shard (numpy, host memory)."""
@@ -332,49 +313,6 @@ def _layer_arrays(resid: dict[int, torch.Tensor], saes: dict[int, SAE], cfg: Cap
                 add(f"{codes}_idx", idx.to(torch.int32).reshape(*shape, -1))
                 add(f"{codes}_val", vals.float().reshape(*shape, -1))
     return {name: np.stack(vals) for name, vals in per.items()}
-
-
-# ------------------------------------------------------------------- writing shards
-class ShardWriter:
-    """A background thread writing finished shards; at most ``max_pending`` wait in memory.
-
-    A write error is re-raised in the producer on its next ``submit`` or on ``close``.
-    """
-
-    def __init__(self, lake: QuestionLake, max_pending: int = 2):
-        self.lake = lake
-        self.queue: queue.Queue = queue.Queue(maxsize=max_pending)
-        self.error: BaseException | None = None
-        self.bytes_written = 0
-        self.write_seconds = 0.0
-        self.thread = threading.Thread(target=self._run, name="qsae-shard-writer", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while (item := self.queue.get()) is not None:
-            if self.error is not None:
-                continue  # drain so the producer never blocks on a dead writer
-            shard, data = item
-            try:
-                t = time.perf_counter()
-                self.lake.write_shard(shard, data)
-                self.write_seconds += time.perf_counter() - t
-                self.bytes_written += sum(v.nbytes for v in data.values() if v.dtype.kind not in "OUT")
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the producer
-                self.error = exc
-
-    def _raise(self) -> None:
-        if self.error is not None:
-            raise RuntimeError(f"shard writer failed: {self.error!r}") from self.error
-
-    def submit(self, shard: int, data: dict[str, np.ndarray]) -> None:
-        self._raise()
-        self.queue.put((shard, data))
-
-    def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
-        self._raise()
 
 
 def _empty_shard(lake: QuestionLake, n: int) -> dict[str, np.ndarray]:

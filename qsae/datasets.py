@@ -20,6 +20,7 @@ from .errors import DatasetError
 
 OnError = Literal["skip", "raise"]
 EMBEDDED_DATASETS = {"popqa-demo": "popqa_demo.jsonl"}
+EMBEDDED_TEXTS = {"wiki-demo": "wiki_paragraphs.jsonl"}
 TEXT_KEYS = ("question", "prompt", "text", "input")
 ANSWER_KEYS = ("possible_answers", "answers", "output")
 
@@ -240,3 +241,60 @@ def format_prompt(template: str, question: Question) -> str:
         return template.format(question=question.question, **{k: v for k, v in question.meta.items() if k != "question"})
     except KeyError as exc:
         raise DatasetError(f"prompt template needs field {exc} which row id {question.id} does not have") from None
+
+
+@dataclass
+class TextCorpus:
+    """Documents to stream through a model for token-level activations."""
+
+    texts: list[str]
+    name: str
+    revision: str
+    problems: list[RowProblem] = field(default_factory=list)
+
+
+def load_texts(source: str, *, text_field: str = "text", split: str = "train", limit: int | None = None) -> TextCorpus:
+    """Documents from an embedded corpus, a ``.txt`` (one per line) / ``.jsonl`` file, or a
+    cached Hugging Face dataset's ``text_field`` column. Unreadable rows are reported."""
+    problems: list[RowProblem] = []
+    if source in EMBEDDED_TEXTS:
+        data = resources.files("qsae.data").joinpath(EMBEDDED_TEXTS[source]).read_bytes()
+        name, suffix = f"qsae:{source}", ".jsonl"
+    elif Path(source).expanduser().exists():
+        path = Path(source).expanduser()
+        data, name, suffix = path.read_bytes(), str(path), path.suffix.lower()
+    else:
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(source, split=split, download_mode="reuse_cache_if_exists")
+        except Exception as exc:
+            raise DatasetError(f"{source} is neither a local file nor a cached Hugging Face dataset ({type(exc).__name__})") from None
+        if text_field not in ds.column_names:
+            raise DatasetError(f"{source} has no column {text_field!r}; columns: {ds.column_names}")
+        texts = [t for t in ds[text_field][: limit or None] if isinstance(t, str) and t.strip()]
+        if not texts:
+            raise DatasetError(f"{source}: no non-empty {text_field!r} values")
+        return TextCorpus(texts, f"hf:{source}:{split}", f"fingerprint-{ds._fingerprint}")
+    texts: list[str] = []
+    if suffix == ".jsonl":
+        for row, rec in _jsonl_records(data):
+            if isinstance(rec, RowProblem):
+                problems.append(rec)
+            elif not isinstance(rec, dict) or not isinstance(rec.get(text_field), str) or not rec[text_field].strip():
+                problems.append(RowProblem(row, None, f"no non-empty {text_field!r} field"))
+            else:
+                texts.append(rec[text_field])
+    elif suffix == ".txt":
+        for row, line in _decode_lines(data):
+            if isinstance(line, RowProblem):
+                problems.append(line)
+            elif line.strip():
+                texts.append(line)
+    else:
+        raise DatasetError(f"{name}: unknown text format {suffix!r} (use .txt or .jsonl)")
+    if limit is not None:
+        texts = texts[:limit]
+    if not texts:
+        raise DatasetError(f"{name}: no documents ({len(problems)} unreadable rows)")
+    return TextCorpus(texts, name, "sha256-" + hashlib.sha256(data).hexdigest(), problems)

@@ -1,0 +1,162 @@
+"""Collect token-level activations of a text corpus into a token lake (for SAE training).
+
+Documents are tokenized, joined with EOS between them, and cut into windows of
+``context_length`` tokens. With ``bos="prepend"`` each window starts with BOS, which is fed
+to the model but never stored (its huge norm is an attention sink, not content); with
+``bos="none"`` the first position of each window is stored but flagged ``special``, as are
+the EOS separators. A block of ``windows_per_batch`` windows is the unit of work: it is
+written whole and marked done, so a rerun continues where a crash stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from .datasets import TextCorpus, load_texts
+from .hooks import check_layers, run_with_capture
+from .lake import TokenLake, TokenLakeSpec
+from .models import LoadedModel, load_model
+from .writer import ShardWriter, to_lake_dtype
+
+log = logging.getLogger("qsae.collect")
+
+
+class CollectConfig(BaseModel):
+    """One collection run; the fields that fix the store are checked on resume."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "smollm2"
+    model_revision: str | None = None
+    trust_remote_code: bool = False
+    dataset: str = Field("wiki-demo", description="'wiki-demo', a .txt/.jsonl file or a cached HF dataset")
+    text_field: str = "text"
+    dataset_split: str = "train"
+    hook: Literal["resid_post", "mlp_out"] = "resid_post"
+    layers: list[int] = Field(default_factory=lambda: [15])
+    context_length: int = Field(128, ge=2)
+    windows_per_batch: int = Field(16, ge=1, description="context windows (rows) per forward pass and per block")
+    bos: Literal["prepend", "none"] = "prepend"
+    max_tokens: int | None = Field(None, description="stop after about this many stored tokens")
+    resid_dtype: Literal["float16", "float32"] = "float16"
+    device: str = "auto"
+    dtype: str = "auto"
+    store: str = "storage/lakes/tokens.zarr"
+    storage_options: dict[str, Any] | None = None
+    mode: Literal["resume", "overwrite", "create"] = "resume"
+
+
+@dataclass
+class Windows:
+    """The corpus cut into model inputs: (n_windows, context_length) ids plus per-token info."""
+
+    inputs: np.ndarray  # int64 (n_windows, context_length), BOS included when prepended
+    stored_from: int  # first stored position within each window (1 with BOS, else 0)
+    doc: np.ndarray  # int32 (n_windows, tokens_per_window): document index of each stored token
+    special: np.ndarray  # bool (n_windows, tokens_per_window)
+
+    @property
+    def tokens_per_window(self) -> int:
+        return self.inputs.shape[1] - self.stored_from
+
+
+def make_windows(corpus: TextCorpus, tokenizer, cfg: CollectConfig) -> Windows:
+    """Pack the documents into fixed windows (deterministic for a corpus and tokenizer)."""
+    eos = tokenizer.eos_token_id
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
+    ids, docs = [], []
+    for i, text in enumerate(corpus.texts):
+        toks = tokenizer(text, add_special_tokens=False).input_ids
+        ids.extend(toks + [eos])
+        docs.extend([i] * (len(toks) + 1))
+    stored_from = 1 if cfg.bos == "prepend" else 0
+    per = cfg.context_length - stored_from
+    n = len(ids) // per
+    if cfg.max_tokens is not None:
+        n = min(n, max(1, cfg.max_tokens // per))
+    if n == 0:
+        raise ValueError(f"{corpus.name}: fewer than {per} tokens, not one window")
+    body = np.asarray(ids[: n * per], dtype=np.int64).reshape(n, per)
+    doc = np.asarray(docs[: n * per], dtype=np.int32).reshape(n, per)
+    special = body == eos
+    if cfg.bos == "prepend":
+        inputs = np.concatenate([np.full((n, 1), bos, dtype=np.int64), body], axis=1)
+    else:
+        inputs = body
+        special[:, 0] = True  # position 0 is an attention sink even without BOS
+    return Windows(inputs, stored_from, doc, special)
+
+
+def collect(cfg: CollectConfig, log_fn: Callable[[str], None] = log.info, progress: bool = False,
+            lm: LoadedModel | None = None) -> TokenLake:
+    """Run (or resume) a collection; returns the completed token lake."""
+    lm = lm or load_model(cfg.model, revision=cfg.model_revision, device=cfg.device, dtype=cfg.dtype,
+                          trust_remote_code=cfg.trust_remote_code)
+    check_layers(lm.model, cfg.layers)
+    corpus = load_texts(cfg.dataset, text_field=cfg.text_field, split=cfg.dataset_split)
+    for p in corpus.problems:
+        log_fn(f"corpus {corpus.name}: skipped {p}")
+    win = make_windows(corpus, lm.tokenizer, cfg)
+    per = win.tokens_per_window
+    n_windows = win.inputs.shape[0]
+    spec = TokenLakeSpec(
+        n_tokens=n_windows * per, layers=cfg.layers, d_model=lm.d_model, block_tokens=cfg.windows_per_batch * per,
+        resid_dtype=cfg.resid_dtype,
+        lineage={"model": lm.name, "model_revision": lm.revision, "hook": cfg.hook, "dataset": corpus.name,
+                 "dataset_revision": corpus.revision, "context_length": cfg.context_length, "bos": cfg.bos,
+                 "tokens_per_window": per},
+    )
+    lake = TokenLake.open_or_create(cfg.store, spec, mode=cfg.mode, storage_options=cfg.storage_options)
+    pending = lake.pending_shards()
+    log_fn(f"token store {cfg.store}: {n_windows} windows x {per} tokens, {len(pending)} of {lake.n_shards} blocks to collect")
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(pending) * cfg.windows_per_batch * per, unit="tok", desc="collect", unit_scale=True)
+    writer = ShardWriter(lake)
+    t0 = time.perf_counter()
+    try:
+        for block in pending:
+            w0 = block * cfg.windows_per_batch
+            w1 = min(w0 + cfg.windows_per_batch, n_windows)
+            ids = torch.from_numpy(win.inputs[w0:w1]).to(lm.device)
+            kwargs = {"mlp_layers": cfg.layers} if cfg.hook == "mlp_out" else {"layers": cfg.layers}
+            _, cap = run_with_capture(lm.model, ids, torch.ones_like(ids), stop_early=True, **kwargs)
+            got = cap.mlp if cfg.hook == "mlp_out" else cap.resid
+            parts: dict[str, list[np.ndarray]] = {"acts": [], "norm": [], "overflow": [], "nonfinite": []}
+            for layer in cfg.layers:
+                x = got[layer][:, win.stored_from:].reshape(-1, lm.d_model)
+                stored, norm, over, nonfinite = to_lake_dtype(x, cfg.resid_dtype)
+                parts["acts"].append(stored.cpu().numpy())
+                parts["norm"].append(norm.cpu().numpy())
+                parts["overflow"].append(over.clamp(max=65535).cpu().numpy().astype(np.uint16))
+                parts["nonfinite"].append(nonfinite.clamp(max=65535).cpu().numpy().astype(np.uint16))
+            data = {k: np.stack(v) for k, v in parts.items()}
+            data.update(
+                token_id=win.inputs[w0:w1, win.stored_from:].reshape(-1).astype(np.int32),
+                doc=win.doc[w0:w1].reshape(-1),
+                position=np.tile(np.arange(win.stored_from, cfg.context_length, dtype=np.int32), w1 - w0),
+                special=win.special[w0:w1].reshape(-1),
+            )
+            writer.submit(block, data)
+            if bar is not None:
+                bar.update((w1 - w0) * per)
+    finally:
+        try:
+            writer.close()
+        finally:
+            if bar is not None:
+                bar.close()
+    elapsed = time.perf_counter() - t0
+    n_new = len(pending) * cfg.windows_per_batch * per
+    if pending:
+        log_fn(f"collected ~{n_new} tokens in {elapsed:.1f} s ({n_new / max(elapsed, 1e-9):.0f} tokens/s)")
+    return TokenLake.open(cfg.store, storage_options=cfg.storage_options)

@@ -1,0 +1,1 @@
+"""Prefect flows: thin orchestration (retries, mapping, artifacts) around ``qsae`` functions."""

@@ -1,0 +1,80 @@
+"""The capture flow: create/open the store, map a GPU task over chunk-aligned shards, report.
+
+A rerun after a crash or cancel resumes: done shards are skipped and partly written ones
+are rewritten whole. The task is tagged ``gpu`` so a Prefect tag concurrency limit
+(``prefect concurrency-limit create gpu 1``) keeps one capture per GPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from qsae.capture import CaptureConfig, capture_shards, plan_capture, store_path_for
+from qsae.lake import QuestionLake
+
+
+@task(name="prepare-store", cache_policy=NO_CACHE)
+def prepare_store(config: CaptureConfig) -> list[int]:
+    """Create or reopen the lake (refusing another config) and list its pending shards."""
+    logger = get_run_logger()
+    plan = plan_capture(config, logger.info)
+    logger.info(f"{config.store}: {len(plan.questions)} questions, {plan.lake.n_shards} shards, "
+                f"{len(plan.pending)} pending")
+    return plan.pending
+
+
+@task(name="capture-shards", tags=["gpu"], retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def capture_shards_task(config: CaptureConfig, shards: list[int]) -> dict[str, Any]:
+    """Capture a group of shards; each is rewritten whole, so a retry is idempotent."""
+    logger = get_run_logger()
+    stats = capture_shards(config, shards, logger.info, progress=False)
+    logger.info(f"shards {shards}: {stats.questions} questions, {stats.tokens_per_second:.0f} tokens/s, "
+                f"{stats.bytes_written / 1e6:.1f} MB written")
+    return stats.as_dict()
+
+
+def group_shards(pending: list[int], shards_per_task: int) -> list[list[int]]:
+    return [pending[i:i + shards_per_task] for i in range(0, len(pending), shards_per_task)]
+
+
+def summary_markdown(config: CaptureConfig, lake: QuestionLake, results: list[dict[str, Any]]) -> str:
+    done = int(lake.done_mask().sum())
+    n_q = sum(r["questions"] for r in results)
+    wall = sum(r["wall_seconds"] for r in results)
+    toks = sum(r["new_tokens"] + r["prompt_tokens"] for r in results)
+    mb = sum(r["bytes_written"] for r in results) / 1e6
+    return "\n".join([
+        f"# Capture: `{config.store}`",
+        "",
+        "| questions done | captured now | samples | tokens/s | MB written | layers | model |",
+        "|---|---|---|---|---|---|---|",
+        f"| {done} / {lake.n_questions} | {n_q} | {n_q * config.n_samples} | {toks / wall if wall else 0:.0f} "
+        f"| {mb:.1f} | {lake.layers} | {lake.attrs['model']} |",
+        "",
+        "Open it with:",
+        "",
+        f"```python\nimport xarray as xr\nds = xr.open_zarr({config.store!r})\n```",
+    ])
+
+
+@flow(name="qsae-capture", log_prints=True)
+def capture_flow(config: CaptureConfig = CaptureConfig(), shards_per_task: int = 4,
+                 shards: list[int] | None = None) -> dict[str, Any]:
+    """Capture every pending shard of ``config.store`` (or only ``shards``, for scale-out)."""
+    config = config.model_copy(update={"store": store_path_for(config)})
+    pending = prepare_store(config)
+    if shards is not None:
+        pending = [s for s in pending if s in set(shards)]
+    groups = group_shards(pending, shards_per_task)
+    futures = capture_shards_task.map(unmapped(config), groups) if groups else []
+    results = [f.result() for f in futures]
+    lake = QuestionLake.open(config.store, storage_options=config.storage_options)
+    lake.update_attrs(last_capture={"shards": pending, "questions": sum(r["questions"] for r in results)})
+    create_markdown_artifact(markdown=summary_markdown(config, lake, results), key="qsae-capture",
+                             description=f"capture into {config.store}")
+    return {"store": config.store, "done": int(lake.done_mask().sum()), "n_questions": lake.n_questions,
+            "shards": pending, "results": results}

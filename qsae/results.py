@@ -1,0 +1,78 @@
+"""Result groups and figures written beside the data, inside the lake's store.
+
+A study writes an xarray Dataset as a zarr group of the store (``rivalry/layer_20/per_question``,
+``reconstruction/...``) with its parameters and the lake's lineage as attributes, and its
+figures as PNG objects under that group, reachable by the same URL scheme as the store.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import fsspec
+import numpy as np
+import xarray as xr
+
+from .lake import consolidate
+from .storage import local_path, resolve_storage_options, xarray_target
+
+LINEAGE_KEYS = ("model", "model_revision", "sae_source", "sae_sha256", "dataset", "dataset_revision",
+                "sampling", "seed", "config_fingerprint", "hook", "resid_dtype")
+
+
+def lineage_of(attrs: dict[str, Any]) -> dict[str, Any]:
+    """The lake lineage a result records (so a result names the data it came from)."""
+    return {k: attrs.get(k) for k in LINEAGE_KEYS if k in attrs}
+
+
+def _json_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
+    def clean(v: Any) -> Any:
+        if isinstance(v, (np.floating, np.integer)):
+            return v.item()
+        if isinstance(v, float) and not np.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return {k: clean(v) for k, v in attrs.items()}
+
+
+def write_result_group(url: str, group: str, ds: xr.Dataset, attrs: dict[str, Any],
+                       storage_options: dict | None = None) -> str:
+    """(Over)write a result group in the store; returns ``url#group``."""
+    ds = ds.copy()
+    ds.attrs = _json_attrs(attrs)
+    for name, var in ds.variables.items():
+        if var.dtype.kind == "U":  # fixed-width UTF-32 has no zarr v3 spec: store variable-length
+            ds[name] = var.astype(object)
+    target, opts = xarray_target(url, storage_options)
+    ds.to_zarr(target, group=group, mode="w", storage_options=opts or None, zarr_format=3, consolidated=False)
+    consolidate(url, storage_options)
+    return f"{url}#{group}"
+
+
+def figure_url(url: str, key: str) -> str:
+    path = local_path(url)
+    return str(path / key) if path is not None else f"{url.rstrip('/')}/{key}"
+
+
+def save_figure(fig, url: str, key: str, storage_options: dict | None = None) -> str:
+    """Save a matplotlib figure as PNG at ``<store>/<key>``; returns where it went."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    dest = figure_url(url, key)
+    opts = {} if local_path(url) is not None else resolve_storage_options(url, storage_options)
+    fs, path = fsspec.core.url_to_fs(dest, **opts)
+    fs.makedirs(fs._parent(path), exist_ok=True)
+    with fs.open(path, "wb") as f:
+        f.write(buf.getvalue())
+    return dest
+
+
+def summary_json(summary: dict[str, Any]) -> str:
+    return json.dumps(_json_attrs(summary), indent=1, sort_keys=True)

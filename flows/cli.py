@@ -207,6 +207,37 @@ def rivalry(
     typer.echo(f"results: {store} group {group!r}; figure: {figure}")
 
 
+@app.command()
+def reconstruct(
+    store: str = typer.Argument(..., help="question lake URL"),
+    config: Optional[Path] = ConfigOpt,
+    layers: Optional[str] = typer.Option(None),
+    model_in_loop: Optional[bool] = typer.Option(None, "--model-in-loop/--offline", help="also CE loss recovered"),
+    sae: Optional[str] = typer.Option(None, help="SAE source if it moved (hash checked)"),
+    prefect: bool = PrefectOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """SAEBench-style reconstruction metrics per layer (offline; optionally with the model)."""
+    from qsae.reconstruction_study import ReconstructionConfig, run_reconstruction
+
+    cfg = build_config(ReconstructionConfig, config, set_, store=store, layers=parse_layers(layers),
+                       model_in_loop=model_in_loop, sae=sae)
+    if prefect:
+        _prefect_env()
+        from flows.reconstruction import reconstruction_flow
+
+        out = reconstruction_flow(config=cfg)
+        rows, figure = out["rows"], out["figure"]
+    else:
+        res = run_reconstruction(cfg, typer.echo)
+        rows = [{k: float(res.table[k].sel(layer=layer)) for k in res.table.data_vars if k != "feature_density"}
+                for layer in res.table.layer.values]
+        figure = res.figure
+    for row in rows:
+        typer.echo(json.dumps(row))
+    typer.echo(f"results: {store} group 'reconstruction'; figure: {figure}")
+
+
 def main() -> None:  # pragma: no cover - console entry
     app(prog_name="qsae")
 

@@ -87,6 +87,7 @@ class CaptureConfig(BaseModel):
     def lineage(self, lm_name: str, lm_revision: str, qs: QuestionSet, saes: dict[int, SAE]) -> dict[str, Any]:
         return {
             "model": lm_name,
+            "model_path": self.model,
             "model_revision": lm_revision,
             "hook": "resid_post",
             "sae_source": self.sae,

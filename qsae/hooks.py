@@ -156,3 +156,22 @@ def run_with_capture(
         except _StopForward:
             pass
     return output, cap
+
+
+@contextmanager
+def splice(model: torch.nn.Module, layer: int, fn) -> Iterator[None]:
+    """Replace the residual stream after ``layer`` by ``fn(residual)`` for the duration of a
+    ``with`` block (the rest of the model then runs on the replacement). Always removed."""
+    check_layers(model, [layer])
+    block = decoder_layers(model)[layer]
+
+    def hook(module, inputs, output):
+        if isinstance(output, torch.Tensor):
+            return fn(output)
+        return (fn(output[0]), *output[1:])
+
+    handle = block.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -1,0 +1,106 @@
+"""Rivalry benchmark: per-question scores on a full-size lake vs the naive dense method.
+
+Builds a question lake of 14,267 questions x 20 samples x k=50 synthetic TopK codes over
+32,768 features (only the variables the study reads are filled), times ``run_rivalry`` on
+the whole lake (read + score + test + write), and times the naive dense method (densify each
+question to 20 x 32,768, np.corrcoef over the active non-constant columns, percentile) on a
+subsample, printing the speed-up ratio and the projected full-size time of both.
+
+Two code distributions: ``uniform`` (each sample's 50 features drawn from all 32,768: almost
+every feature is active in one sample only) and ``pooled`` (drawn from a 150-feature pool
+per question: most features recur across samples, the hard case for the sparse method).
+
+    .venv/bin/python benchmarks/bench_rivalry.py [--questions 14267] [--subsample 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from qsae.lake import LakeLayout, LakeSpec, QuestionLake
+from qsae.rivalry import dense_question_score
+from qsae.rivalry_study import RivalryConfig, run_rivalry
+
+S, K, D_SAE = 20, 50, 32768
+
+
+def pooled_codes(rng, n):
+    """Each question's samples draw their 50 features from a 150-feature pool of its own."""
+    pools = np.stack([rng.choice(D_SAE, 150, replace=False) for _ in range(n)])
+    pick = np.argsort(rng.random((n, S, 150)), axis=-1)[..., :K]
+    idx = np.sort(np.take_along_axis(pools[:, None, :].repeat(S, 1), pick, axis=-1), axis=-1)
+    return idx.astype(np.uint16)
+
+
+def unique_rows(rng, n):
+    """Uniform codes without repeats inside a row (argpartition is too big at full size)."""
+    out = np.empty((n, S, K), np.uint16)
+    for i in range(n):
+        for s in range(S):
+            out[i, s] = np.sort(rng.choice(D_SAE, K, replace=False))
+    return out
+
+
+def build_lake(root: Path, n: int, kind: str, seed: int = 0) -> str:
+    rng = np.random.default_rng(seed)
+    lineage = dict(model="bench", model_revision="0", hook="resid_post", sae_source="bench", sae_sha256={"20": "x"},
+                   dataset="bench", dataset_revision="0", sampling={}, seed=0, prompt_template="")
+    spec = LakeSpec(np.arange(n), [20], S, 8, 4, D_SAE, K, "float16", LakeLayout(256, 4), lineage)
+    url = str(root / f"{kind}.zarr")
+    lake = QuestionLake.open_or_create(url, spec, mode="overwrite")
+    for shard in range(lake.n_shards):
+        r = lake.shard_region(shard)
+        m = r.stop - r.start
+        idx = unique_rows(rng, m) if kind == "uniform" else pooled_codes(rng, m)
+        val = rng.exponential(1.0, (m, S, K)).astype(np.float32)
+        # Write the two code arrays, entropy and done directly (the only inputs of the study).
+        lake.arrays["codes_idx"][:, r] = idx[None]
+        lake.arrays["codes_val"][:, r] = val[None]
+        lake.arrays["entropy"][r] = rng.uniform(0, 5, m)
+        lake.arrays["done"][r] = True
+    return url
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--questions", type=int, default=14267)
+    ap.add_argument("--subsample", type=int, default=40)
+    ap.add_argument("--dir", default=None)
+    args = ap.parse_args()
+    root = Path(tempfile.mkdtemp(dir=args.dir, prefix="qsae-riv-"))
+    try:
+        for kind in ("uniform", "pooled"):
+            t = time.perf_counter()
+            url = build_lake(root, args.questions, kind)
+            build_s = time.perf_counter() - t
+            t = time.perf_counter()
+            res = run_rivalry(RivalryConfig(store=url, layer=20, n_boot=1000, block_questions=1024), log_fn=lambda m: None)
+            fast_s = time.perf_counter() - t
+            lake = QuestionLake.open(url)
+            sub = np.random.default_rng(1).choice(args.questions, args.subsample, replace=False)
+            idx = lake.arrays["codes_idx"].get_orthogonal_selection((0, np.sort(sub)))
+            val = lake.arrays["codes_val"].get_orthogonal_selection((0, np.sort(sub)))
+            t = time.perf_counter()
+            dense = [dense_question_score(idx[i], val[i], D_SAE) for i in range(len(sub))]
+            dense_s = (time.perf_counter() - t) / len(sub)
+            fast_scores = res.per_question.score.values[np.sort(sub)]
+            agree = np.nanmax(np.abs(np.array(dense) - fast_scores))
+            dense_full = dense_s * args.questions
+            print(f"[{kind}] lake of {args.questions} x {S} x k={K} over {D_SAE} features (built in {build_s:.0f} s)")
+            print(f"  sparse method, whole lake (read + scores + MWU + bootstrap + write): {fast_s:.1f} s "
+                  f"({fast_s / args.questions * 1e3:.2f} ms/question)")
+            print(f"  naive dense on {args.subsample} questions: {dense_s * 1e3:.1f} ms/question -> projected "
+                  f"{dense_full:.0f} s for the whole lake")
+            print(f"  RATIO dense/sparse = {dense_full / fast_s:.1f}x   max |score difference| on the subsample = {agree:.2e}")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

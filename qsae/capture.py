@@ -208,6 +208,7 @@ class BatchResult:
     arrays: dict[str, np.ndarray]
     new_tokens: int
     prompt_tokens: int
+    seconds: dict[str, float] = field(default_factory=dict)  # generate / forward / encode
 
 
 def capture_batch(
@@ -216,6 +217,7 @@ def capture_batch(
     """Sample, measure and capture one batch of questions (all S samples each)."""
     tok, model, dev = lm.tokenizer, lm.model, lm.device
     S, B, T = cfg.n_samples, len(questions), cfg.max_new_tokens
+    t0 = time.perf_counter()
     prompts, truncated = [], np.zeros(B, bool)
     for i, q in enumerate(questions):
         ids = _encode_prompt(lm, cfg, q)
@@ -243,6 +245,7 @@ def capture_batch(
                              logits_processor=LogitsProcessorList([sampler]),
                              stopping_criteria=StoppingCriteriaList(stops))
     new = out[:, P:].cpu()
+    t_gen = time.perf_counter()
     R = B * S
     stop_set = set(newline_token_ids(tok).tolist()) if cfg.stop_at_newline else set()
     eos = tok.eos_token_id
@@ -271,6 +274,7 @@ def capture_batch(
         positions[r] = torch.tensor([len(p) - 1, len(seq) - 1])
     _, cap = run_with_capture(model, fwd_ids.to(dev), fwd_mask.to(dev), layers=cfg.layers,
                               positions=positions.to(dev), stop_early=True)
+    t_fwd = time.perf_counter()
     arrays = _layer_arrays(cap.resid, saes, cfg, B, S)
     first_token = sampler.first_token.numpy().reshape(B, S).astype(np.int32)
     correct = np.array([is_correct(texts[r], questions[r // S].answers) for r in range(R)]).reshape(B, S)
@@ -288,7 +292,9 @@ def capture_batch(
         prompt_len=plen.astype(np.int32),
         prompt_truncated=truncated,
     )
-    return BatchResult(arrays, int(lengths.sum()), int(plen.sum()) * S)
+    t_end = time.perf_counter()
+    seconds = {"generate": t_gen - t0, "forward": t_fwd - t_gen, "encode_and_convert": t_end - t_fwd}
+    return BatchResult(arrays, int(lengths.sum()), int(plen.sum()) * S, seconds)
 
 
 def _layer_arrays(resid: dict[int, torch.Tensor], saes: dict[int, SAE], cfg: CaptureConfig, B: int, S: int) -> dict[str, np.ndarray]:
@@ -338,6 +344,7 @@ class CaptureStats:
     write_seconds: float = 0.0
     wall_seconds: float = 0.0
     bytes_written: int = 0
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def tokens_per_second(self) -> float:
@@ -353,7 +360,6 @@ def capture_shards(
     cfg: CaptureConfig, shards: Sequence[int], log_fn: Log = log.info, progress: bool = False,
 ) -> CaptureStats:
     """Capture the given shards of an existing store (each rewritten whole, then marked done)."""
-    t0 = time.perf_counter()
     res = get_model(cfg)
     lm = res.lm
     saes = get_saes(cfg, lm)
@@ -370,8 +376,10 @@ def capture_shards(
         total = sum(lake.shard_region(s).stop - lake.shard_region(s).start for s in shards)
         bar = tqdm(total=total, unit="q", desc="capture")
     writer = ShardWriter(lake, cfg.writer_queue)
+    t0 = time.perf_counter()
     try:
-        with res.lock:
+        with res.lock:  # one capture at a time per model (hooks are per module); time from here
+            t0 = time.perf_counter()
             for shard in shards:
                 region = lake.shard_region(shard)
                 shard_qs = qs.questions[region]
@@ -386,6 +394,8 @@ def capture_shards(
                         index = [slice(None)] * buf[name].ndim
                         index[qaxis] = slice(start, start + len(batch))
                         buf[name][tuple(index)] = value
+                    for phase, sec in result.seconds.items():
+                        stats.phase_seconds[phase] = stats.phase_seconds.get(phase, 0.0) + sec
                     stats.new_tokens += result.new_tokens
                     stats.prompt_tokens += result.prompt_tokens
                     if bar is not None:

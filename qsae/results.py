@@ -2,7 +2,8 @@
 
 A study writes an xarray Dataset as a zarr group of the store (``rivalry/layer_20/per_question``,
 ``reconstruction/...``) with its parameters and the lake's lineage as attributes, and its
-figures as PNG objects under that group, reachable by the same URL scheme as the store.
+figures as PNG files beside the store (``<store>.figures/<group>/figure.png``), reachable by
+the same URL scheme as the store.
 """
 
 from __future__ import annotations
@@ -57,12 +58,16 @@ def write_result_group(url: str, group: str, ds: xr.Dataset, attrs: dict[str, An
 
 
 def figure_url(url: str, key: str) -> str:
+    """Figures live beside the store (``<store>.figures/<key>``): zarr warns about foreign
+    objects inside its hierarchy, and a PNG next to the lake is easy to find and link."""
     path = local_path(url)
-    return str(path / key) if path is not None else f"{url.rstrip('/')}/{key}"
+    if path is not None:
+        return str(path.with_name(path.name + ".figures") / key)
+    return f"{url.rstrip('/')}.figures/{key}"
 
 
 def save_figure(fig, url: str, key: str, storage_options: dict | None = None) -> str:
-    """Save a matplotlib figure as PNG at ``<store>/<key>``; returns where it went."""
+    """Save a matplotlib figure as PNG at ``<store>.figures/<key>``; returns where it went."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     dest = figure_url(url, key)

@@ -1,0 +1,113 @@
+"""Capture benchmark on SmolLM2: capture wall time vs bare generate + forward on the same batches.
+
+Baseline ("bare"): for each batch of the same questions, transformers' own sampling
+(``generate(do_sample=True, temperature, top_p, num_return_sequences=S)``, same stop rule)
+followed by one plain forward pass over prompt + completion (full model, no hooks).
+Capture: ``qsae.capture.capture_shards`` on the same questions and batch size (seeded
+sampler, one hooked forward stopping after the deepest layer, on-device SAE codes, float16
+conversion, background shard writes, fsync). Prints the ratio and a phase breakdown, then
+the write throughput against a raw numpy write + fsync of the same bytes.
+
+    .venv/bin/python benchmarks/bench_capture.py [--questions 16] [--samples 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import GenerationConfig, StoppingCriteriaList
+
+from qsae.capture import CaptureConfig, _encode_prompt, capture_shards, get_model, get_questions, plan_capture
+from qsae.sampling import StopOnTokens, newline_token_ids
+
+
+def bare(cfg: CaptureConfig, questions) -> tuple[float, int]:
+    lm = get_model(cfg).lm
+    tok, model = lm.tokenizer, lm.model
+    t0 = time.perf_counter()
+    new_tokens = 0
+    for start in range(0, len(questions), cfg.questions_per_batch):
+        batch = questions[start:start + cfg.questions_per_batch]
+        enc = tok([tok.decode(_encode_prompt(lm, cfg, q)) for q in batch], return_tensors="pt", padding=True,
+                  add_special_tokens=False)
+        P = enc.input_ids.shape[1]
+        gen = GenerationConfig(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
+                               max_new_tokens=cfg.max_new_tokens, num_return_sequences=cfg.n_samples,
+                               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        with torch.inference_mode():
+            out = model.generate(**enc, generation_config=gen,
+                                 stopping_criteria=StoppingCriteriaList([StopOnTokens(newline_token_ids(tok), P)]))
+            mask = torch.cat([enc.attention_mask.repeat_interleave(cfg.n_samples, 0),
+                              torch.ones_like(out[:, P:])], dim=1)
+            model(input_ids=out, attention_mask=mask, use_cache=False)
+        new_tokens += int((out[:, P:] != tok.pad_token_id).sum())
+    return time.perf_counter() - t0, new_tokens
+
+
+def raw_write(root: Path, arrays: dict[str, np.ndarray]) -> float:
+    t = time.perf_counter()
+    for name, arr in arrays.items():
+        with open(root / f"raw_{name}", "wb") as f:
+            np.ascontiguousarray(arr).tofile(f)
+            f.flush()
+            os.fsync(f.fileno())
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--questions", type=int, default=16)
+    ap.add_argument("--samples", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--sae", default=None, help="SAE folder (default: the demo SAE, trained if missing)")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.sae is None:
+        from qsae.demo import ensure_demo_sae
+
+        args.sae = str(ensure_demo_sae())
+    root = Path(tempfile.mkdtemp(prefix="qsae-bench-cap-"))
+    try:
+        cfg = CaptureConfig(model="smollm2", sae=args.sae, layers=[15], limit=args.questions, n_samples=args.samples,
+                            max_new_tokens=12, questions_per_shard=args.batch, questions_per_chunk=4,
+                            questions_per_batch=args.batch, device="cpu", dtype="float32", store=str(root / "lake.zarr"))
+        questions = get_questions(cfg).questions
+        # Warm up both paths once (first calls allocate and build kernels).
+        bare(cfg.model_copy(update={"limit": 2, "questions_per_batch": 2}), questions[:2])
+        warm = cfg.model_copy(update={"store": str(root / "warm.zarr"), "limit": args.batch})
+        capture_shards(warm, plan_capture(warm).pending)
+        torch.manual_seed(0)
+        bare_s, bare_tokens = bare(cfg, questions)
+        plan = plan_capture(cfg)
+        stats = capture_shards(cfg, plan.pending)
+        print(f"SmolLM2-135M, layer 15, {args.questions} PopQA questions x {args.samples} samples, batch {args.batch} "
+              f"questions, max 12 new tokens, {torch.get_num_threads()} threads")
+        print(f"bare generate + forward: {bare_s:.1f} s ({bare_tokens} new tokens)")
+        print(f"qsae capture:            {stats.wall_seconds:.1f} s ({stats.new_tokens} new tokens)")
+        print(f"RATIO capture/bare = {stats.wall_seconds / bare_s:.3f}  (overhead {100 * (stats.wall_seconds / bare_s - 1):+.1f}%)")
+        ph = stats.phase_seconds
+        print("capture phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in ph.items())
+              + f", writer (background) {stats.write_seconds:.2f} s, other {stats.wall_seconds - sum(ph.values()):.2f} s")
+        # Write throughput: the writer's bytes vs a raw numpy write + fsync of the same arrays.
+        from qsae.lake import QuestionLake
+
+        lake = QuestionLake.open(cfg.store)
+        arrays = {name: np.asarray(arr[:]) for name, arr in lake.arrays.items() if arr.dtype.kind not in "TUO"}
+        nbytes = sum(a.nbytes for a in arrays.values())
+        raw_s = raw_write(root, arrays)
+        print(f"writer: {stats.bytes_written / stats.write_seconds / 1e6:.1f} MB/s ({stats.bytes_written / 1e6:.2f} MB in "
+              f"{stats.write_seconds:.2f} s, in the background)   raw numpy+fsync: {nbytes / raw_s / 1e6:.1f} MB/s   "
+              f"RATIO writer/raw = {(stats.bytes_written / stats.write_seconds) / (nbytes / raw_s):.2f}")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""The Prefect flows against a real (test) Prefect server: results, resume, artifacts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flows.capture import capture_flow
+from flows.reconstruction import reconstruction_flow
+from flows.rivalry import rivalry_flow
+from flows.train import train_flow
+from qsae.capture import CaptureConfig
+from qsae.lake import QuestionLake, open_lake
+from qsae.reconstruction_study import ReconstructionConfig
+from qsae.rivalry_study import RivalryConfig
+from qsae.train import TrainConfig
+
+from .conftest import prefect_artifacts
+from .test_capture import write_sae_folder
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+@pytest.fixture(scope="module")
+def flow_lake(tmp_path_factory, tiny_qwen_dir):
+    tmp = tmp_path_factory.mktemp("flows")
+    sae = write_sae_folder(tmp / "sae", 64, 128, [1, 2])
+    cfg = CaptureConfig(model=str(tiny_qwen_dir), sae=str(sae), sae_k=6, layers=[1, 2], limit=12, n_samples=4,
+                        max_new_tokens=4, questions_per_shard=4, questions_per_chunk=2, questions_per_batch=4,
+                        device="cpu", dtype="float32", store=str(tmp / "lake.zarr"))
+    return tmp, cfg
+
+
+def test_capture_flow_maps_shards_resumes_and_reports(flow_lake):
+    tmp, cfg = flow_lake
+    first = capture_flow(config=cfg, shards_per_task=1, shards=[0, 2])  # a partial run, as if cut off
+    assert first["done"] == 8 and first["shards"] == [0, 2]
+    lake = QuestionLake.open(cfg.store)
+    assert lake.pending_shards() == [1]
+    resumed = capture_flow(config=cfg, shards_per_task=2)
+    assert resumed["shards"] == [1] and resumed["done"] == 12
+    again = capture_flow(config=cfg)
+    assert again["shards"] == [] and again["done"] == 12
+    arts = prefect_artifacts("qsae-capture")
+    assert arts and "12 / 12" in arts[0].data and "xr.open_zarr" in arts[0].data
+    # the flow's lake equals an in-process capture of the same config
+    from qsae.capture import run_capture
+
+    ref = cfg.model_copy(update={"store": str(tmp / "ref.zarr")})
+    run_capture(ref)
+    a, b = open_lake(cfg.store).load(), open_lake(ref.store).load()
+    for name in a.data_vars:
+        np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
+
+
+def test_rivalry_and_reconstruction_flows_write_results_and_artifacts(flow_lake):
+    tmp, cfg = flow_lake
+    capture_flow(config=cfg)
+    out = rivalry_flow(config=RivalryConfig(store=cfg.store, layer=2, n_boot=50, block_questions=5))
+    assert out["group"] == "rivalry/layer_2/per_question"
+    res = open_lake(cfg.store, group=out["group"])
+    assert res.sizes["question"] == 12 and set(np.unique(res.group.values)) <= {"ambiguous", "unambiguous", ""}
+    assert "| ambiguous |" in prefect_artifacts("qsae-rivalry")[0].data
+    rec = reconstruction_flow(config=ReconstructionConfig(store=cfg.store))
+    assert [r["layer"] for r in rec["rows"]] == [1, 2]
+    table = prefect_artifacts("qsae-reconstruction")[0]
+    assert table.type == "table" and "fve_legacy" in str(table.data)
+
+
+def test_train_flow_trains_and_reports(tmp_path):
+    from .synthetic import sparse_dictionary_data, write_token_lake
+
+    x, _ = sparse_dictionary_data(n_tokens=6000)
+    write_token_lake(str(tmp_path / "tokens.zarr"), x)
+    out = train_flow(config=TrainConfig(store=str(tmp_path / "tokens.zarr"), d_sae=64, k=3, batch_size=256, epochs=1,
+                                        lr=2e-3, out=str(tmp_path / "sae"), log_every=5))
+    assert out["steps"] == 6000 // 256 and (tmp_path / "sae" / "cfg.json").exists()
+    assert "| topk | 64 |" in prefect_artifacts("qsae-train")[0].data

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from flows.storage_blocks import resolve_secret_blocks
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -65,7 +66,8 @@ def summary_markdown(config: CaptureConfig, lake: QuestionLake, results: list[di
 def capture_flow(config: CaptureConfig = CaptureConfig(), shards_per_task: int = 4,
                  shards: list[int] | None = None) -> dict[str, Any]:
     """Capture every pending shard of ``config.store`` (or only ``shards``, for scale-out)."""
-    config = config.model_copy(update={"store": store_path_for(config)})
+    config = config.model_copy(update={"store": store_path_for(config),
+                                       "storage_options": resolve_secret_blocks(config.storage_options)})
     pending = prepare_store(config)
     if shards is not None:
         pending = [s for s in pending if s in set(shards)]
@@ -73,7 +75,8 @@ def capture_flow(config: CaptureConfig = CaptureConfig(), shards_per_task: int =
     futures = capture_shards_task.map(unmapped(config), groups) if groups else []
     results = [f.result() for f in futures]
     lake = QuestionLake.open(config.store, mode="r+", storage_options=config.storage_options)
-    lake.update_attrs(last_capture={"shards": pending, "questions": sum(r["questions"] for r in results)})
+    if shards is None:  # a fanned-out child leaves the store's attributes to its parent (no racing writes)
+        lake.update_attrs(last_capture={"shards": pending, "questions": sum(r["questions"] for r in results)})
     create_markdown_artifact(markdown=summary_markdown(config, lake, results), key="qsae-capture",
                              description=f"capture into {config.store}")
     return {"store": config.store, "done": int(lake.done_mask().sum()), "n_questions": lake.n_questions,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from flows.storage_blocks import resolve_secret_blocks
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -35,6 +36,7 @@ def model_task(config: ReconstructionConfig, layer: int, attrs: dict[str, Any]) 
 @flow(name="qsae-reconstruction", log_prints=True)
 def reconstruction_flow(config: ReconstructionConfig = ReconstructionConfig()) -> dict[str, Any]:
     logger = get_run_logger()
+    config = config.model_copy(update={"storage_options": resolve_secret_blocks(config.storage_options)})
     ds = open_lake(config.store, storage_options=config.storage_options)
     layers = config.layers or [int(x) for x in ds.layer.values]
     offline = offline_task.map(unmapped(config), layers)

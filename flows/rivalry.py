@@ -4,19 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from flows.storage_blocks import resolve_secret_blocks
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from qsae.lake import open_lake
 from qsae.results import summary_json
-from qsae.rivalry_study import RivalryConfig, choose_layer, question_blocks, run_rivalry, score_block
+from qsae.rivalry_study import RivalryConfig, choose_layer, question_blocks, run_rivalry, score_block_at
 
 
 @task(name="rivalry-scores", cache_policy=NO_CACHE, retries=1)
 def score_block_task(config: RivalryConfig, layer: int, start: int, stop: int) -> dict[str, Any]:
-    ds = open_lake(config.store, storage_options=config.storage_options)
-    return {"start": start, "scores": score_block(ds, layer, slice(start, stop), config.percentile)}
+    scores = score_block_at(config.store, config.storage_options, layer, start, stop, config.percentile)
+    return {"start": start, "scores": scores}
 
 
 def summary_markdown(result, store: str) -> str:
@@ -45,11 +46,12 @@ def summary_markdown(result, store: str) -> str:
 def rivalry_flow(config: RivalryConfig = RivalryConfig()) -> dict[str, Any]:
     """Score question blocks as mapped tasks, then group, test and write the results."""
     logger = get_run_logger()
+    config = config.model_copy(update={"storage_options": resolve_secret_blocks(config.storage_options)})
     ds = open_lake(config.store, storage_options=config.storage_options)
     layer = choose_layer(ds, config.layer)
     config = config.model_copy(update={"layer": layer})
     done = {}
-    if config.mode == "per_question":
+    if config.mode == "per_question" and config.dask_address is None:  # else dask scores the blocks
         blocks = question_blocks(ds.sizes["question"], config.block_questions)
         futures = score_block_task.map(unmapped(config), unmapped(layer), [b.start for b in blocks], [b.stop for b in blocks])
         done = {r["start"]: r["scores"] for r in (f.result() for f in futures)}

@@ -602,8 +602,16 @@ def delete_store(url: str, storage_options: dict | None = None) -> None:
 
 
 def consolidate(url: str, storage_options: dict | None = None) -> None:
-    """Rewrite the consolidated metadata so xarray opens the store in one read."""
-    zarr.consolidate_metadata(zarr_store(url, storage_options))
+    """Rewrite the consolidated metadata so xarray opens the store in one read.
+
+    Remote filesystems (s3fs) cache directory listings per instance: a stale listing would
+    leave groups written since out of the consolidated metadata, so the cache is dropped.
+    """
+    store = zarr_store(url, storage_options)
+    fs = getattr(store, "fs", None)
+    if fs is not None and hasattr(fs, "invalidate_cache"):
+        fs.invalidate_cache()
+    zarr.consolidate_metadata(store)
 
 
 def open_lake(url: str, storage_options: dict | None = None, group: str | None = None, **kwargs: Any) -> xr.Dataset:

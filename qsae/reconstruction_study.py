@@ -36,6 +36,7 @@ class ReconstructionConfig(BaseModel):
     batch_windows: int = Field(8, ge=1)
     device: str = "cpu"
     dtype: str = "float32"
+    dask_address: str | None = Field(None, description="offline layers on dask: 'local' or a scheduler address")
 
 
 def _rows(ds: xr.Dataset, layer: int, block: slice, positions: str):
@@ -123,10 +124,14 @@ def run_reconstruction(cfg: ReconstructionConfig, log_fn: Callable[[str], None] 
     missing = [layer for layer in layers if layer not in set(int(x) for x in ds.layer.values)]
     if missing:
         raise ValueError(f"layers {missing} are not in the lake (layers {list(ds.layer.values)})")
+    from .dask_compute import map_blocks
+
+    todo = [layer for layer in layers if layer not in (computed or {})]
+    offline = dict(zip(todo, map_blocks(offline_layer_metrics, [(cfg, layer) for layer in todo], cfg.dask_address)))
     rows, densities = [], []
     lm = None
     for layer in layers:
-        metrics, density = (computed or {}).get(layer) or offline_layer_metrics(cfg, layer)
+        metrics, density = (computed or {}).get(layer) or offline[layer]
         if cfg.model_in_loop and "loss_recovered" not in metrics:
             if lm is None:
                 from .models import load_model

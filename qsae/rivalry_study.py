@@ -44,6 +44,7 @@ class RivalryConfig(BaseModel):
     n_boot: int = Field(1000, ge=0)
     seed: int = 0
     block_questions: int = Field(256, ge=1, description="questions read per block")
+    dask_address: str | None = Field(None, description="score blocks on dask: 'local' or a scheduler address")
 
 
 def choose_layer(ds: xr.Dataset, layer: int | None) -> int:
@@ -77,6 +78,13 @@ def score_block(ds: xr.Dataset, layer: int, block: slice, pct: float) -> dict[st
     return score_questions(sel.codes_idx.values, sel.codes_val.values, pct)
 
 
+def score_block_at(store: str, storage_options: dict | None, layer: int, start: int, stop: int,
+                   pct: float) -> dict[str, np.ndarray]:
+    """``score_block`` by URL: what a dask worker or a Prefect task runs on its own."""
+    ds = open_lake(store, storage_options=storage_options)
+    return score_block(ds, layer, slice(start, stop), pct)
+
+
 def run_rivalry(cfg: RivalryConfig, log_fn: Callable[[str], None] = log.info, progress: bool = False,
                 blocks_done: dict[int, dict[str, np.ndarray]] | None = None) -> RivalryResult:
     """Groups, scores, tests; writes ``rivalry/layer_<L>/<mode>`` and a PNG into the store.
@@ -102,16 +110,16 @@ def run_rivalry(cfg: RivalryConfig, log_fn: Callable[[str], None] = log.info, pr
     summary: dict[str, Any] = {"layer": layer, "mode": cfg.mode, "groups": gsum, "params": cfg.model_dump(),
                                "n_samples": int(ds.sizes["sample"]), "k": int(ds.sizes["k"])}
     if cfg.mode == "per_question":
+        from .dask_compute import map_blocks
+
         cols: dict[str, list[np.ndarray]] = {}
         blocks = question_blocks(n, cfg.block_questions)
-        it = blocks
-        if progress:
-            from tqdm.auto import tqdm
-
-            it = tqdm(blocks, unit="block", desc="rivalry")
-        for b in it:
-            part = (blocks_done or {}).get(b.start) or score_block(ds, layer, b, cfg.percentile)
-            for key, value in part.items():
+        todo = [b for b in blocks if b.start not in (blocks_done or {})]
+        scored = map_blocks(score_block_at, [(cfg.store, cfg.storage_options, layer, b.start, b.stop, cfg.percentile)
+                                             for b in todo], cfg.dask_address, progress)
+        by_start = {**(blocks_done or {}), **{b.start: r for b, r in zip(todo, scored)}}
+        for b in blocks:
+            for key, value in by_start[b.start].items():
                 cols.setdefault(key, []).append(value)
         for key, parts in cols.items():
             per_q[key] = ("question", np.concatenate(parts))

@@ -67,3 +67,37 @@ def xarray_target(url: str, storage_options: dict[str, Any] | None = None) -> tu
     if path is not None:
         return str(path), {}
     return url, resolve_storage_options(url, storage_options)
+
+
+def _expand(value: Any) -> Any:
+    """Replace ${VAR} by the environment's value; keys whose value ends up empty are dropped."""
+    if isinstance(value, str):
+        return os.path.expandvars(value) if "$" in value else value
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            v = _expand(v)
+            if v in ("", None, {}) or (isinstance(v, str) and "${" in v):
+                continue
+            out[k] = v
+        return out
+    return value
+
+
+def load_profile(name: str, path: str | Path | None = None) -> tuple[str, dict[str, Any]]:
+    """(root URL, storage_options) of a profile in ``storage/profiles.yaml``.
+
+    ``${VAR}`` values come from the environment at call time; unset ones are dropped, so an
+    unset endpoint falls back to AWS's default and unset credentials to botocore's chain.
+    """
+    import yaml
+
+    path = Path(path or os.environ.get("QSAE_PROFILES", Path(__file__).resolve().parent.parent / "storage" / "profiles.yaml"))
+    profiles = yaml.safe_load(Path(path).read_text()) or {}
+    if name not in profiles:
+        raise KeyError(f"no storage profile {name!r} in {path} (profiles: {sorted(profiles)})")
+    prof = profiles[name]
+    root = os.path.expandvars(prof.get("root", ""))
+    if "${" in root or "$" in root:
+        raise ValueError(f"storage profile {name!r}: root {prof.get('root')!r} needs an environment variable that is unset")
+    return root, _expand(prof.get("storage_options") or {})

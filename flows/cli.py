@@ -238,6 +238,20 @@ def reconstruct(
     typer.echo(f"results: {store} group 'reconstruction'; figure: {figure}")
 
 
+@app.command()
+def verify(
+    store: str = typer.Argument(..., help="question lake URL"),
+    reencode: int = typer.Option(0, help="re-encode this many random stored rows per layer with the SAE"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+) -> None:
+    """Check a lake against its schema and invariants; exit status 1 if anything is wrong."""
+    from qsae.verify import verify as run
+
+    report = run(store, reencode=reencode)
+    typer.echo(report.to_json() if as_json else report.text())
+    raise typer.Exit(code=0 if report.ok else 1)
+
+
 def main() -> None:  # pragma: no cover - console entry
     app(prog_name="qsae")
 

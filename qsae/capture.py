@@ -188,7 +188,8 @@ def plan_capture(cfg: CaptureConfig, log_fn: Log = log.info) -> CapturePlan:
         max_new_tokens=cfg.max_new_tokens,
         d_sae=any_sae.d_sae if any_sae else None, k=(cfg.sae_k or any_sae.k) if any_sae else None,
         resid_dtype=cfg.resid_dtype, layout=LakeLayout(cfg.questions_per_shard, cfg.questions_per_chunk),
-        lineage=cfg.lineage(lm.name, lm.revision, qs, saes),
+        lineage={**cfg.lineage(lm.name, lm.revision, qs, saes),
+                 "vocab_size": int(lm.model.config.get_text_config().vocab_size)},
     )
     lake = QuestionLake.open_or_create(cfg.store, spec, mode=cfg.mode, storage_options=cfg.storage_options)
     if qs.problems and "dataset_problems" not in lake.attrs:
@@ -316,6 +317,12 @@ def _layer_arrays(resid: dict[int, torch.Tensor], saes: dict[int, SAE], cfg: Cap
             if saes:
                 sae = saes[layer]
                 idx, vals = sae.encode_topk(stored.float(), k=cfg.sae_k or sae.k)
+                # A row the model made non-finite has no meaningful code: store the explicit
+                # "no code" row (indices 0..k-1, values 0); it stays flagged in *_nonfinite.
+                bad = nonfinite > 0
+                if bool(bad.any()):
+                    idx[bad] = torch.arange(idx.shape[-1], device=idx.device)
+                    vals[bad] = 0.0
                 codes = "codes" if prefix == "resid" else "prompt_codes"
                 add(f"{codes}_idx", idx.to(torch.int32).reshape(*shape, -1))
                 add(f"{codes}_val", vals.float().reshape(*shape, -1))

@@ -273,9 +273,12 @@ def _layout_for(var: Variable, unit: str, sizes: Mapping[str, int], layout: Lake
 
 
 class Lake:
-    """A store of one schema kind, opened through zarr for reading or region writes."""
+    """A store of one schema kind, opened through zarr for reading or region writes.
 
-    schema: LakeSchema = QUESTION_SCHEMA
+    ``Lake.open`` accepts any kind; the subclasses accept only their own.
+    """
+
+    schema: LakeSchema | None = None
 
     def __init__(self, url: str, group: zarr.Group, storage_options: dict | None = None):
         self.url = url
@@ -362,7 +365,7 @@ class Lake:
             group = zarr.open_group(store=store, mode=mode, zarr_format=3, use_consolidated=False)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
             raise StoreUnreachableError(f"no lake at {url}: {exc}") from exc
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # transport errors come from many libraries (botocore, aiohttp, ...)
             raise StoreUnreachableError(f"cannot open the store at {url}: {type(exc).__name__}: {exc}") from exc
         validate_group(group, url, expect=cls.schema)
         return cls(url, group, storage_options)
@@ -439,17 +442,19 @@ class Lake:
                 raise SchemaError(
                     f"write_region: {name} has shape {tuple(np.shape(data[name]))}, expected {shape} {var.dims}"
                 )
-        done = self.arrays["done"]
-        if np.asarray(done[region]).any():
-            done[region] = False
+        done = self.arrays["done"].async_array
+        what = f"{self.url} region {region.start}:{region.stop}"
+        if np.asarray(self.arrays["done"][region]).any():
+            _run_concurrently([done.setitem(region, False)], what)
         writes = []
         for name, var in wanted.items():
             index = tuple(region if d == self.schema.unit else slice(None) for d in var.dims)
             writes.append(self.arrays[name].async_array.setitem(index, np.asarray(data[name])))
-        _run_concurrently(writes)
+        _run_concurrently(writes, what)
         if durable:
             self._sync_region(region, wanted.values())
-        done[region] = True
+        _fault_point(region)
+        _run_concurrently([done.setitem(region, True)], what)
         if durable:
             self._sync_region(region, [v for v in self.variables if v.name == "done"])
 
@@ -512,6 +517,35 @@ class TokenLake(Lake):
 
 
 # ----------------------------------------------------------------- module helpers
+def _fault_point(region: slice) -> None:
+    """Test-only fault injection between a region's data and its done flag.
+
+    ``QSAE_FAULT_INJECT=pause:<marker>[:<skip>[:<seconds>]]`` appends a line to <marker> on
+    every region and, after the first <skip> regions, sleeps <seconds> (default 120) there so
+    a test can kill the process or the storage; ``raise-once:<marker>`` raises the first time
+    (creating <marker>). Inert when the variable is unset.
+    """
+    spec = os.environ.get("QSAE_FAULT_INJECT")
+    if not spec:
+        return
+    action, _, rest = spec.partition(":")
+    if action == "pause":
+        parts = rest.split(":")
+        marker, skip, seconds = parts[0], (parts[1:2] or ["0"])[0], (parts[2:3] or ["120"])[0]
+        with open(marker, "a") as f:
+            f.write(f"{region.start}:{region.stop}\n")
+        with open(marker) as f:
+            seen = len(f.read().splitlines())
+        if seen > int(skip):
+            import time
+
+            time.sleep(float(seconds))
+    elif action == "raise-once" and not os.path.exists(rest):
+        with open(rest, "w") as f:
+            f.write(f"{region.start}:{region.stop}\n")
+        raise OSError(f"injected fault after writing region {region.start}:{region.stop} (before done)")
+
+
 _FSYNC_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="qsae-fsync")
 
 
@@ -527,13 +561,30 @@ def _fsync(path) -> None:
         os.close(fd)
 
 
-def _run_concurrently(coroutines) -> None:
-    """Run zarr async writes together on zarr's own event loop (overlaps per-array overhead)."""
+def write_timeout() -> float:
+    """Seconds a region write may take before the store counts as unreachable."""
+    return float(os.environ.get("QSAE_WRITE_TIMEOUT_S", "300"))
+
+
+def _run_concurrently(coroutines, what: str = "") -> None:
+    """Run zarr async writes together on zarr's own event loop (overlaps per-array overhead).
+
+    Bounded by ``write_timeout()``: an object store that stops answering (an S3 PUT waiting
+    for "100 Continue" is not covered by botocore's read timeout) fails the write clearly
+    instead of hanging the worker.
+    """
+    timeout = write_timeout()
 
     async def gather():
-        await asyncio.gather(*coroutines)
+        await asyncio.wait_for(asyncio.gather(*coroutines), timeout)
 
-    zarr_sync(gather())
+    try:
+        zarr_sync(gather())
+    except (asyncio.TimeoutError, TimeoutError):
+        raise StoreUnreachableError(
+            f"writing {what} timed out after {timeout:g} s: the store stopped answering "
+            "(set QSAE_WRITE_TIMEOUT_S to wait longer); the region is not marked done and a rerun rewrites it"
+        ) from None
 
 
 def validate_group(group: zarr.Group, url: str = "", expect: LakeSchema | None = None) -> None:
@@ -579,13 +630,15 @@ def validate_group(group: zarr.Group, url: str = "", expect: LakeSchema | None =
 
 
 def store_exists(url: str, storage_options: dict | None = None) -> bool:
-    """True if a zarr group exists at the URL."""
+    """True if a zarr group exists at the URL; StoreUnreachableError if it cannot be asked."""
     try:
         store = zarr_store(url, storage_options, read_only=True)
         zarr.open_group(store=store, mode="r", zarr_format=3, use_consolidated=False)
         return True
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
         return False
+    except Exception as exc:  # transport errors come from many libraries (botocore, aiohttp, ...)
+        raise StoreUnreachableError(f"cannot reach the store at {url}: {type(exc).__name__}: {exc}") from exc
 
 
 def delete_store(url: str, storage_options: dict | None = None) -> None:
@@ -621,12 +674,7 @@ def open_lake(url: str, storage_options: dict | None = None, group: str | None =
     per inner zarr chunk unless ``chunks=`` says otherwise.
     """
     if group is None:
-        store = zarr_store(url, storage_options, read_only=True)
-        try:
-            g = zarr.open_group(store=store, mode="r", zarr_format=3, use_consolidated=False)
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
-            raise StoreUnreachableError(f"no lake at {url}: {exc}") from exc
-        validate_group(g, url)
+        Lake.open(url, storage_options=storage_options)  # reachable, and valid for its kind
     target, opts = xarray_target(url, storage_options)
     kwargs.setdefault("consolidated", None)
     return xr.open_zarr(target, storage_options=opts or None, group=group, **kwargs)

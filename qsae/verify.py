@@ -1,0 +1,195 @@
+"""Check a question lake against its schema and its own invariants (``qsae verify``).
+
+Every question marked done must have: finite residuals unless flagged non-finite, clipped
+values only where overflow is counted, norms that match, TopK indices within d_sae, unique
+and sorted ascending per row, non-negative code values, completions consistent with their
+token ids, entropies within [0, log V] and [0, log S]. Lineage attributes must be present;
+SAE file hashes are compared when the files are at hand, and a random sample of stored
+residuals can be re-encoded with the SAE and compared with the stored codes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import QsaeError
+from .lake import QuestionLake, open_lake
+from .schema import FP16_MAX
+
+
+@dataclass
+class Report:
+    store: str
+    problems: list[str] = field(default_factory=list)
+    checks: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def fail(self, msg: str) -> None:
+        if len(self.problems) < 200:
+            self.problems.append(msg)
+
+    def to_json(self) -> str:
+        return json.dumps({"store": self.store, "ok": self.ok, "problems": self.problems, "checks": self.checks}, indent=1)
+
+    def text(self) -> str:
+        lines = [f"store: {self.store}", f"status: {'OK' if self.ok else 'PROBLEMS FOUND'}"]
+        lines += [f"  {k}: {v}" for k, v in self.checks.items()]
+        lines += [f"  - {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+def _where(qids: np.ndarray, mask: np.ndarray, limit: int = 5) -> str:
+    bad = np.unique(np.nonzero(mask)[0])
+    return f"questions {list(qids[bad[:limit]])}{' ...' if bad.size > limit else ''} ({bad.size} in all)"
+
+
+def _check_block(ds, b: slice, report: Report, attrs: dict, vocab_log: float | None) -> int:
+    sel = ds.isel(question=b).load()
+    done = sel.done.values
+    if not done.any():
+        return 0
+    d = sel.isel(question=np.flatnonzero(done))
+    qids = d.question.values
+    has_codes = "codes_idx" in d
+    fp16 = attrs["resid_dtype"] == "float16"
+    for var, nonfinite, overflow, norm in (("resid", "resid_nonfinite", "resid_overflow", "resid_norm"),
+                                           ("resid_prompt", "resid_prompt_nonfinite", "resid_prompt_overflow",
+                                            "resid_prompt_norm")):
+        x = d[var].values.astype(np.float32)
+        # layer first; move the question axis first for _where
+        bad_finite = (~np.isfinite(x)).sum(-1) != d[nonfinite].values
+        if bad_finite.any():
+            report.fail(f"{var}: non-finite values not matching {nonfinite} in {_where(qids, np.moveaxis(bad_finite, 0, 1))}")
+        clipped = (np.abs(x) >= FP16_MAX).sum(-1) if fp16 else np.zeros(x.shape[:-1])
+        bad_over = clipped < d[overflow].values
+        if bad_over.any():
+            report.fail(f"{var}: {overflow} counts more clipped values than stored in {_where(qids, np.moveaxis(bad_over, 0, 1))}")
+        ok = (d[nonfinite].values == 0) & (d[overflow].values == 0)
+        n = np.linalg.norm(np.where(np.isfinite(x), x, 0), axis=-1)
+        rel = np.abs(n - d[norm].values) / np.maximum(np.abs(d[norm].values), 1e-6)
+        tol = 2e-3 if fp16 else 1e-4
+        bad_norm = ok & ~(rel <= tol)
+        if bad_norm.any():
+            report.fail(f"{norm} does not match the stored {var} in {_where(qids, np.moveaxis(bad_norm, 0, 1))}")
+    if has_codes:
+        for idx_name, val_name in (("codes_idx", "codes_val"), ("prompt_codes_idx", "prompt_codes_val")):
+            idx = d[idx_name].values.astype(np.int64)
+            val = d[val_name].values
+            qfirst = lambda m: np.moveaxis(m, 0, 1)  # noqa: E731
+            if (idx >= attrs["d_sae"]).any() or (idx < 0).any():
+                report.fail(f"{idx_name}: indices outside 0..{attrs['d_sae'] - 1} in {_where(qids, qfirst((idx >= attrs['d_sae']).any(-1)))}")
+            unsorted = (np.diff(idx, axis=-1) <= 0).any(-1)
+            if unsorted.any():
+                report.fail(f"{idx_name}: rows not strictly ascending (duplicates or unsorted) in {_where(qids, qfirst(unsorted))}")
+            if not np.isfinite(val).all() or (val < 0).any():
+                report.fail(f"{val_name}: negative or non-finite code values in {_where(qids, qfirst(~(np.isfinite(val) & (val >= 0)).all(-1)))}")
+    lens = d.completion_len.values
+    ids = d.completion_ids.values
+    T = ids.shape[-1]
+    if ((lens < 1) | (lens > T)).any():
+        report.fail(f"completion_len outside 1..{T} in {_where(qids, (lens < 1) | (lens > T))}")
+    pos = np.arange(T)
+    inside = pos < lens[..., None]
+    bad_ids = np.where(inside, ids < 0, ids != -1).any(-1)
+    if bad_ids.any():
+        report.fail(f"completion_ids not padded with -1 exactly after completion_len in {_where(qids, bad_ids)}")
+    if (d.first_token.values != ids[..., 0]).any():
+        report.fail(f"first_token differs from completion_ids[..., 0] in {_where(qids, d.first_token.values != ids[..., 0])}")
+    ent, sent = d.entropy.values, d.sample_entropy.values
+    S = d.sizes["sample"]
+    if not np.isfinite(ent).all() or (ent < -1e-9).any() or (vocab_log is not None and (ent > vocab_log + 1e-6).any()):
+        report.fail(f"entropy outside [0, log V] in {_where(qids, ~((ent >= -1e-9) & np.isfinite(ent)))}")
+    if (sent < -1e-9).any() or (sent > math.log(S) + 1e-9).any():
+        report.fail(f"sample_entropy outside [0, log S] in {_where(qids, (sent < -1e-9) | (sent > math.log(S) + 1e-9))}")
+    lp = d.first_logprob.values
+    if not (np.isfinite(lp) & (lp <= 1e-6)).all():
+        report.fail(f"first_logprob not a finite log-probability in {_where(qids, ~(np.isfinite(lp) & (lp <= 1e-6)))}")
+    for i, a in enumerate(d.answers.values):
+        try:
+            json.loads(str(a))
+        except json.JSONDecodeError:
+            report.fail(f"answers of question {qids[i]} is not JSON")
+            break
+    if any(len(str(t)) == 0 for t in d.question_text.values):
+        report.fail("empty question_text on a done question")
+    return int(done.sum())
+
+
+def verify(url: str, storage_options: dict | None = None, reencode: int = 0, seed: int = 0,
+           block_questions: int = 512) -> Report:
+    """Verify a lake; ``reencode`` > 0 re-encodes that many random stored rows per layer."""
+    report = Report(url)
+    try:
+        lake = QuestionLake.open(url, storage_options=storage_options)
+        ds = open_lake(url, storage_options=storage_options)
+    except QsaeError as exc:
+        report.fail(f"{type(exc).__name__}: {exc}")
+        return report
+    attrs = dict(ds.attrs)
+    n = ds.sizes["question"]
+    done_total = 0
+    vocab = attrs.get("vocab_size")
+    vocab_log = math.log(vocab) if vocab else None
+    for start in range(0, n, block_questions):
+        done_total += _check_block(ds, slice(start, min(start + block_questions, n)), report, attrs, vocab_log)
+    report.checks.update(questions=n, done=done_total, layers=[int(x) for x in ds.layer.values],
+                         shards_pending=len(lake.pending_shards()))
+    _check_sae_files(attrs, report, ds, reencode, seed)
+    return report
+
+
+def _check_sae_files(attrs: dict, report: Report, ds, reencode: int, seed: int) -> None:
+    if attrs.get("d_sae") is None:
+        report.checks["sae"] = "no SAE codes in this lake"
+        return
+    from pathlib import Path
+
+    source = attrs.get("sae_source")
+    if not source or not Path(str(source)).exists():
+        report.checks["sae"] = f"SAE files not at hand ({source}): hashes not checked"
+        return
+    from .reconstruction import sae_for_lake_layer
+
+    checked = []
+    for layer in [int(x) for x in ds.layer.values]:
+        try:
+            sae = sae_for_lake_layer(attrs, layer)
+        except QsaeError as exc:
+            report.fail(f"layer {layer}: {exc}")
+            continue
+        checked.append(layer)
+        if reencode:
+            _reencode(ds, layer, sae, reencode, seed, report)
+    report.checks["sae_hashes_verified_layers"] = checked
+    if reencode:
+        report.checks["reencoded_rows_per_layer"] = reencode
+
+
+def _reencode(ds, layer: int, sae, n: int, seed: int, report: Report) -> None:
+    import torch
+
+    done = np.flatnonzero(ds.done.values)
+    if done.size == 0:
+        return
+    rng = np.random.default_rng(seed)
+    S = ds.sizes["sample"]
+    picks = rng.choice(done.size * S, size=min(n, done.size * S), replace=False)
+    q, s = done[picks // S], picks % S
+    sub = ds[["resid", "codes_idx", "codes_val", "resid_nonfinite"]].sel(layer=layer)
+    for qi, si in zip(q, s):
+        row = sub.isel(question=int(qi), sample=int(si)).load()
+        if int(row.resid_nonfinite) > 0:
+            continue
+        idx, val = sae.encode_topk(torch.from_numpy(row.resid.values.astype(np.float32))[None], k=ds.sizes["k"])
+        if not np.array_equal(idx[0].numpy(), row.codes_idx.values.astype(np.int64)) or \
+                not np.allclose(val[0].numpy(), row.codes_val.values, rtol=1e-4, atol=1e-5):
+            report.fail(f"layer {layer}, question {int(ds.question[qi])}, sample {int(si)}: stored codes differ from "
+                        "re-encoding the stored residual with the SAE")

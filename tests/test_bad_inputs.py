@@ -1,0 +1,141 @@
+"""Bad inputs get a clear, specific error (or are flagged in the store), and the verifier
+catches a lake that breaks its invariants. SAE-file, dataset and schema-version cases live
+beside their modules (test_sae_formats, test_datasets, test_lake); this file has the rest."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from qsae.capture import CaptureConfig, _layer_arrays, plan_capture, run_capture
+from qsae.errors import LayerError, StoreUnreachableError
+from qsae.lake import QuestionLake, open_lake
+from qsae.sae_formats import load_sae
+from qsae.schema import FP16_MAX
+from qsae.verify import verify
+from qsae.writer import to_lake_dtype
+
+from .test_capture import write_sae_folder
+
+
+def test_unknown_layer_is_refused_before_anything_is_written(tiny_qwen_dir, tmp_path):
+    cfg = CaptureConfig(model=str(tiny_qwen_dir), layers=[1, 7], limit=2, n_samples=2, device="cpu",
+                        store=str(tmp_path / "x.zarr"))
+    with pytest.raises(LayerError, match=r"layers \[7\] out of range.*4 layers \(0\.\.3\)"):
+        plan_capture(cfg)
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def test_unreachable_stores_give_a_clear_error(tmp_path):
+    with pytest.raises(StoreUnreachableError, match="no lake at"):
+        open_lake(str(tmp_path / "missing.zarr"))
+    opts = {"key": "k", "secret": "s", "endpoint_url": "http://127.0.0.1:9", "client_kwargs": {"region_name": "us-east-1"},
+            "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}}}
+    with pytest.raises(StoreUnreachableError, match=r"s3://nowhere/lake.zarr"):
+        open_lake("s3://nowhere/lake.zarr", storage_options=opts)
+
+
+def test_nonfinite_and_overflowing_activations_are_flagged_not_hidden(tmp_path):
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0], [float("inf"), 1.0, 2.0, 3.0], [float("nan"), 0, 0, 0],
+                      [7.0e4, -1.0e5, 1.0, 2.0]])
+    stored, norm, over, nonfinite = to_lake_dtype(x, "float16")
+    assert nonfinite.tolist() == [0, 1, 1, 0] and over.tolist() == [0, 0, 0, 2]
+    assert stored[3].tolist()[:2] == [FP16_MAX, -FP16_MAX]  # clipped, never inf
+    assert torch.isinf(stored[1, 0]) and torch.isnan(stored[2, 0])  # the model's own inf/NaN are kept
+    assert norm[0] == pytest.approx(30**0.5) and torch.isnan(norm[1]) and norm[3] == pytest.approx(float(x[3].norm()))
+    # Through the capture's per-layer conversion with an SAE: flagged rows get the explicit
+    # "no code" row (indices 0..k-1, values 0), every other row its TopK code.
+    sae_dir = write_sae_folder(tmp_path / "sae", 4, 16, [0])
+    sae = load_sae(sae_dir, layer=0, k=3)
+    cfg = CaptureConfig(layers=[0], n_samples=2, sae_k=3)
+    resid = {0: torch.stack([x, x], dim=1)}  # (R=4, 2 positions, d=4); B=2 questions x S=2
+    arrays = _layer_arrays(resid, {0: sae}, cfg, B=2, S=2)
+    assert arrays["resid_nonfinite"].reshape(-1).tolist() == [0, 1, 1, 0]
+    assert arrays["resid_overflow"].reshape(-1).tolist() == [0, 0, 0, 2]
+    flagged = arrays["resid_nonfinite"].reshape(-1) > 0
+    assert (arrays["codes_idx"].reshape(4, 3)[flagged] == [0, 1, 2]).all()
+    assert (arrays["codes_val"].reshape(4, 3)[flagged] == 0).all()
+    ok_idx, _ = sae.encode_topk(torch.from_numpy(arrays["resid"].reshape(4, 4)[0:1].astype(np.float32)))
+    assert (arrays["codes_idx"].reshape(4, 3)[0] == ok_idx[0].numpy()).all()
+
+
+@pytest.fixture(scope="module")
+def good_lake(tmp_path_factory, tiny_qwen_dir):
+    tmp = tmp_path_factory.mktemp("verify")
+    sae = write_sae_folder(tmp / "sae", 64, 128, [1])
+    cfg = CaptureConfig(model=str(tiny_qwen_dir), sae=str(sae), sae_k=5, layers=[1], limit=4, n_samples=3,
+                        max_new_tokens=4, questions_per_shard=2, questions_per_chunk=2, questions_per_batch=2,
+                        device="cpu", dtype="float32", resid_dtype="float32", store=str(tmp / "good.zarr"))
+    run_capture(cfg)
+    return tmp, cfg
+
+
+def _corrupt_copy(tmp, cfg, name, edit):
+    import shutil
+
+    dst = tmp / f"{name}.zarr"
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(cfg.store, dst)
+    g = zarr.open_group(str(dst), mode="r+")
+    edit(g)
+    return str(dst)
+
+
+def test_verifier_passes_a_good_lake_and_reencodes_it(good_lake):
+    _, cfg = good_lake
+    report = verify(cfg.store, reencode=12)
+    assert report.ok, report.text()
+    assert report.checks["done"] == 4 and report.checks["sae_hashes_verified_layers"] == [1]
+    assert json.loads(report.to_json())["ok"] is True
+
+
+def _break_padding(g):
+    """Write a token id after the completion's end (or an impossible length if it is full)."""
+    n = int(g["completion_len"][3, 0])
+    if n < g["completion_ids"].shape[-1]:
+        g["completion_ids"][3, 0, n] = 5
+    else:
+        g["completion_len"][3, 0] = 0
+
+
+@pytest.mark.parametrize("name, edit, message", [
+    ("dupidx", lambda g: g["codes_idx"].__setitem__((0, 0, 0, slice(0, 2)), [7, 7]), "not strictly ascending"),
+    ("bigidx", lambda g: g["codes_idx"].__setitem__((0, 1, 1, 4), 200), "indices outside 0..127"),
+    ("nan", lambda g: g["resid"].__setitem__((0, 2, 0, 5), np.nan), "non-finite values not matching"),
+    ("norm", lambda g: g["resid_norm"].__setitem__((0, 0, 0), 1e6), "does not match the stored resid"),
+    ("pad", _break_padding, "completion"),
+    ("codes", lambda g: g["codes_val"].__setitem__((0, 0, 0, 0), 123.0), "differ from re-encoding"),
+    ("entropy", lambda g: g["sample_entropy"].__setitem__(1, 5.0), "sample_entropy outside"),
+])
+def test_verifier_finds_each_corruption(good_lake, name, edit, message):
+    tmp, cfg = good_lake
+    url = _corrupt_copy(tmp, cfg, name, edit)
+    report = verify(url, reencode=12)
+    assert not report.ok and any(message in p for p in report.problems), report.text()
+
+
+def test_verifier_reports_a_wrong_sae_file_and_a_broken_schema(good_lake):
+    tmp, cfg = good_lake
+    other = write_sae_folder(tmp / "other-sae", 64, 128, [1], scale=2.0)
+    url = _corrupt_copy(tmp, cfg, "othersae", lambda g: g.attrs.update(sae_source=str(other)))
+    report = verify(url)
+    assert any("not the same file" in p for p in report.problems), report.text()
+    url = _corrupt_copy(tmp, cfg, "noschema", lambda g: g.attrs.__delitem__("schema_version"))
+    assert any("not a qsae lake" in p for p in verify(url).problems)
+
+
+def test_verify_cli_exit_status(good_lake, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, cfg = good_lake
+    qsae = str(Path(sys.executable).parent / "qsae")
+    ok = subprocess.run([qsae, "verify", cfg.store, "--json"], capture_output=True, text=True)
+    assert ok.returncode == 0 and json.loads(ok.stdout)["ok"] is True
+    bad = subprocess.run([qsae, "verify", str(tmp_path / "nothing.zarr")], capture_output=True, text=True)
+    assert bad.returncode == 1 and "StoreUnreachableError" in bad.stdout

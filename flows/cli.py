@@ -252,6 +252,18 @@ def verify(
     raise typer.Exit(code=0 if report.ok else 1)
 
 
+@app.command()
+def inspect(
+    store: str = typer.Argument(..., help="lake URL"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+) -> None:
+    """Summarise a store: dims, variables (dtype, size, layout), done fraction, lineage, results."""
+    from qsae.inspect_store import inspect_store, render
+
+    info = inspect_store(store)
+    typer.echo(json.dumps(info, indent=1) if as_json else render(info))
+
+
 def main() -> None:  # pragma: no cover - console entry
     app(prog_name="qsae")
 

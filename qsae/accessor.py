@@ -1,0 +1,205 @@
+"""The ``ds.qsae`` xarray accessor: ad-hoc queries on a lake, lazy on dask-backed data.
+
+Registered when ``qsae`` is imported. Everything works from the sparse TopK codes; nothing
+builds a dense question x d_sae array. Calls return lazy DataArrays where the answer is
+array-shaped (compute them with ``.compute()``) and small eager tables where it is a ranking.
+
+    import qsae, xarray as xr
+    ds = xr.open_zarr("storage/lakes/demo.zarr")
+    ds.qsae.feature_activation([120, 7], layer=15)      # (question, sample, feature), lazy
+    ds.qsae.top_questions(120, layer=15, n=10)         # ranking with question text and completions
+    ds.qsae.firing_frequency(layer=15)                 # (feature,), lazy
+    ds.qsae.select(entropy=(2.0, None), correct="none")
+    ds.qsae.reconstruct(layer=15)                      # x_hat from the codes and the lineage's SAE
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import xarray as xr
+
+Which = Literal["completion", "prompt"]
+
+
+def _codes(ds: xr.Dataset, which: Which) -> tuple[xr.DataArray, xr.DataArray]:
+    if "codes_idx" not in ds:
+        raise ValueError("this lake holds no SAE codes")
+    if which == "completion":
+        return ds.codes_idx, ds.codes_val
+    if which == "prompt":
+        return ds.prompt_codes_idx, ds.prompt_codes_val
+    raise ValueError(f"which must be 'completion' or 'prompt', got {which!r}")
+
+
+def _activation_of(idx: np.ndarray, val: np.ndarray, features: np.ndarray) -> np.ndarray:
+    """(..., k) codes -> (..., F) activation of each requested feature (0 where it is not in the code)."""
+    hit = idx[..., None, :].astype(np.int64) == features[:, None]
+    return np.where(hit, val[..., None, :], 0).sum(-1).astype(np.float32)
+
+
+def _block_counts(idx: np.ndarray, val: np.ndarray, d_sae: int) -> np.ndarray:
+    """Per-layer firing counts of one (layer, question[, sample], k) block -> (layer, 1, d_sae)."""
+    out = np.zeros((idx.shape[0], 1, d_sae), dtype=np.int64)
+    for li in range(idx.shape[0]):
+        active = val[li] > 0
+        out[li, 0] = np.bincount(idx[li][active].astype(np.int64), minlength=d_sae)
+    return out
+
+
+def _feature_counts(idx: xr.DataArray, val: xr.DataArray, d_sae: int) -> xr.DataArray:
+    """(layer, feature) firing counts, block by block along questions (lazy on dask)."""
+    if hasattr(idx.data, "dask"):
+        import dask.array as da
+
+        i, v = idx.data, val.data.rechunk(idx.data.chunks)
+        tail = tuple(range(2, i.ndim))
+        blocks = da.map_blocks(_block_counts, i, v, d_sae=d_sae, dtype=np.int64, drop_axis=tail, new_axis=2,
+                               chunks=(i.chunks[0], (1,) * len(i.chunks[1]), (d_sae,)))
+        data = blocks.sum(axis=1)
+    else:
+        data = _block_counts(np.asarray(idx), np.asarray(val), d_sae)[:, 0]
+    return xr.DataArray(data, dims=("layer", "feature"), coords={"layer": idx.layer.values, "feature": np.arange(d_sae)})
+
+
+@xr.register_dataset_accessor("qsae")
+class QsaeAccessor:
+    """Queries on a question lake opened with xarray (local or s3://, dask-backed or not)."""
+
+    def __init__(self, ds: xr.Dataset):
+        self._ds = ds
+
+    # ------------------------------------------------------------------ activations
+    def feature_activation(self, features: int | Sequence[int], layer: int | None = None,
+                           which: Which = "completion") -> xr.DataArray:
+        """Dense activation of chosen features, decoded from the TopK codes (lazy on dask).
+
+        Dims: (layer, question, sample, feature) for completions, (layer, question, feature)
+        for prompts; ``layer`` given drops that dim.
+        """
+        feats = np.atleast_1d(np.asarray(features, dtype=np.int64))
+        d_sae = self._ds.attrs.get("d_sae")
+        if d_sae is not None and ((feats < 0) | (feats >= d_sae)).any():
+            raise ValueError(f"features must be in 0..{d_sae - 1}")
+        idx, val = _codes(self._ds, which)
+        if layer is not None:
+            idx, val = idx.sel(layer=layer), val.sel(layer=layer)
+        out = xr.apply_ufunc(
+            _activation_of, idx, val, kwargs={"features": feats},
+            input_core_dims=[["k"], ["k"]], output_core_dims=[["feature"]],
+            dask="parallelized", output_dtypes=[np.float32], keep_attrs=False,
+            dask_gufunc_kwargs={"output_sizes": {"feature": feats.size}},
+        )
+        return out.assign_coords(feature=feats).rename("activation")
+
+    def top_questions(self, feature: int, layer: int | None = None, n: int = 10, which: Which = "completion",
+                      done_only: bool = True):
+        """The N (question, sample) rows where ``feature`` fires most, with their text.
+
+        Reads only that layer's codes (plus the text of the N winners). Returns a pandas
+        DataFrame sorted by activation.
+        """
+        import pandas as pd
+
+        layer = self._layer(layer)
+        act = self.feature_activation(feature, layer, which).isel(feature=0)
+        if done_only:
+            act = act.where(self._ds.done, 0)
+        values = np.asarray(act.compute()) if hasattr(act.data, "compute") else np.asarray(act)
+        flat = values.reshape(-1)
+        n = min(n, int((flat > 0).sum()))
+        if n == 0:
+            return pd.DataFrame(columns=["question", "sample", "activation", "question_text", "completion", "entropy"])
+        top = np.argpartition(-flat, n - 1)[:n]
+        top = top[np.argsort(-flat[top], kind="stable")]
+        rows = []
+        S = values.shape[1] if values.ndim == 2 else 1
+        for pos in top:
+            q, s = (divmod(int(pos), S) if values.ndim == 2 else (int(pos), None))
+            row = {"question": int(self._ds.question[q]), "sample": s, "activation": float(flat[pos]),
+                   "question_text": str(self._ds.question_text[q].values), "entropy": float(self._ds.entropy[q])}
+            if s is not None:
+                row["completion"] = str(self._ds.completion[q, s].values)
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def firing_frequency(self, layer: int | None = None, which: Which = "completion", done_only: bool = True) -> xr.DataArray:
+        """Fraction of (done) tokens on which each feature fires, per layer (lazy on dask)."""
+        idx, val = _codes(self._ds, which)
+        d_sae = int(self._ds.attrs["d_sae"])
+        done = self._ds.done
+        val = val.where(done, 0) if done_only else val
+        counts = _feature_counts(idx, val.transpose(*idx.dims), d_sae)
+        tokens = done.sum() * (self._ds.sizes["sample"] if which == "completion" else 1) if done_only else \
+            self._ds.sizes["question"] * (self._ds.sizes["sample"] if which == "completion" else 1)
+        freq = (counts / tokens).rename("firing_frequency")
+        return freq.sel(layer=layer) if layer is not None else freq
+
+    # ------------------------------------------------------------------- selection
+    def select(self, entropy: tuple[float | None, float | None] | None = None,
+               correct: Literal["any", "all", "none"] | None = None, group: str | None = None,
+               rivalry: str | None = None, done_only: bool = True, store: str | None = None,
+               storage_options: dict | None = None) -> xr.Dataset:
+        """Questions by entropy range, correctness of their samples, or rivalry group.
+
+        ``group`` ('ambiguous'/'unambiguous') reads the rivalry result group ``rivalry``
+        (e.g. 'rivalry/layer_15/per_question') of ``store``.
+        """
+        keep = np.ones(self._ds.sizes["question"], bool)
+        if done_only:
+            keep &= self._ds.done.values
+        if entropy is not None:
+            lo, hi = entropy
+            e = self._ds.entropy.values
+            keep &= (e >= lo if lo is not None else True) & (e <= hi if hi is not None else True)
+        if correct is not None:
+            c = self._ds.correct.values
+            keep &= {"any": c.any(1), "all": c.all(1), "none": ~c.any(1)}[correct]
+        if group is not None:
+            if rivalry is None or store is None:
+                raise ValueError("select(group=...) needs rivalry='rivalry/layer_<L>/<mode>' and store=")
+            from .lake import open_lake
+
+            g = open_lake(store, storage_options=storage_options, group=rivalry).group.values
+            keep &= g == group
+        return self._ds.isel(question=np.flatnonzero(keep))
+
+    # -------------------------------------------------------------- reconstruction
+    def reconstruct(self, layer: int | None = None, which: Which = "completion", sae: str | None = None) -> xr.DataArray:
+        """SAE reconstruction x_hat of the stored residuals from their codes, with the SAE the
+        lineage names (its sha256 checked); lazy on dask. Needs torch."""
+        from .reconstruction import decode_codes, sae_for_lake_layer
+
+        layer = self._layer(layer)
+        model = sae_for_lake_layer(dict(self._ds.attrs), layer, sae)
+        idx, val = _codes(self._ds, which)
+
+        def decode(i: np.ndarray, v: np.ndarray) -> np.ndarray:
+            shape = i.shape[:-1]
+            flat = decode_codes(model, i.reshape(-1, i.shape[-1]), v.reshape(-1, v.shape[-1]))
+            return flat.reshape(*shape, -1)
+
+        return xr.apply_ufunc(
+            decode, idx.sel(layer=layer), val.sel(layer=layer), input_core_dims=[["k"], ["k"]],
+            output_core_dims=[["d_model"]], dask="parallelized", output_dtypes=[np.float32], keep_attrs=False,
+            dask_gufunc_kwargs={"output_sizes": {"d_model": self._ds.sizes["d_model"]}},
+        ).rename("x_hat")
+
+    # --------------------------------------------------------------------- helpers
+    def _layer(self, layer: int | None) -> int:
+        layers = [int(x) for x in self._ds.layer.values]
+        if layer is None:
+            if len(layers) != 1:
+                raise ValueError(f"the lake has layers {layers}: pass layer=")
+            return layers[0]
+        if layer not in layers:
+            raise ValueError(f"layer {layer} is not in the lake (layers {layers})")
+        return layer
+
+    def info(self) -> dict[str, Any]:
+        """A short summary (for notebooks); ``qsae inspect`` prints the full one."""
+        ds = self._ds
+        return {"questions": ds.sizes["question"], "done": int(ds.done.sum()), "layers": list(map(int, ds.layer.values)),
+                "samples": ds.sizes["sample"], "d_model": ds.sizes["d_model"], "d_sae": ds.attrs.get("d_sae"),
+                "k": ds.attrs.get("k"), "model": ds.attrs.get("model")}

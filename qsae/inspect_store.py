@@ -1,0 +1,93 @@
+"""A readable summary of a store (``qsae inspect``): dims, variables with dtypes and on-disk
+sizes, chunk/shard layout, done fraction, lineage and the result groups present."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import fsspec
+import zarr
+
+from .lake import Lake
+from .storage import local_path, resolve_storage_options
+
+LINEAGE = ("model", "model_revision", "model_path", "hook", "sae_source", "d_sae", "k", "dataset", "dataset_revision",
+           "sampling", "seed", "prompt_template", "resid_dtype", "schema_version", "qsae_version", "created")
+
+
+def _sizes_on_disk(url: str, storage_options: dict | None) -> dict[str, int]:
+    """Bytes stored under each top-level name of the store."""
+    path = local_path(url)
+    if path is not None:
+        fs, root = fsspec.filesystem("file"), str(path)
+    else:
+        fs, root = fsspec.core.url_to_fs(url, **resolve_storage_options(url, storage_options))
+    sizes: dict[str, int] = {}
+    for name, info in fs.find(root, detail=True).items():
+        rel = name[len(root.rstrip("/")) + 1:]
+        top = rel.split("/", 1)[0]
+        sizes[top] = sizes.get(top, 0) + int(info.get("size", 0))
+    return sizes
+
+
+def _result_groups(group: zarr.Group, prefix: str = "") -> list[str]:
+    out = []
+    for name, child in group.groups():
+        path = f"{prefix}{name}"
+        if any(True for _ in child.arrays()):
+            out.append(path)
+        out += _result_groups(child, path + "/")
+    return out
+
+
+def inspect_store(url: str, storage_options: dict | None = None) -> dict[str, Any]:
+    """Everything ``qsae inspect`` prints, as a JSON-able dict."""
+    lake = Lake.open(url, storage_options=storage_options)
+    disk = _sizes_on_disk(url, storage_options)
+    variables = {}
+    for name, arr in lake.group.arrays():
+        shards = getattr(arr, "shards", None)
+        variables[name] = {
+            "dims": list(arr.metadata.dimension_names or ()), "shape": list(arr.shape), "dtype": str(arr.dtype),
+            "chunks": list(arr.chunks), "shards": list(shards) if shards else None,
+            "bytes_on_disk": disk.get(name, 0), "bytes_uncompressed": int(arr.nbytes) if arr.dtype.kind not in "TO" else None,
+        }
+    done = lake.done_mask()
+    attrs = lake.attrs
+    return {
+        "store": url,
+        "kind": attrs["kind"],
+        "dims": dict(attrs["config"]["sizes"]),
+        "done": int(done.sum()), "units": int(done.size), "done_fraction": float(done.mean()),
+        "shards": {"size": lake.layout.shard, "chunk": lake.layout.chunk, "total": lake.n_shards,
+                   "pending": len(lake.pending_shards())},
+        "bytes_on_disk": sum(disk.values()),
+        "variables": variables,
+        "lineage": {k: attrs[k] for k in LINEAGE if k in attrs},
+        "result_groups": _result_groups(lake.group),
+    }
+
+
+def _human(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def render(info: dict[str, Any]) -> str:
+    lines = [f"{info['store']}  ({info['kind']} lake, {_human(info['bytes_on_disk'])} on disk)",
+             "dims: " + ", ".join(f"{k}={v}" for k, v in info["dims"].items()),
+             f"done: {info['done']} / {info['units']} ({100 * info['done_fraction']:.1f}%), shards of "
+             f"{info['shards']['size']} (inner chunks {info['shards']['chunk']}): {info['shards']['pending']} of "
+             f"{info['shards']['total']} pending", "", "variables:"]
+    for name, v in sorted(info["variables"].items()):
+        layout = f"chunks {tuple(v['chunks'])}" + (f" in shards {tuple(v['shards'])}" if v["shards"] else "")
+        lines.append(f"  {name:24s} {str(tuple(v['dims'])):40s} {v['dtype']:10s} {_human(v['bytes_on_disk']):>9s}  {layout}")
+    lines += ["", "lineage:"] + [f"  {k}: {json.dumps(v)}" for k, v in info["lineage"].items()]
+    lines += ["", "result groups: " + (", ".join(info["result_groups"]) or "none")]
+    return "\n".join(lines)

@@ -23,49 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from qsae.lake import LakeLayout, LakeSpec, QuestionLake
+from qsae.lake import QuestionLake
 from qsae.rivalry import dense_question_score
 from qsae.rivalry_study import RivalryConfig, run_rivalry
 
-S, K, D_SAE = 20, 50, 32768
-
-
-def pooled_codes(rng, n):
-    """Each question's samples draw their 50 features from a 150-feature pool of its own."""
-    pools = np.stack([rng.choice(D_SAE, 150, replace=False) for _ in range(n)])
-    pick = np.argsort(rng.random((n, S, 150)), axis=-1)[..., :K]
-    idx = np.sort(np.take_along_axis(pools[:, None, :].repeat(S, 1), pick, axis=-1), axis=-1)
-    return idx.astype(np.uint16)
-
-
-def unique_rows(rng, n):
-    """Uniform codes without repeats inside a row (argpartition is too big at full size)."""
-    out = np.empty((n, S, K), np.uint16)
-    for i in range(n):
-        for s in range(S):
-            out[i, s] = np.sort(rng.choice(D_SAE, K, replace=False))
-    return out
-
-
-def build_lake(root: Path, n: int, kind: str, seed: int = 0) -> str:
-    rng = np.random.default_rng(seed)
-    lineage = dict(model="bench", model_revision="0", hook="resid_post", sae_source="bench", sae_sha256={"20": "x"},
-                   dataset="bench", dataset_revision="0", sampling={}, seed=0, prompt_template="")
-    spec = LakeSpec(np.arange(n), [20], S, 8, 4, D_SAE, K, "float16", LakeLayout(256, 4), lineage)
-    url = str(root / f"{kind}.zarr")
-    lake = QuestionLake.open_or_create(url, spec, mode="overwrite")
-    for shard in range(lake.n_shards):
-        r = lake.shard_region(shard)
-        m = r.stop - r.start
-        idx = unique_rows(rng, m) if kind == "uniform" else pooled_codes(rng, m)
-        val = rng.exponential(1.0, (m, S, K)).astype(np.float32)
-        # Write the two code arrays, entropy and done directly (the only inputs of the study).
-        lake.arrays["codes_idx"][:, r] = idx[None]
-        lake.arrays["codes_val"][:, r] = val[None]
-        lake.arrays["entropy"][r] = rng.uniform(0, 5, m)
-        lake.arrays["done"][r] = True
-    return url
-
+from synthetic_lake import D_SAE, K, S, build_code_lake
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -77,7 +39,7 @@ def main() -> None:
     try:
         for kind in ("uniform", "pooled"):
             t = time.perf_counter()
-            url = build_lake(root, args.questions, kind)
+            url = build_code_lake(root, args.questions, kind)
             build_s = time.perf_counter() - t
             t = time.perf_counter()
             res = run_rivalry(RivalryConfig(store=url, layer=20, n_boot=1000, block_questions=1024), log_fn=lambda m: None)

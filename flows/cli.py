@@ -264,6 +264,52 @@ def inspect(
     typer.echo(json.dumps(info, indent=1) if as_json else render(info))
 
 
+@app.command()
+def compare(
+    base_sae: str = typer.Option(..., help="SAE of the base model"),
+    finetuned_sae: str = typer.Option(..., help="SAE of the fine-tuned model (may be the same SAE)"),
+    layer: Optional[int] = typer.Option(None),
+    base_lake: Optional[str] = typer.Option(None, help="question lake captured on the base model"),
+    finetuned_lake: Optional[str] = typer.Option(None, help="question lake captured on the fine-tuned model"),
+    out: Optional[str] = typer.Option(None, help="store for the results (default: the fine-tuned lake)"),
+    threshold: Optional[float] = typer.Option(None, help="emerged/vanished below this cosine (default 0.7)"),
+    prefect: bool = PrefectOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Match two SAEs' features (decoder cosine, optimal assignment) and their firing in two lakes."""
+    from qsae.compare_study import CompareConfig, run_compare
+    from qsae.results import summary_json
+
+    cfg = build_config(CompareConfig, None, set_, base_sae=base_sae, finetuned_sae=finetuned_sae, layer=layer,
+                       base_lake=base_lake, finetuned_lake=finetuned_lake, out=out, threshold=threshold)
+    if prefect:
+        _prefect_env()
+        from flows.compare import compare_flow
+
+        res = compare_flow(config=cfg)
+        summary, figure = res["summary"], res["figure"]
+    else:
+        r = run_compare(cfg, typer.echo)
+        summary, figure = r.summary, r.figure
+    typer.echo(summary_json({k: v for k, v in summary.items() if k != "emerged_examples"}))
+    typer.echo(f"figure: {figure}")
+
+
+@app.command("demo-compare")
+def demo_compare(
+    steps: int = typer.Option(300, help="fine-tuning steps"),
+    questions: int = typer.Option(32, help="PopQA questions captured on each model"),
+) -> None:
+    """Base vs fine-tuned on CPU: fine-tune SmolLM2 on PopQA answers, an SAE for each, compare."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from qsae.demo_compare import build_and_compare
+    from qsae.results import summary_json
+
+    res = build_and_compare(finetune_steps=steps, questions=questions, log_fn=typer.echo)
+    typer.echo(summary_json({k: v for k, v in res.summary.items() if k != "emerged_examples"}))
+    typer.echo(f"figure: {res.figure}")
+
+
 def main() -> None:  # pragma: no cover - console entry
     app(prog_name="qsae")
 

@@ -1,0 +1,147 @@
+"""Run a base vs fine-tuned comparison: match SAE features, measure firing shifts in the
+lakes, and write a results group, a figure and a summary."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import xarray as xr
+from pydantic import BaseModel, ConfigDict, Field
+
+from .compare import FeatureMatch, firing_stats, match_features
+from .results import lineage_of, save_figure, write_result_group
+
+log = logging.getLogger("qsae.compare")
+
+
+class CompareConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    base_sae: str = Field(..., description="SAE of the base model (file, folder or cached repo id)")
+    finetuned_sae: str = Field(..., description="SAE of the fine-tuned model (may be the same SAE)")
+    layer: int | None = Field(None, description="layer, for per-layer SAE folders and the lakes")
+    threshold: float = Field(0.7, gt=0, le=1, description="no counterpart above this cosine: emerged/vanished")
+    candidates: int = Field(8, ge=1, description="partners kept per feature for the assignment")
+    block: int = Field(2048, ge=1)
+    base_lake: str | None = None
+    finetuned_lake: str | None = None
+    storage_options: dict[str, Any] | None = None
+    out: str | None = Field(None, description="store for the results group (default: the fine-tuned lake)")
+    top_n: int = Field(10, ge=1)
+    name: str = "compare"
+
+
+@dataclass
+class CompareResult:
+    group: str
+    summary: dict[str, Any]
+    match: FeatureMatch
+    table: xr.Dataset
+    figure: str | None
+
+
+def _decoder(source: str, layer: int | None) -> tuple[np.ndarray, dict[str, Any]]:
+    """The decoder rows of an SAE (k is irrelevant here: a TopK file without one loads with k=1)."""
+    from .errors import SAEFormatError
+    from .sae_formats import load_sae
+
+    try:
+        sae = load_sae(source, layer=layer)
+    except SAEFormatError as exc:
+        if "needs k" not in str(exc):
+            raise
+        sae = load_sae(source, layer=layer, k=1)
+    return sae.W_dec.detach().cpu().numpy(), {"source": sae.info.source, "sha256": sae.info.sha256,
+                                                "d_sae": sae.d_sae, "d_model": sae.d_model}
+
+
+def run_compare(cfg: CompareConfig, log_fn: Callable[[str], None] = log.info) -> CompareResult:
+    """Match features, then (with lakes) firing shifts; write ``<name>/layer_<L>`` into ``out``."""
+    from .lake import open_lake
+
+    W_a, info_a = _decoder(cfg.base_sae, cfg.layer)
+    W_b, info_b = _decoder(cfg.finetuned_sae, cfg.layer)
+    match = match_features(W_a, W_b, cfg.threshold, cfg.candidates, cfg.block)
+    summary: dict[str, Any] = {**match.summary(), "base_sae": info_a, "finetuned_sae": info_b, "layer": cfg.layer}
+    log_fn(f"{summary['matched']} pairs matched, {summary['matched_above_0.9']} above 0.9; "
+           f"{summary['emerged']} emerged, {summary['vanished']} vanished (threshold {cfg.threshold})")
+    table = xr.Dataset(
+        {"base_feature": ("pair", match.a), "finetuned_feature": ("pair", match.b), "similarity": ("pair", match.similarity),
+         "base_best_similarity": ("base", match.best_a), "finetuned_best_similarity": ("finetuned", match.best_b)},
+        coords={"base": np.arange(match.best_a.size), "finetuned": np.arange(match.best_b.size)},
+    )
+    table["emerged"] = ("finetuned", match.best_b < cfg.threshold)
+    table["vanished"] = ("base", match.best_a < cfg.threshold)
+    freq_a = freq_b = None
+    lineage: dict[str, Any] = {}
+    if cfg.base_lake and cfg.finetuned_lake:
+        ds_a = open_lake(cfg.base_lake, storage_options=cfg.storage_options)
+        ds_b = open_lake(cfg.finetuned_lake, storage_options=cfg.storage_options)
+        layer = cfg.layer if cfg.layer is not None else int(ds_b.layer.values[0])
+        freq_a, act_a, n_a = firing_stats(ds_a, layer)
+        freq_b, act_b, n_b = firing_stats(ds_b, layer)
+        table["base_frequency"] = ("base", freq_a)
+        table["finetuned_frequency"] = ("finetuned", freq_b)
+        table["base_mean_activation"] = ("base", act_a)
+        table["finetuned_mean_activation"] = ("finetuned", act_b)
+        shift = freq_b[match.b] - freq_a[match.a]
+        table["frequency_shift"] = ("pair", shift)
+        order = np.argsort(-np.abs(shift))[: cfg.top_n]
+        summary["largest_shifts"] = [
+            {"base": int(match.a[i]), "finetuned": int(match.b[i]), "similarity": float(match.similarity[i]),
+             "base_frequency": float(freq_a[match.a[i]]), "finetuned_frequency": float(freq_b[match.b[i]])}
+            for i in order]
+        emerged = match.emerged
+        firing_emerged = emerged[np.argsort(-freq_b[emerged])][: cfg.top_n]
+        summary["emerged_examples"] = []
+        for f in firing_emerged:
+            if freq_b[f] == 0:
+                break
+            top = ds_b.qsae.top_questions(int(f), layer=layer, n=3)
+            summary["emerged_examples"].append({"feature": int(f), "frequency": float(freq_b[f]),
+                                                "top": top[["question", "question_text", "completion", "activation"]]
+                                                .to_dict("records")})
+        summary["tokens"] = {"base": n_a, "finetuned": n_b}
+        lineage = {"base": lineage_of(dict(ds_a.attrs)), "finetuned": lineage_of(dict(ds_b.attrs))}
+    out = cfg.out or cfg.finetuned_lake
+    group = f"{cfg.name}/layer_{cfg.layer if cfg.layer is not None else 'all'}"
+    fig_url = None
+    if out:
+        write_result_group(out, group, table, {"kind": "compare", "summary": summary, "params": cfg.model_dump(),
+                                               "lineage": lineage}, cfg.storage_options)
+        fig_url = save_figure(compare_figure(match, freq_a, freq_b), out, f"{group}/figure.png", cfg.storage_options)
+    return CompareResult(group, summary, match, table, fig_url)
+
+
+def compare_figure(match: FeatureMatch, freq_a: np.ndarray | None, freq_b: np.ndarray | None):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = 2 if freq_a is not None else 1
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 3.6))
+    axes = np.atleast_1d(axes)
+    bins = np.linspace(-0.2, 1.0, 61)
+    axes[0].hist(match.similarity, bins=bins, alpha=0.6, label="assigned pairs")
+    axes[0].hist(match.best_b, bins=bins, histtype="step", color="k", label="fine-tuned: best match")
+    axes[0].axvline(match.threshold, color="crimson", ls="--", label=f"threshold {match.threshold}")
+    axes[0].set_xlabel("decoder cosine similarity")
+    axes[0].set_ylabel("features")
+    axes[0].legend(fontsize=8)
+    if freq_a is not None:
+        fa, fb = freq_a[match.a], freq_b[match.b]
+        floor = 0.5 / max(1, int(1 / max(fa[fa > 0].min(initial=1), fb[fb > 0].min(initial=1))))
+        axes[1].scatter(np.maximum(fa, floor), np.maximum(fb, floor), s=3, alpha=0.4, c=match.similarity, cmap="viridis")
+        lim = [floor, 1]
+        axes[1].plot(lim, lim, color="crimson", lw=1)
+        axes[1].set_xscale("log")
+        axes[1].set_yscale("log")
+        axes[1].set_xlabel("firing frequency, base")
+        axes[1].set_ylabel("firing frequency, fine-tuned")
+        axes[1].set_title("matched features (colour: similarity)", fontsize=9)
+    fig.suptitle("base vs fine-tuned SAE features", fontsize=10)
+    return fig

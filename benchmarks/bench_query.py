@@ -35,7 +35,7 @@ def naive_top(store, layer_index: int, feature: int, n: int, block: int = 128):
         val = val_arr.isel(layer=layer_index, question=slice(start, start + block)).values
         dense = np.zeros(idx.shape[:-1] + (D_SAE,), np.float32)
         np.put_along_axis(dense, idx, val, axis=-1)
-        column.append(dense[..., feature])
+        column.append(dense[..., feature].copy())  # a view would keep each dense block alive
     flat = np.concatenate(column).reshape(-1)
     top = np.argsort(-flat, kind="stable")[:n]
     return flat[top]

@@ -37,7 +37,7 @@ def summary_markdown(result, store: str) -> str:
                      f"{fmt(t.get('median_' + name))} | {fmt(t.get('p5_' + name))} |")
     lines += ["", "| U | p two-sided | p (ambiguous lower) | rank-biserial | median diff [95% CI] |", "|---|---|---|---|---|",
               f"| {fmt(t.get('U'))} | {fmt(t.get('p_two_sided'))} | {fmt(t.get('p_less'))} | {fmt(t.get('rank_biserial'))} | "
-              f"{fmt(t.get('median_diff'))} {t.get('median_diff_ci')} |", "",
+              f"{fmt(t.get('median_diff'))} [{', '.join(fmt(x) for x in t.get('median_diff_ci') or [])}] |", "",
               "```json", summary_json(s)[:4000], "```"]
     return "\n".join(lines)
 

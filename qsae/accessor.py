@@ -24,13 +24,25 @@ Which = Literal["completion", "prompt"]
 
 
 def _codes(ds: xr.Dataset, which: Which) -> tuple[xr.DataArray, xr.DataArray]:
+    """The code arrays, with dask blocks of at least one shard of questions.
+
+    ``open_zarr`` makes one dask chunk per 4-question inner chunk (cheap random access);
+    a whole-layer query over that many tiny tasks is dominated by scheduling, so the blocks
+    are merged to the shard size here (reads stay the same bytes).
+    """
     if "codes_idx" not in ds:
         raise ValueError("this lake holds no SAE codes")
     if which == "completion":
-        return ds.codes_idx, ds.codes_val
-    if which == "prompt":
-        return ds.prompt_codes_idx, ds.prompt_codes_val
-    raise ValueError(f"which must be 'completion' or 'prompt', got {which!r}")
+        idx, val = ds.codes_idx, ds.codes_val
+    elif which == "prompt":
+        idx, val = ds.prompt_codes_idx, ds.prompt_codes_val
+    else:
+        raise ValueError(f"which must be 'completion' or 'prompt', got {which!r}")
+    if idx.chunks is not None:
+        shard = (ds.codes_idx.encoding.get("shards") or (None, 256))[1] or 256
+        if max(idx.chunksizes["question"]) < shard:
+            idx, val = idx.chunk({"question": shard}), val.chunk({"question": shard})
+    return idx, val
 
 
 def _activation_of(idx: np.ndarray, val: np.ndarray, features: np.ndarray) -> np.ndarray:

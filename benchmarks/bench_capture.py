@@ -27,12 +27,15 @@ from transformers import GenerationConfig, StoppingCriteriaList
 from qsae.capture import CaptureConfig, _encode_prompt, capture_shards, get_model, get_questions, plan_capture
 from qsae.sampling import StopOnTokens, newline_token_ids
 
+from bench_lake_layout import raw_write_fsync
 
-def bare(cfg: CaptureConfig, questions) -> tuple[float, int]:
+
+def bare(cfg: CaptureConfig, questions) -> tuple[float, int, float, float]:
+    """(total seconds, new tokens, generate seconds, forward seconds) of the baseline."""
     lm = get_model(cfg).lm
     tok, model = lm.tokenizer, lm.model
     t0 = time.perf_counter()
-    new_tokens = 0
+    new_tokens, gen_s, fwd_s = 0, 0.0, 0.0
     for start in range(0, len(questions), cfg.questions_per_batch):
         batch = questions[start:start + cfg.questions_per_batch]
         enc = tok([tok.decode(_encode_prompt(lm, cfg, q)) for q in batch], return_tensors="pt", padding=True,
@@ -42,23 +45,17 @@ def bare(cfg: CaptureConfig, questions) -> tuple[float, int]:
                                max_new_tokens=cfg.max_new_tokens, num_return_sequences=cfg.n_samples,
                                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         with torch.inference_mode():
+            t = time.perf_counter()
             out = model.generate(**enc, generation_config=gen,
                                  stopping_criteria=StoppingCriteriaList([StopOnTokens(newline_token_ids(tok), P)]))
+            gen_s += time.perf_counter() - t
             mask = torch.cat([enc.attention_mask.repeat_interleave(cfg.n_samples, 0),
                               torch.ones_like(out[:, P:])], dim=1)
+            t = time.perf_counter()
             model(input_ids=out, attention_mask=mask, use_cache=False)
+            fwd_s += time.perf_counter() - t
         new_tokens += int((out[:, P:] != tok.pad_token_id).sum())
-    return time.perf_counter() - t0, new_tokens
-
-
-def raw_write(root: Path, arrays: dict[str, np.ndarray]) -> float:
-    t = time.perf_counter()
-    for name, arr in arrays.items():
-        with open(root / f"raw_{name}", "wb") as f:
-            np.ascontiguousarray(arr).tofile(f)
-            f.flush()
-            os.fsync(f.fileno())
-    return time.perf_counter() - t
+    return time.perf_counter() - t0, new_tokens, gen_s, fwd_s
 
 
 def main() -> None:
@@ -84,24 +81,29 @@ def main() -> None:
         warm = cfg.model_copy(update={"store": str(root / "warm.zarr"), "limit": args.batch})
         capture_shards(warm, plan_capture(warm).pending)
         torch.manual_seed(0)
-        bare_s, bare_tokens = bare(cfg, questions)
+        bare_s, bare_tokens, bare_gen, bare_fwd = bare(cfg, questions)
         plan = plan_capture(cfg)
         stats = capture_shards(cfg, plan.pending)
         print(f"SmolLM2-135M, layer 15, {args.questions} PopQA questions x {args.samples} samples, batch {args.batch} "
               f"questions, max 12 new tokens, {torch.get_num_threads()} threads")
-        print(f"bare generate + forward: {bare_s:.1f} s ({bare_tokens} new tokens)")
-        print(f"qsae capture:            {stats.wall_seconds:.1f} s ({stats.new_tokens} new tokens)")
-        print(f"RATIO capture/bare = {stats.wall_seconds / bare_s:.3f}  (overhead {100 * (stats.wall_seconds / bare_s - 1):+.1f}%)")
         ph = stats.phase_seconds
-        print("capture phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in ph.items())
-              + f", writer (background) {stats.write_seconds:.2f} s, other {stats.wall_seconds - sum(ph.values()):.2f} s")
+        print(f"bare generate + forward: {bare_s:.1f} s ({bare_tokens} new tokens): generate {bare_gen:.1f} s, "
+              f"full forward {bare_fwd:.1f} s")
+        print(f"qsae capture:            {stats.wall_seconds:.1f} s ({stats.new_tokens} new tokens): "
+              + ", ".join(f"{k} {v:.2f} s" for k, v in ph.items())
+              + f", other {stats.wall_seconds - sum(ph.values()):.2f} s; writer {stats.write_seconds:.2f} s in the background")
+        print(f"RATIO capture/bare = {stats.wall_seconds / bare_s:.3f} (the hooked forward stops after layer 15 and "
+              "skips the LM head, the bare one runs the whole model)")
+        overhead = ph.get("encode_and_convert", 0.0) + (stats.wall_seconds - sum(ph.values()))
+        print(f"RATIO overhead (SAE encode + dtype conversion + shard assembly + writer wait) / capture = "
+              f"{overhead / stats.wall_seconds:.4f}; seeded sampler generate / HF generate = {ph['generate'] / bare_gen:.3f}")
         # Write throughput: the writer's bytes vs a raw numpy write + fsync of the same arrays.
         from qsae.lake import QuestionLake
 
         lake = QuestionLake.open(cfg.store)
         arrays = {name: np.asarray(arr[:]) for name, arr in lake.arrays.items() if arr.dtype.kind not in "TUO"}
         nbytes = sum(a.nbytes for a in arrays.values())
-        raw_s = raw_write(root, arrays)
+        raw_s = raw_write_fsync(root, arrays)
         print(f"writer: {stats.bytes_written / stats.write_seconds / 1e6:.1f} MB/s ({stats.bytes_written / 1e6:.2f} MB in "
               f"{stats.write_seconds:.2f} s, in the background)   raw numpy+fsync: {nbytes / raw_s / 1e6:.1f} MB/s   "
               f"RATIO writer/raw = {(stats.bytes_written / stats.write_seconds) / (nbytes / raw_s):.2f}")

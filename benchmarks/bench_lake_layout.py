@@ -70,6 +70,19 @@ def shard_data(lake: QuestionLake, rng) -> dict[str, np.ndarray]:
     return data
 
 
+def raw_write_fsync(directory: Path, arrays: dict[str, np.ndarray], tag: str = "") -> float:
+    """The baseline: each array's bytes with numpy.tofile + fsync, one file per array; seconds."""
+    t = time.perf_counter()
+    for name, arr in arrays.items():
+        if arr.dtype.kind in "TUO":
+            arr = np.char.encode(arr.astype(str), "utf-8")
+        with open(directory / f"raw_{name}{tag}", "wb") as f:
+            np.ascontiguousarray(arr).tofile(f)
+            f.flush()
+            os.fsync(f.fileno())
+    return time.perf_counter() - t
+
+
 def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -101,17 +114,7 @@ def main() -> None:
             # Baseline: the same arrays as raw bytes, one file per shard and variable, fsynced.
             raw = root / f"raw{rep}"
             raw.mkdir()
-            t = time.perf_counter()
-            for shard in range(lake.n_shards):
-                for name, arr in data.items():
-                    if arr.dtype.kind in "TUO":
-                        arr = np.char.encode(arr.astype(str), "utf-8")
-                    path = raw / f"{name}.{shard}"
-                    with open(path, "wb") as f:
-                        np.ascontiguousarray(arr).tofile(f)
-                        f.flush()
-                        os.fsync(f.fileno())
-            raw_s.append(time.perf_counter() - t)
+            raw_s.append(sum(raw_write_fsync(raw, data, f".{shard}") for shard in range(lake.n_shards)))
             shutil.rmtree(raw)
         lake_bytes = du(root / "lake0.zarr")
         raw_bytes = sum(a.nbytes for a in data.values() if a.dtype.kind not in "TUO") * lake.n_shards

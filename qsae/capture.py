@@ -26,6 +26,7 @@ from typing import Any, Callable, Literal, Sequence
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
 from .datasets import Question, QuestionSet, format_prompt, is_correct, load_questions
@@ -36,7 +37,7 @@ from .models import LoadedModel, load_model
 from .sae import SAE, check_sae_matches_model
 from .sae_formats import load_saes
 from .sampling import SeededTopPSampler, StopOnTokens, empirical_entropy, newline_token_ids
-from .writer import ShardWriter, to_lake_dtype
+from .writer import background_writer, to_lake_dtype
 
 log = logging.getLogger("qsae.capture")
 Log = Callable[[str], None]
@@ -376,15 +377,9 @@ def capture_shards(
         raise DatasetError(f"the store's questions differ from {qs.name}: wrong store or dataset?")
     budget = prompt_budget(cfg, lm)
     stats = CaptureStats(list(shards))
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        total = sum(lake.shard_region(s).stop - lake.shard_region(s).start for s in shards)
-        bar = tqdm(total=total, unit="q", desc="capture")
-    writer = ShardWriter(lake, cfg.writer_queue)
-    t0 = time.perf_counter()
-    try:
+    total = sum(lake.shard_region(s).stop - lake.shard_region(s).start for s in shards)
+    with tqdm(total=total, unit="q", desc="capture", disable=not progress) as bar, \
+            background_writer(lake, cfg.writer_queue) as writer:
         with res.lock:  # one capture at a time per model (hooks are per module); time from here
             t0 = time.perf_counter()
             for shard in shards:
@@ -405,18 +400,11 @@ def capture_shards(
                         stats.phase_seconds[phase] = stats.phase_seconds.get(phase, 0.0) + sec
                     stats.new_tokens += result.new_tokens
                     stats.prompt_tokens += result.prompt_tokens
-                    if bar is not None:
-                        bar.update(len(batch))
+                    bar.update(len(batch))
                 writer.submit(shard, {k: (v.astype(str) if v.dtype == object else v) for k, v in buf.items()})
                 stats.questions += len(shard_qs)
                 stats.samples += len(shard_qs) * cfg.n_samples
                 log_fn(f"shard {shard}: {len(shard_qs)} questions captured (questions {region.start}..{region.stop - 1})")
-    finally:
-        try:
-            writer.close()
-        finally:
-            if bar is not None:
-                bar.close()
     stats.write_seconds = writer.write_seconds
     stats.bytes_written = writer.bytes_written
     stats.wall_seconds = time.perf_counter() - t0

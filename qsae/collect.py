@@ -18,12 +18,13 @@ from typing import Any, Callable, Literal
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
 
 from .datasets import TextCorpus, load_texts
 from .hooks import check_layers, run_with_capture
 from .lake import TokenLake, TokenLakeSpec
 from .models import LoadedModel, load_model
-from .writer import ShardWriter, to_lake_dtype
+from .writer import background_writer, to_lake_dtype
 
 log = logging.getLogger("qsae.collect")
 
@@ -116,14 +117,9 @@ def collect(cfg: CollectConfig, log_fn: Callable[[str], None] = log.info, progre
     lake = TokenLake.open_or_create(cfg.store, spec, mode=cfg.mode, storage_options=cfg.storage_options)
     pending = lake.pending_shards()
     log_fn(f"token store {cfg.store}: {n_windows} windows x {per} tokens, {len(pending)} of {lake.n_shards} blocks to collect")
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(pending) * cfg.windows_per_batch * per, unit="tok", desc="collect", unit_scale=True)
-    writer = ShardWriter(lake)
     t0 = time.perf_counter()
-    try:
+    with tqdm(total=len(pending) * cfg.windows_per_batch * per, unit="tok", desc="collect", unit_scale=True,
+              disable=not progress) as bar, background_writer(lake) as writer:
         for block in pending:
             w0 = block * cfg.windows_per_batch
             w1 = min(w0 + cfg.windows_per_batch, n_windows)
@@ -147,14 +143,7 @@ def collect(cfg: CollectConfig, log_fn: Callable[[str], None] = log.info, progre
                 special=win.special[w0:w1].reshape(-1),
             )
             writer.submit(block, data)
-            if bar is not None:
-                bar.update((w1 - w0) * per)
-    finally:
-        try:
-            writer.close()
-        finally:
-            if bar is not None:
-                bar.close()
+            bar.update((w1 - w0) * per)
     elapsed = time.perf_counter() - t0
     n_new = len(pending) * cfg.windows_per_batch * per
     if pending:

@@ -50,7 +50,7 @@ def finetune(lm: LoadedModel, texts: Sequence[str], out: Path, *, steps: int = 3
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if (step + 1) % 50 == 0:
             log_fn(f"fine-tune step {step + 1}/{steps}: loss {sum(losses[-50:]) / 50:.3f}")
     model.eval()

@@ -8,6 +8,8 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -74,3 +76,13 @@ class ShardWriter:
         self.queue.put(None)
         self.thread.join()
         self._raise()
+
+
+@contextmanager
+def background_writer(lake: Lake, max_pending: int = 2) -> Iterator[ShardWriter]:
+    """A ``ShardWriter`` that is drained and joined when the block ends (errors re-raised)."""
+    writer = ShardWriter(lake, max_pending)
+    try:
+        yield writer
+    finally:
+        writer.close()

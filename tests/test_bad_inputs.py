@@ -19,7 +19,7 @@ from qsae.schema import FP16_MAX
 from qsae.verify import verify
 from qsae.writer import to_lake_dtype
 
-from .test_capture import write_sae_folder
+from .test_capture import tiny_capture, write_sae_folder
 
 
 def test_unknown_layer_is_refused_before_anything_is_written(tiny_qwen_dir, tmp_path):
@@ -67,9 +67,7 @@ def test_nonfinite_and_overflowing_activations_are_flagged_not_hidden(tmp_path):
 def good_lake(tmp_path_factory, tiny_qwen_dir):
     tmp = tmp_path_factory.mktemp("verify")
     sae = write_sae_folder(tmp / "sae", 64, 128, [1])
-    cfg = CaptureConfig(model=str(tiny_qwen_dir), sae=str(sae), sae_k=5, layers=[1], limit=4, n_samples=3,
-                        max_new_tokens=4, questions_per_shard=2, questions_per_chunk=2, questions_per_batch=2,
-                        device="cpu", dtype="float32", resid_dtype="float32", store=str(tmp / "good.zarr"))
+    cfg = tiny_capture(tiny_qwen_dir, sae, tmp / "good.zarr", layers=[1], sae_k=5, limit=4, resid_dtype="float32")
     run_capture(cfg)
     return tmp, cfg
 

@@ -27,6 +27,15 @@ def write_sae_folder(path, d_model, d_sae, layers, scale=1.0):
     return path
 
 
+def tiny_capture(model_dir, sae, store, layers=(1, 2), **kw) -> CaptureConfig:
+    """The small capture on the tiny Qwen3.5 MoE that many tests share (override any field)."""
+    base = dict(model=str(model_dir), sae=str(sae) if sae else None, sae_k=6, layers=list(layers), limit=8, n_samples=3,
+                max_new_tokens=4, questions_per_shard=2, questions_per_chunk=2, questions_per_batch=2, device="cpu",
+                dtype="float32", store=str(store))
+    base.update(kw)
+    return CaptureConfig(**base)
+
+
 def small_cfg(tmp, model, sae, layers, **kw) -> CaptureConfig:
     base = dict(model=model, sae=str(sae), layers=layers, limit=6, n_samples=3, max_new_tokens=6,
                 questions_per_shard=4, questions_per_chunk=2, questions_per_batch=2, device="cpu", dtype="float32",

@@ -18,7 +18,7 @@ from qsae.capture import CaptureConfig, run_capture
 from qsae.lake import QuestionLake, open_lake
 from qsae.verify import verify
 
-from .test_capture import write_sae_folder
+from .test_capture import tiny_capture, write_sae_folder
 
 REPO = Path(__file__).resolve().parents[1]
 QSAE = str(Path(sys.executable).parent / "qsae")
@@ -29,9 +29,7 @@ pytestmark = pytest.mark.slow
 def fault_setup(tmp_path_factory, tiny_qwen_dir):
     tmp = tmp_path_factory.mktemp("faults")
     sae = write_sae_folder(tmp / "sae", 64, 128, [1, 2])
-    cfg = CaptureConfig(model=str(tiny_qwen_dir), sae=str(sae), sae_k=6, layers=[1, 2], limit=8, n_samples=3,
-                        max_new_tokens=4, questions_per_shard=2, questions_per_chunk=2, questions_per_batch=2,
-                        device="cpu", dtype="float32", store=str(tmp / "reference.zarr"))
+    cfg = tiny_capture(tiny_qwen_dir, sae, tmp / "reference.zarr")
     run_capture(cfg)
     return tmp, cfg, open_lake(cfg.store).load()
 

@@ -16,7 +16,7 @@ from qsae.rivalry_study import RivalryConfig
 from qsae.train import TrainConfig
 
 from .conftest import prefect_artifacts
-from .test_capture import write_sae_folder
+from .test_capture import tiny_capture, write_sae_folder
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -25,9 +25,8 @@ pytestmark = pytest.mark.usefixtures("prefect_server")
 def flow_lake(tmp_path_factory, tiny_qwen_dir):
     tmp = tmp_path_factory.mktemp("flows")
     sae = write_sae_folder(tmp / "sae", 64, 128, [1, 2])
-    cfg = CaptureConfig(model=str(tiny_qwen_dir), sae=str(sae), sae_k=6, layers=[1, 2], limit=12, n_samples=4,
-                        max_new_tokens=4, questions_per_shard=4, questions_per_chunk=2, questions_per_batch=4,
-                        device="cpu", dtype="float32", store=str(tmp / "lake.zarr"))
+    cfg = tiny_capture(tiny_qwen_dir, sae, tmp / "lake.zarr", limit=12, n_samples=4, questions_per_shard=4,
+                       questions_per_batch=4)
     return tmp, cfg
 
 

@@ -12,10 +12,10 @@ import xarray as xr
 from zarr.storage import LocalStore, WrapperStore
 
 import qsae  # noqa: F401  (registers ds.qsae)
-from qsae.capture import CaptureConfig, run_capture
+from qsae.capture import run_capture
 from qsae.sae_formats import load_sae
 
-from .test_capture import write_sae_folder
+from .test_capture import tiny_capture, write_sae_folder
 
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "query-guide.md"
 
@@ -24,9 +24,8 @@ GUIDE = Path(__file__).resolve().parents[1] / "docs" / "query-guide.md"
 def lake(tmp_path_factory, tiny_qwen_dir):
     tmp = tmp_path_factory.mktemp("query")
     sae = write_sae_folder(tmp / "sae", 64, 300, [1, 2], scale=3.0)
-    cfg = CaptureConfig(model=str(tiny_qwen_dir), sae=str(sae), sae_k=8, layers=[1, 2], limit=12, n_samples=4,
-                        max_new_tokens=5, questions_per_shard=4, questions_per_chunk=2, questions_per_batch=4,
-                        device="cpu", dtype="float32", store=str(tmp / "lake.zarr"))
+    cfg = tiny_capture(tiny_qwen_dir, sae, tmp / "lake.zarr", sae_k=8, limit=12, n_samples=4, max_new_tokens=5,
+                       questions_per_shard=4, questions_per_batch=4)
     run_capture(cfg)
     return cfg
 

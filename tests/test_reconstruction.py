@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from qsae.capture import CaptureConfig, run_capture
+from qsae.capture import run_capture
 from qsae.errors import SAEFormatError
 from qsae.hooks import decoder_layers, run_with_capture, splice
 from qsae.lake import QuestionLake, open_lake
@@ -16,6 +16,7 @@ from qsae.sae import file_sha256
 from qsae.sae_formats import load_sae
 
 from .lake_fixtures import random_shard, small_spec
+from .test_capture import tiny_capture
 
 
 def numpy_metrics(x, x_hat, val, d_sae, idx):
@@ -103,9 +104,8 @@ def zero_sae(folder, d, layers):
 def perfect_lake(tmp_path_factory, tiny_qwen_dir):
     tmp = tmp_path_factory.mktemp("recon")
     sae = identity_sae(tmp / "identity", 64, [1, 2])
-    cfg = CaptureConfig(model=str(tiny_qwen_dir), sae=str(sae), sae_k=64, layers=[1, 2], limit=4, n_samples=2,
-                        max_new_tokens=4, questions_per_shard=4, questions_per_chunk=2, questions_per_batch=4,
-                        device="cpu", dtype="float32", resid_dtype="float32", store=str(tmp / "lake.zarr"))
+    cfg = tiny_capture(tiny_qwen_dir, sae, tmp / "lake.zarr", sae_k=64, limit=4, n_samples=2, questions_per_shard=4,
+                       questions_per_batch=4, resid_dtype="float32")
     run_capture(cfg)
     return tmp, cfg
 

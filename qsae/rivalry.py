@@ -16,7 +16,9 @@ Definitions (the protocol of ``shared/reference/qwen35-35b-a3b-experiment-card.t
 * Across questions (the card's literal reading): within a group, the prompt-end codes of the
   group's questions form a sparse Q x F matrix over the features active in at least
   ``min_questions`` of them; the Pearson correlations of all feature pairs across questions
-  and their 5th percentile per group, with a bootstrap over questions.
+  and their 5th percentile per group, with a bootstrap over questions: its bias estimate,
+  the bias-corrected p5 and the basic 95% interval for the population p5 (see
+  ``across_questions`` for why the raw sample p5 can fall outside it).
 
 Everything works on the sparse codes. A per-question score costs O(S * u^2) where u is the
 number of distinct standardized feature vectors: a feature active in exactly one sample has
@@ -212,6 +214,11 @@ class AcrossResult:
     p5: float
     ci: tuple[float, float]
     correlations: np.ndarray = field(repr=False)
+    bootstrap_bias: float = float("nan")  # mean bootstrap p5 minus the sample p5
+
+    @property
+    def p5_bias_corrected(self) -> float:
+        return self.p5 - self.bootstrap_bias
 
 
 def across_questions(idx: np.ndarray, val: np.ndarray, min_questions: int = 5, pct: float = 5.0,
@@ -220,15 +227,25 @@ def across_questions(idx: np.ndarray, val: np.ndarray, min_questions: int = 5, p
     X, feats = sparse_codes_matrix(idx, val, min_questions)
     corr = pairwise_correlations(X)
     p5 = float(np.percentile(corr, pct)) if corr.size else float("nan")
+    # Bootstrap over questions. The sample p5 of pairwise correlations is biased outward: with
+    # finitely many questions the correlations are noisy and their distribution wider than the
+    # population's. The bootstrap estimates that bias (mean of resampled p5 minus p5), and the
+    # basic (reverse-percentile) interval [2 p5 - q97.5, 2 p5 - q2.5] is the 95% interval for
+    # the population p5; it brackets the bias-corrected p5 (p5 - bias), and may exclude the
+    # raw sample p5 when the bias is larger than the spread.
     rng = np.random.default_rng(seed)
     boots = []
     for _ in range(n_boot if corr.size else 0):
-        pick = rng.integers(0, idx.shape[0], idx.shape[0])
-        c = pairwise_correlations(X[pick])
+        c = pairwise_correlations(X[rng.integers(0, idx.shape[0], idx.shape[0])])
         if c.size:
             boots.append(np.percentile(c, pct))
-    ci = tuple(float(x) for x in np.percentile(boots, [2.5, 97.5])) if boots else (float("nan"),) * 2
-    return AcrossResult(idx.shape[0], int(feats.size), int(corr.size), p5, ci, corr)  # type: ignore[arg-type]
+    if boots:
+        lo, hi = np.percentile(boots, [2.5, 97.5])
+        ci = (float(2 * p5 - hi), float(2 * p5 - lo))
+        bias = float(np.mean(boots) - p5)
+    else:
+        ci, bias = (float("nan"), float("nan")), float("nan")
+    return AcrossResult(idx.shape[0], int(feats.size), int(corr.size), p5, ci, corr, bias)
 
 
 # ------------------------------------------------------------------------- tests

@@ -138,7 +138,9 @@ def run_rivalry(cfg: RivalryConfig, log_fn: Callable[[str], None] = log.info, pr
             res = across_questions(codes.prompt_codes_idx.values[rows], codes.prompt_codes_val.values[rows],
                                    cfg.min_questions, cfg.percentile, cfg.n_boot, cfg.seed)
             groups[g] = {"n_questions": res.n_questions, "n_features": res.n_features, "n_pairs": res.n_pairs,
-                         f"p{cfg.percentile:g}": res.p5, "bootstrap_ci": list(res.ci)}
+                         f"p{cfg.percentile:g}": res.p5, "bootstrap_bias": res.bootstrap_bias,
+                         f"p{cfg.percentile:g}_bias_corrected": res.p5_bias_corrected,
+                         "ci95_population": list(res.ci)}
             dists[g] = res.correlations
         summary["across"] = groups
         summary["test"] = compare_groups(dists[AMBIGUOUS], dists[UNAMBIGUOUS], n_boot=min(cfg.n_boot, 200), seed=cfg.seed)

@@ -188,5 +188,8 @@ def test_across_questions_mode_against_dense_corrcoef(tmp_path):
     across = res.summary["across"]
     assert set(across) == {"ambiguous", "unambiguous"}
     for g in across.values():
-        assert g["n_questions"] == 15 and np.isfinite(g["p5"]) and g["bootstrap_ci"][0] <= g["bootstrap_ci"][1]
+        assert g["n_questions"] == 15 and np.isfinite(g["p5"]) and np.isfinite(g["bootstrap_bias"])
+        lo, hi = g["ci95_population"]
+        assert lo <= g["p5_bias_corrected"] <= hi
+        assert g["p5_bias_corrected"] == pytest.approx(g["p5"] - g["bootstrap_bias"])
     assert "not independent" in res.summary["test"]["caveat"]

@@ -131,7 +131,7 @@ def main() -> None:
         ds = xr.open_zarr(counting, consolidated=True)
         counting.bytes_read = 0
         t = time.perf_counter()
-        ds.resid.isel(layer=0, question=pick).values
+        _ = ds.resid.isel(layer=0, question=pick).values
         sel_s = time.perf_counter() - t
         sharded_read = counting.bytes_read
 
@@ -144,7 +144,7 @@ def main() -> None:
         counting = CountingStore(LocalStore(plain_url, read_only=True))
         ds_plain = xr.open_zarr(counting, consolidated=True)
         counting.bytes_read = 0
-        ds_plain.resid.isel(layer=0, question=pick).values
+        _ = ds_plain.resid.isel(layer=0, question=pick).values
         plain_read = counting.bytes_read
 
         t = time.perf_counter()

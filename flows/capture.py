@@ -62,7 +62,7 @@ def summary_markdown(config: CaptureConfig, lake: QuestionLake, results: list[di
     ])
 
 
-@flow(name="qsae-capture", log_prints=True)
+@flow(name="qsae-capture", log_prints=True, retries=1, retry_delay_seconds=30)
 def capture_flow(config: CaptureConfig = CaptureConfig(), shards_per_task: int = 4,
                  shards: list[int] | None = None) -> dict[str, Any]:
     """Capture every pending shard of ``config.store`` (or only ``shards``, for scale-out)."""

@@ -286,7 +286,7 @@ def load_texts(source: str, *, text_field: str = "text", split: str = "train", l
             else:
                 texts.append(rec[text_field])
     elif suffix == ".txt":
-        for row, line in _decode_lines(data):
+        for _row, line in _decode_lines(data):
             if isinstance(line, RowProblem):
                 problems.append(line)
             elif line.strip():

@@ -180,10 +180,10 @@ def loss_recovered(
         with torch.inference_mode():
             clean = model(input_ids=ids, use_cache=False).logits[:, :-1]
 
-            def with_sae(x: torch.Tensor) -> torch.Tensor:
+            def with_sae(x: torch.Tensor, mask: torch.Tensor = mask) -> torch.Tensor:
                 return torch.where(mask[..., None], sae(x.float()).to(x.dtype), x)
 
-            def with_zero(x: torch.Tensor) -> torch.Tensor:
+            def with_zero(x: torch.Tensor, mask: torch.Tensor = mask) -> torch.Tensor:
                 return torch.where(mask[..., None], torch.zeros_like(x), x)
 
             with splice(model, layer, with_sae):

@@ -159,17 +159,18 @@ def reconstruction_figure(table: xr.Dataset):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
     layers = table.layer.values
     for name in ("fve", "fve_legacy", "cossim", "loss_recovered"):
         if name in table and np.isfinite(table[name].values).any():
             ax1.plot(layers, table[name].values, marker="o", label=name)
     ax1.set_xlabel("layer")
-    ax1.set_ylim(min(0.0, float(np.nanmin([table[n].values.min() for n in ("fve", "cossim") if n in table]))), 1.02)
-    ax1.legend(fontsize=8)
-    ax1b = ax1.twinx()
-    ax1b.bar(layers, table.l0.values, alpha=0.15, color="k", width=0.6)
-    ax1b.set_ylabel("L0 (bars)")
+    ax1.set_xticks(layers)
+    ax1.set_xlim(layers.min() - 1, layers.max() + 1)
+    low = float(np.nanmin([table[n].values.min() for n in ("fve", "cossim") if n in table]))
+    ax1.set_ylim(min(0.0, low) - 0.02, 1.02)
+    ax1.legend(fontsize=8, loc="lower left")
+    ax1.set_title("L0 by layer: " + ", ".join(f"{int(l)}: {v:.0f}" for l, v in zip(layers, table.l0.values)), fontsize=9)
     for layer in layers:
         d = table.feature_density.sel(layer=layer).values
         live = d[d > 0]

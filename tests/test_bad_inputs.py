@@ -13,7 +13,7 @@ import zarr
 
 from qsae.capture import CaptureConfig, _layer_arrays, plan_capture, run_capture
 from qsae.errors import LayerError, StoreUnreachableError
-from qsae.lake import QuestionLake, open_lake
+from qsae.lake import open_lake
 from qsae.sae_formats import load_sae
 from qsae.schema import FP16_MAX
 from qsae.verify import verify

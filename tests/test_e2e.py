@@ -141,6 +141,16 @@ def test_pipeline_deployment_on_two_workers_with_s3_lake(tmp_path, s3_server, ti
         local = xr.open_zarr(local_cfg.store).load()
         for name in local.data_vars:
             np.testing.assert_array_equal(remote[name].values, local[name].values, err_msg=name)
+        # The accessor and `qsae inspect` work the same on s3:// as on a local path.
+        import qsae  # noqa: F401
+        from qsae.inspect_store import inspect_store
+
+        lazy_remote = xr.open_zarr("s3://lake/e2e.zarr", storage_options=s3_opts)
+        np.testing.assert_array_equal(lazy_remote.qsae.firing_frequency().compute().values,
+                                      xr.open_zarr(local_cfg.store).qsae.firing_frequency().compute().values)
+        info = inspect_store("s3://lake/e2e.zarr", storage_options=s3_opts)
+        assert info["done_fraction"] == 1.0 and info["variables"]["resid"]["bytes_on_disk"] > 0
+        assert "reconstruction" in info["result_groups"]
         groups = xr.open_zarr("s3://lake/e2e.zarr", storage_options=s3_opts, group="reconstruction")
         assert list(groups.layer.values) == [1, 2]
         riv = xr.open_zarr("s3://lake/e2e.zarr", storage_options=s3_opts, group="rivalry/layer_2/per_question")

@@ -9,7 +9,6 @@ from flows.capture import capture_flow
 from flows.reconstruction import reconstruction_flow
 from flows.rivalry import rivalry_flow
 from flows.train import train_flow
-from qsae.capture import CaptureConfig
 from qsae.lake import QuestionLake, open_lake
 from qsae.reconstruction_study import ReconstructionConfig
 from qsae.rivalry_study import RivalryConfig

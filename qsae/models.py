@@ -9,6 +9,7 @@ config, checked to give identical logits, and cached as safetensors.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -90,12 +91,18 @@ def embedded_model_dir(alias: str, cache_dir: Path | None = None) -> Path:
     gguf_path = pkg_dir / gguf_file
     out = (cache_dir or default_cache_dir()) / "models" / alias
     if (out / "qsae_revision.txt").exists():
+        _drop_quantization_marker(out)
         return out
     tmp = out.with_name(out.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     tok = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=gguf_file)
     quant = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=gguf_file, dtype=torch.float32)
-    plain = AutoModelForCausalLM.from_config(quant.config, dtype=torch.float32)
+    config = copy.deepcopy(quant.config)
+    # The GGUF loader marks the config as quantized; the plain copy is not (else it can be
+    # neither saved nor fine-tuned and saved again).
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = plain.load_state_dict(quant.state_dict(), strict=False)
     # lm_head may be tied to the embeddings and then absent from one of the two dicts.
     if [m for m in missing if m != "lm_head.weight"] or unexpected:
@@ -116,6 +123,15 @@ def embedded_model_dir(alias: str, cache_dir: Path | None = None) -> Path:
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+def _drop_quantization_marker(folder: Path) -> None:
+    """Caches made by qsae 0.1.0 before a fix kept GGUF's quantization_config: remove it."""
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if "quantization_config" in cfg:
+        del cfg["quantization_config"]
+        cfg_path.write_text(json.dumps(cfg, indent=2))
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:

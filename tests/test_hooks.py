@@ -111,3 +111,15 @@ def test_out_of_range_layer_is_refused(tiny_qwen, layers):
         with capture(tiny_qwen.model, layers):
             pass
     assert _hook_ids(decoder_layers(tiny_qwen.model)) == before
+
+
+def test_converted_smollm2_is_a_plain_savable_model(smollm2, tmp_path):
+    import json
+
+    from qsae.models import embedded_model_dir
+
+    folder = embedded_model_dir("smollm2")
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+    assert not getattr(smollm2.model, "is_quantized", False)
+    smollm2.model.save_pretrained(tmp_path / "copy")  # a GGUF-marked model refuses this
+    assert (tmp_path / "copy" / "config.json").exists()

@@ -1,14 +1,18 @@
 """The base vs fine-tuned demo on CPU: SmolLM2 and a PopQA fine-tune of it, an SAE of each,
 a small question lake on each, and the comparison (``qsae demo-compare``).
 
-Everything is cached under ``storage/cache/compare-demo`` and rebuilt only if missing.
+Two SAEs trained from the same seed stay close to their shared initialisation after a short
+CPU training, which would make every feature "match"; so the fine-tuned SAE is trained from
+another seed, and a second base SAE from that same other seed gives the seed-to-seed baseline:
+how much two SAEs of the *same* model agree. Base vs fine-tuned is read against it.
+Everything is cached under ``storage/cache/compare-demo``.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from .capture import CaptureConfig, run_capture
 from .collect import CollectConfig, collect
@@ -22,9 +26,24 @@ log = logging.getLogger("qsae.demo_compare")
 LAYER = 15
 
 
+def _sae(root: Path, name: str, model_dir: Path, seed: int, tokens: int, epochs: float, log_fn, progress) -> str:
+    sae_dir = root / f"sae-{name}"
+    if not (sae_dir / "cfg.json").exists():
+        model_name = name.split("-seed")[0]
+        store = str(root / f"tokens-{model_name}.zarr")
+        log_fn(f"{name}: layer-{LAYER} tokens of {model_dir.name} ({tokens}), TopK SAE from seed {seed}")
+        collect(CollectConfig(model=str(model_dir), layers=[LAYER], max_tokens=tokens, device="cpu", dtype="float32",
+                              store=store), log_fn, progress=progress)
+        res = train_sae(TrainConfig(store=store, layer=LAYER, k=32, expansion=4, epochs=epochs, lr=4e-4,
+                                    dead_tokens=100_000, seed=seed, out=str(sae_dir)), progress=progress)
+        log_fn(f"{name}: FVE {res.final.get('fve', float('nan')):.3f}, dead {res.final['dead']}, {res.steps} steps")
+    return str(sae_dir)
+
+
 def build_and_compare(cache: Path | None = None, *, finetune_steps: int = 300, tokens: int = 120_000,
-                      questions: int = 32, samples: int = 10, log_fn: Callable[[str], None] = log.info,
-                      progress: bool = True) -> CompareResult:
+                      epochs: float = 8, questions: int = 32, samples: int = 10,
+                      log_fn: Callable[[str], None] = log.info, progress: bool = True) -> tuple[CompareResult, dict[str, Any]]:
+    """(base vs fine-tuned result, seed-to-seed baseline summary)."""
     root = (cache or default_cache_dir()) / "compare-demo"
     base_dir = embedded_model_dir("smollm2", cache)
     ft_dir = root / "smollm2-popqa-ft"
@@ -32,21 +51,17 @@ def build_and_compare(cache: Path | None = None, *, finetune_steps: int = 300, t
         log_fn(f"fine-tuning SmolLM2 for {finetune_steps} steps on the shipped PopQA Q/A lines -> {ft_dir}")
         lm = load_model(str(base_dir), device="cpu", dtype="float32")
         finetune(lm, popqa_lines(load_questions("popqa-demo").questions), ft_dir, steps=finetune_steps, log_fn=log_fn)
-    saes, lakes = {}, {}
-    for name, model_dir in (("base", base_dir), ("finetuned", ft_dir)):
-        sae_dir = root / f"sae-{name}"
-        if not (sae_dir / "cfg.json").exists():
-            store = str(root / f"tokens-{name}.zarr")
-            log_fn(f"{name}: collecting {tokens} layer-{LAYER} tokens and training a TopK SAE")
-            collect(CollectConfig(model=str(model_dir), layers=[LAYER], max_tokens=tokens, device="cpu", dtype="float32",
-                                  store=store), log_fn, progress=progress)
-            train_sae(TrainConfig(store=store, layer=LAYER, k=32, expansion=4, epochs=3, lr=4e-4, dead_tokens=100_000,
-                                  out=str(sae_dir)), progress=progress)
-        saes[name] = str(sae_dir)
-        lake = CaptureConfig(model=str(model_dir), sae=str(sae_dir), layers=[LAYER], limit=questions, n_samples=samples,
+    sae_base = _sae(root, "base", base_dir, 0, tokens, epochs, log_fn, progress)
+    sae_base_seed1 = _sae(root, "base-seed1", base_dir, 1, tokens, epochs, log_fn, progress)
+    sae_ft = _sae(root, "finetuned", ft_dir, 1, tokens, epochs, log_fn, progress)
+    lakes = {}
+    for name, model_dir, sae in (("base", base_dir, sae_base), ("finetuned", ft_dir, sae_ft)):
+        lake = CaptureConfig(model=str(model_dir), sae=sae, layers=[LAYER], limit=questions, n_samples=samples,
                              max_new_tokens=12, questions_per_shard=16, questions_per_batch=8, device="cpu",
-                             dtype="float32", store=str(root / f"lake-{name}.zarr"))
+                             dtype="float32", store=str(root / f"lake-{name}.zarr"), mode="overwrite")
         run_capture(lake, log_fn, progress=progress)
         lakes[name] = lake.store
-    return run_compare(CompareConfig(base_sae=saes["base"], finetuned_sae=saes["finetuned"], layer=LAYER,
-                                     base_lake=lakes["base"], finetuned_lake=lakes["finetuned"]), log_fn)
+    baseline = run_compare(CompareConfig(base_sae=sae_base, finetuned_sae=sae_base_seed1, layer=LAYER), log_fn)
+    result = run_compare(CompareConfig(base_sae=sae_base, finetuned_sae=sae_ft, layer=LAYER, base_lake=lakes["base"],
+                                       finetuned_lake=lakes["finetuned"]), log_fn)
+    return result, baseline.summary

@@ -143,6 +143,8 @@ def question_score(idx: np.ndarray, val: np.ndarray, pct: float = 5.0) -> Questi
         return QuestionScore(np.nan, m, n_const, 0)
     C = np.clip(Z.T @ Z / S, -1.0, 1.0)
     iu = np.triu_indices(u, k=1)
+    if (counts == 1).all():  # nothing collapsed: a plain percentile (linear time) is exact
+        return QuestionScore(float(np.percentile(C[iu], pct)), m, n_const, int(iu[0].size))
     vals = [C[iu], np.ones(1)]
     weights = [counts[iu[0]] * counts[iu[1]], np.array([int((counts * (counts - 1) // 2).sum())])]
     values, w = np.concatenate(vals), np.concatenate(weights)

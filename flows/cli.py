@@ -307,8 +307,8 @@ def demo_compare(
 
     res, baseline = build_and_compare(finetune_steps=steps, questions=questions, log_fn=typer.echo)
     keys = ("matched", "matched_above_0.9", "emerged", "vanished", "mean_matched_similarity")
-    typer.echo("seed-to-seed baseline (base vs base, other seed): " + json.dumps({k: baseline[k] for k in keys}))
-    typer.echo("base vs fine-tuned (fine-tuned SAE from that other seed): " + json.dumps({k: res.summary[k] for k in keys}))
+    typer.echo("control (base SAE vs itself continued on base activations): " + json.dumps({k: baseline[k] for k in keys}))
+    typer.echo("base SAE vs itself continued on fine-tuned activations: " + json.dumps({k: res.summary[k] for k in keys}))
     typer.echo(summary_json({k: v for k, v in res.summary.items() if k != "emerged_examples"}))
     typer.echo(f"figure: {res.figure}")
 

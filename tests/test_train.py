@@ -164,3 +164,16 @@ def test_export_loads_in_qsae_and_saelens_identically(synthetic):
     assert cfg["qsae_training"]["input_scale"] == pytest.approx(scale)
     with torch.no_grad():
         torch.testing.assert_close(ours(batch), trained(batch / scale)[0] * scale, rtol=1e-5, atol=1e-4)
+
+
+def test_init_from_continues_an_exported_sae(synthetic):
+    tmp, _, x, _ = synthetic
+    first = train_sae(_cfg(tmp, "init-src", epochs=1))
+    # lr ~0: the continued SAE must be the same function as the one it started from
+    cont = train_sae(_cfg(tmp, "init-cont", epochs=1, lr=1e-12, d_sae=None, init_from=str(first.out)))
+    a, b = load_sae(first.out), load_sae(cont.out)
+    assert b.d_sae == 96  # the width comes from the initial SAE
+    batch = torch.from_numpy(x[:300])
+    with torch.no_grad():
+        torch.testing.assert_close(b.encode(batch), a.encode(batch), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(b(batch), a(batch), rtol=1e-4, atol=1e-3)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -313,9 +312,5 @@ def demo_compare(
     typer.echo(f"figure: {res.figure}")
 
 
-def main() -> None:  # pragma: no cover - console entry
+if __name__ == "__main__":  # python -m flows.cli
     app(prog_name="qsae")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -30,12 +30,6 @@ def uniform(seed: int, question_id: int, sample: int, step: int) -> float:
     return (int.from_bytes(digest, "little") >> 11) * 2.0**-53
 
 
-def derive_seed(seed: int, question_id: int) -> int:
-    """A 63-bit seed for one question (exposed for users who want their own draws)."""
-    digest = hashlib.blake2b(struct.pack("<qq", seed, question_id), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
 def entropy_from_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Entropy in nats of softmax(logits / temperature), in float64."""
     logp = torch.log_softmax(logits.double() / temperature, dim=-1)

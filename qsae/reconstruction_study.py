@@ -170,7 +170,7 @@ def reconstruction_figure(table: xr.Dataset):
     low = float(np.nanmin([table[n].values.min() for n in ("fve", "cossim") if n in table]))
     ax1.set_ylim(min(0.0, low) - 0.02, 1.02)
     ax1.legend(fontsize=8, loc="lower left")
-    ax1.set_title("L0 by layer: " + ", ".join(f"{int(l)}: {v:.0f}" for l, v in zip(layers, table.l0.values)), fontsize=9)
+    ax1.set_title("L0 by layer: " + ", ".join(f"{int(la)}: {v:.0f}" for la, v in zip(layers, table.l0.values)), fontsize=9)
     for layer in layers:
         d = table.feature_density.sel(layer=layer).values
         live = d[d > 0]

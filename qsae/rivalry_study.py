@@ -115,8 +115,12 @@ def run_rivalry(cfg: RivalryConfig, log_fn: Callable[[str], None] = log.info, pr
         cols: dict[str, list[np.ndarray]] = {}
         blocks = question_blocks(n, cfg.block_questions)
         todo = [b for b in blocks if b.start not in (blocks_done or {})]
-        scored = map_blocks(score_block_at, [(cfg.store, cfg.storage_options, layer, b.start, b.stop, cfg.percentile)
-                                             for b in todo], cfg.dask_address, progress)
+        if cfg.dask_address is None:  # in-process: score on the dataset already open
+            scored = map_blocks(lambda start, stop: score_block(ds, layer, slice(start, stop), cfg.percentile),
+                                [(b.start, b.stop) for b in todo], None, progress)
+        else:  # dask workers open the lake themselves, by URL
+            scored = map_blocks(score_block_at, [(cfg.store, cfg.storage_options, layer, b.start, b.stop,
+                                                  cfg.percentile) for b in todo], cfg.dask_address, progress)
         by_start = {**(blocks_done or {}), **{b.start: r for b, r in zip(todo, scored)}}
         for b in blocks:
             for key, value in by_start[b.start].items():

@@ -277,24 +277,15 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def _sae_width(source: str) -> int:
-    from .sae_formats import load_sae
-
-    return load_sae(source, k=1).d_sae
-
-
 @torch.no_grad()
-def _init_from(sae: "TrainableSAE", source: str, scale: float) -> None:
+def _init_from(sae: "TrainableSAE", src, scale: float) -> None:
     """Load an SAE (raw-activation units) into the trainer's scaled parametrisation.
 
     Decoder rows are renormalised to unit length (a training invariant); the encoder is
     rescaled to the new input scale, so the function is unchanged up to that renormalisation.
     """
-    from .sae_formats import load_sae
-
-    src = load_sae(source, k=1)
     if (src.d_model, src.d_sae) != tuple(sae.W_enc.shape):
-        raise ValueError(f"{source} is {src.d_model} x {src.d_sae}, the trainer needs {tuple(sae.W_enc.shape)}")
+        raise ValueError(f"{src.info.source} is {src.d_model} x {src.d_sae}, the trainer needs {tuple(sae.W_enc.shape)}")
     W_dec = src.W_dec.float()
     sae.W_dec.copy_(W_dec / W_dec.norm(dim=-1, keepdim=True))
     sae.W_enc.copy_(src.W_enc.float() * scale)
@@ -329,8 +320,12 @@ def train_sae(cfg: TrainConfig, log_fn: Callable[[dict[str, Any]], None] | None 
     lineage = lineage or {}
     d_model = source.d_model
     d_sae = cfg.d_sae or cfg.expansion * d_model
+    init = None
     if cfg.init_from:
-        d_sae = _sae_width(cfg.init_from)
+        from .sae_formats import load_sae
+
+        init = load_sae(cfg.init_from, k=1)  # only its weights matter; a TopK file without k loads too
+        d_sae = init.d_sae
     lr = cfg.lr or DEFAULT_LR[cfg.architecture]
     stream = ShuffledStream(source, cfg.batch_size, cfg.buffer_blocks, cfg.seed)
     total_tokens = cfg.total_tokens or int(cfg.epochs * stream.rows_per_epoch)
@@ -357,8 +352,8 @@ def train_sae(cfg: TrainConfig, log_fn: Callable[[dict[str, Any]], None] | None 
         first = next(stream._buffers(0))
         scale = float(np.sqrt(np.mean(np.sum(first.astype(np.float64) ** 2, axis=1)) / d_model))
         with torch.no_grad():
-            if cfg.init_from:
-                _init_from(sae, cfg.init_from, scale)
+            if init is not None:
+                _init_from(sae, init, scale)
             else:
                 sae.b_dec.copy_(torch.from_numpy(first.mean(0) / scale).float())
     sae.to(dev)

@@ -22,12 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_lake_layout import raw_write_fsync
 from transformers import GenerationConfig, StoppingCriteriaList
 
 from qsae.capture import CaptureConfig, _encode_prompt, capture_shards, get_model, get_questions, plan_capture
 from qsae.sampling import StopOnTokens, newline_token_ids
-
-from bench_lake_layout import raw_write_fsync
 
 
 def bare(cfg: CaptureConfig, questions) -> tuple[float, int, float, float]:

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import xarray as xr
+from bench_lake_layout import CountingStore
+from synthetic_lake import D_SAE, build_code_lake
 from zarr.storage import LocalStore
 
 import qsae  # noqa: F401
-from bench_lake_layout import CountingStore
-from synthetic_lake import D_SAE, build_code_lake
 
 
 def naive_top(store, layer_index: int, feature: int, n: int, block: int = 128):

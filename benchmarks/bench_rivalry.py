@@ -22,12 +22,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from synthetic_lake import D_SAE, K, S, build_code_lake
 
 from qsae.lake import QuestionLake
 from qsae.rivalry import dense_question_score, question_score
 from qsae.rivalry_study import RivalryConfig, run_rivalry
 
-from synthetic_lake import D_SAE, K, S, build_code_lake
 
 def main() -> None:
     ap = argparse.ArgumentParser()

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from flows.storage_blocks import resolve_secret_blocks
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.policies import retry_unless_bad_input
+from flows.storage_blocks import resolve_secret_blocks
 from qsae.capture import CaptureConfig, capture_shards, plan_capture, store_path_for
 from qsae.lake import QuestionLake
 
@@ -28,7 +29,7 @@ def prepare_store(config: CaptureConfig) -> list[int]:
     return plan.pending
 
 
-@task(name="capture-shards", tags=["gpu"], retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+@task(name="capture-shards", tags=["gpu"], retries=2, retry_condition_fn=retry_unless_bad_input, retry_delay_seconds=10, cache_policy=NO_CACHE)
 def capture_shards_task(config: CaptureConfig, shards: list[int]) -> dict[str, Any]:
     """Capture a group of shards; each is rewritten whole, so a retry is idempotent."""
     logger = get_run_logger()
@@ -62,7 +63,7 @@ def summary_markdown(config: CaptureConfig, lake: QuestionLake, results: list[di
     ])
 
 
-@flow(name="qsae-capture", log_prints=True, retries=1, retry_delay_seconds=30)
+@flow(name="qsae-capture", log_prints=True)
 def capture_flow(config: CaptureConfig = CaptureConfig(), shards_per_task: int = 4,
                  shards: list[int] | None = None) -> dict[str, Any]:
     """Capture every pending shard of ``config.store`` (or only ``shards``, for scale-out)."""

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 import yaml
@@ -19,10 +22,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML or JSON file with the run's fields")
 SetOpt = typer.Option(None, "--set", help="override any field: --set key=value (value parsed as YAML)")
+TIMES: dict[str, float] = {}  # stage -> seconds, printed at the end of the demo
+
 PrefectOpt = typer.Option(True, "--prefect/--no-prefect", help="run as a Prefect flow (default) or in-process")
 
 
-def build_config(model_cls, config_file: Optional[Path], sets: Optional[list[str]], **options: Any):
+def build_config(model_cls, config_file: Path | None, sets: list[str] | None, **options: Any):
     """A validated config: file fields, then explicit options, then --set overrides."""
     data: dict[str, Any] = {}
     if config_file is not None:
@@ -40,7 +45,7 @@ def build_config(model_cls, config_file: Optional[Path], sets: Optional[list[str
         raise typer.BadParameter(str(exc)) from None
 
 
-def parse_layers(layers: Optional[str]) -> Optional[list[int]]:
+def parse_layers(layers: str | None) -> list[int] | None:
     if layers is None:
         return None
     try:
@@ -49,8 +54,16 @@ def parse_layers(layers: Optional[str]) -> Optional[list[int]]:
         raise typer.BadParameter(f"--layers expects comma-separated integers, got {layers!r}") from None
 
 
-def _prefect_env() -> None:
+@contextmanager
+def _prefect():
+    """A Prefect API for the flow: PREFECT_API_URL if set, else a temporary server of our own."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.server import prefect_api
+
+    t0 = time.perf_counter()
+    with prefect_api(typer.echo) as url:
+        TIMES["Prefect server start"] = time.perf_counter() - t0
+        yield url
 
 
 def _echo_open(store: str) -> None:
@@ -60,21 +73,21 @@ def _echo_open(store: str) -> None:
 
 @app.command()
 def capture(
-    config: Optional[Path] = ConfigOpt,
-    model: Optional[str] = typer.Option(None, help="model folder, cached HF repo id, or 'smollm2'"),
-    sae: Optional[str] = typer.Option(None, help="SAE folder/file/cached repo id (one per layer)"),
-    sae_k: Optional[int] = typer.Option(None, help="k of the stored codes (default: the SAE's)"),
-    layers: Optional[str] = typer.Option(None, help="comma-separated layers, e.g. 20 or 10,20,30"),
-    dataset: Optional[str] = typer.Option(None, help="'popqa-demo', a .jsonl/.json/.tsv/.txt file, or a cached HF dataset"),
-    store: Optional[str] = typer.Option(None, help="lake URL: a path, s3://bucket/x.zarr, ..."),
-    samples: Optional[int] = typer.Option(None, help="completions per question (default 20)"),
-    limit: Optional[int] = typer.Option(None, help="only the first N questions"),
-    max_new_tokens: Optional[int] = typer.Option(None),
-    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:1 ..."),
-    mode: Optional[str] = typer.Option(None, help="resume (default), overwrite, create"),
+    config: Path | None = ConfigOpt,
+    model: str | None = typer.Option(None, help="model folder, cached HF repo id, or 'smollm2'"),
+    sae: str | None = typer.Option(None, help="SAE folder/file/cached repo id (one per layer)"),
+    sae_k: int | None = typer.Option(None, help="k of the stored codes (default: the SAE's)"),
+    layers: str | None = typer.Option(None, help="comma-separated layers, e.g. 20 or 10,20,30"),
+    dataset: str | None = typer.Option(None, help="'popqa-demo', a .jsonl/.json/.tsv/.txt file, or a cached HF dataset"),
+    store: str | None = typer.Option(None, help="lake URL: a path, s3://bucket/x.zarr, ..."),
+    samples: int | None = typer.Option(None, help="completions per question (default 20)"),
+    limit: int | None = typer.Option(None, help="only the first N questions"),
+    max_new_tokens: int | None = typer.Option(None),
+    device: str | None = typer.Option(None, help="auto, cpu, cuda, cuda:1 ..."),
+    mode: str | None = typer.Option(None, help="resume (default), overwrite, create"),
     shards_per_task: int = typer.Option(4, help="shards per Prefect task"),
     prefect: bool = PrefectOpt,
-    set_: Optional[list[str]] = SetOpt,
+    set_: list[str] | None = SetOpt,
 ) -> None:
     """Sample completions and capture residuals + SAE codes into a question lake."""
     from qsae.capture import CaptureConfig, run_capture
@@ -83,10 +96,10 @@ def capture(
                        dataset=dataset, store=store, n_samples=samples, limit=limit,
                        max_new_tokens=max_new_tokens, device=device, mode=mode)
     if prefect:
-        _prefect_env()
         from flows.capture import capture_flow
 
-        result = capture_flow(config=cfg, shards_per_task=shards_per_task)
+        with _prefect():
+            result = capture_flow(config=cfg, shards_per_task=shards_per_task)
         typer.echo(f"{result['done']} of {result['n_questions']} questions done")
         _echo_open(result["store"])
     else:
@@ -101,38 +114,72 @@ def demo(
     questions: int = typer.Option(64, help="how many of the shipped PopQA questions"),
     prefect: bool = PrefectOpt,
 ) -> None:
-    """The embedded default: SmolLM2-135M + its TopK SAE (trained once) on real PopQA questions."""
+    """The embedded default: SmolLM2-135M + its shipped TopK SAE on real PopQA questions."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    t0 = time.perf_counter()
     from qsae.capture import run_capture, store_path_for
-    from qsae.demo import demo_capture_config, ensure_demo_sae
+    from qsae.demo import demo_capture_config, ensure_demo_model, ensure_demo_sae
 
+    TIMES["imports (torch, transformers)"] = time.perf_counter() - t0
+    t = time.perf_counter()
+    converted = ensure_demo_model(log_fn=typer.echo)
+    TIMES["model conversion (GGUF, once)" if converted else "model (already converted)"] = time.perf_counter() - t
+    t = time.perf_counter()
     sae = ensure_demo_sae(log_fn=typer.echo)
+    TIMES["SAE"] = time.perf_counter() - t
     cfg = demo_capture_config(store, sae, questions)
     cfg = cfg.model_copy(update={"store": store_path_for(cfg)})
     typer.echo(f"capturing {questions} PopQA questions x {cfg.n_samples} samples through SmolLM2 layer "
                f"{cfg.layers} and {sae} into {cfg.store}")
     if prefect:
-        _prefect_env()
         from flows.capture import capture_flow
 
-        result = capture_flow(config=cfg, shards_per_task=1)
+        with _prefect():
+            t = time.perf_counter()
+            result = capture_flow(config=cfg, shards_per_task=1)
+            TIMES["capture (Prefect flow)"] = time.perf_counter() - t
         typer.echo(f"{result['done']} of {result['n_questions']} questions done")
     else:
+        t = time.perf_counter()
         run_capture(cfg, typer.echo, progress=True)
+        TIMES["capture (in-process)"] = time.perf_counter() - t
     _echo_open(cfg.store)
+    _echo_times(time.perf_counter() - t0)
+
+
+@app.command("demo-sae")
+def demo_sae(out: Path = typer.Option(..., help="folder for the SAELens export")) -> None:
+    """Train the demo SAE from scratch with the recipe of the one shipped in qsae/data/demo_sae."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from qsae.demo import ensure_demo_model, train_demo_sae
+
+    ensure_demo_model(log_fn=typer.echo)
+    typer.echo(str(train_demo_sae(out, log_fn=typer.echo)))
+
+
+def _echo_times(command_seconds: float) -> None:
+    """Where a run's time went: set-up (from run.sh), then each stage of the command."""
+    setup = os.environ.get("QSAE_SETUP_SECONDS", "")
+    rows = ([("set-up (scripts/setup.sh)", float(setup))] if setup else []) + list(TIMES.items())
+    rows.append(("other", command_seconds - sum(TIMES.values())))
+    total = command_seconds + (float(setup) if setup else 0.0)
+    typer.echo("\nwhere the time went:")
+    for name, sec in rows:
+        typer.echo(f"  {name:<32} {sec:7.1f} s")
+    typer.echo(f"  {'total':<32} {total:7.1f} s")
 
 
 @app.command()
 def collect(
-    config: Optional[Path] = ConfigOpt,
-    model: Optional[str] = typer.Option(None),
-    dataset: Optional[str] = typer.Option(None, help="'wiki-demo', a .txt/.jsonl file or a cached HF dataset"),
-    layers: Optional[str] = typer.Option(None),
-    hook: Optional[str] = typer.Option(None, help="resid_post or mlp_out"),
-    store: Optional[str] = typer.Option(None),
-    max_tokens: Optional[int] = typer.Option(None),
+    config: Path | None = ConfigOpt,
+    model: str | None = typer.Option(None),
+    dataset: str | None = typer.Option(None, help="'wiki-demo', a .txt/.jsonl file or a cached HF dataset"),
+    layers: str | None = typer.Option(None),
+    hook: str | None = typer.Option(None, help="resid_post or mlp_out"),
+    store: str | None = typer.Option(None),
+    max_tokens: int | None = typer.Option(None),
     prefect: bool = PrefectOpt,
-    set_: Optional[list[str]] = SetOpt,
+    set_: list[str] | None = SetOpt,
 ) -> None:
     """Stream a text corpus through a model into a token lake (for SAE training)."""
     from qsae.collect import CollectConfig
@@ -141,10 +188,10 @@ def collect(
     cfg = build_config(CollectConfig, config, set_, model=model, dataset=dataset, layers=parse_layers(layers),
                        hook=hook, store=store, max_tokens=max_tokens)
     if prefect:
-        _prefect_env()
         from flows.train import collect_flow
 
-        typer.echo(collect_flow(config=cfg))
+        with _prefect():
+            typer.echo(collect_flow(config=cfg))
     else:
         lake = run(cfg, typer.echo, progress=True)
         typer.echo(f"{lake.n_units} tokens in {lake.url}")
@@ -152,15 +199,15 @@ def collect(
 
 @app.command()
 def train(
-    config: Optional[Path] = ConfigOpt,
-    store: Optional[str] = typer.Option(None, help="token lake to train from"),
-    layer: Optional[int] = typer.Option(None),
-    architecture: Optional[str] = typer.Option(None, help="topk or relu"),
-    k: Optional[int] = typer.Option(None),
-    out: Optional[str] = typer.Option(None, help="output SAELens folder"),
-    epochs: Optional[float] = typer.Option(None),
+    config: Path | None = ConfigOpt,
+    store: str | None = typer.Option(None, help="token lake to train from"),
+    layer: int | None = typer.Option(None),
+    architecture: str | None = typer.Option(None, help="topk or relu"),
+    k: int | None = typer.Option(None),
+    out: str | None = typer.Option(None, help="output SAELens folder"),
+    epochs: float | None = typer.Option(None),
     prefect: bool = PrefectOpt,
-    set_: Optional[list[str]] = SetOpt,
+    set_: list[str] | None = SetOpt,
 ) -> None:
     """Train a TopK or ReLU+L1 SAE from a token lake; writes a SAELens folder."""
     from qsae.train import TrainConfig, train_sae
@@ -168,10 +215,10 @@ def train(
     cfg = build_config(TrainConfig, config, set_, store=store, layer=layer, architecture=architecture, k=k,
                        out=out, epochs=epochs)
     if prefect:
-        _prefect_env()
         from flows.train import train_flow
 
-        typer.echo(train_flow(config=cfg))
+        with _prefect():
+            typer.echo(train_flow(config=cfg))
     else:
         res = train_sae(cfg, progress=True)
         typer.echo(json.dumps({"out": str(res.out), **res.final}, indent=1))
@@ -180,13 +227,13 @@ def train(
 @app.command()
 def rivalry(
     store: str = typer.Argument(..., help="question lake URL"),
-    config: Optional[Path] = ConfigOpt,
-    layer: Optional[int] = typer.Option(None),
-    mode: Optional[str] = typer.Option(None, help="per_question (default) or across_questions"),
-    rule: Optional[str] = typer.Option(None, help="median (default), quantile, threshold"),
-    entropy: Optional[str] = typer.Option(None, help="exact (default) or sampled"),
+    config: Path | None = ConfigOpt,
+    layer: int | None = typer.Option(None),
+    mode: str | None = typer.Option(None, help="per_question (default) or across_questions"),
+    rule: str | None = typer.Option(None, help="median (default), quantile, threshold"),
+    entropy: str | None = typer.Option(None, help="exact (default) or sampled"),
     prefect: bool = PrefectOpt,
-    set_: Optional[list[str]] = SetOpt,
+    set_: list[str] | None = SetOpt,
 ) -> None:
     """Feature rivalry: entropy groups, per-question feature correlations, Mann-Whitney U."""
     from qsae.results import summary_json
@@ -194,10 +241,10 @@ def rivalry(
 
     cfg = build_config(RivalryConfig, config, set_, store=store, layer=layer, mode=mode, rule=rule, entropy=entropy)
     if prefect:
-        _prefect_env()
         from flows.rivalry import rivalry_flow
 
-        out = rivalry_flow(config=cfg)
+        with _prefect():
+            out = rivalry_flow(config=cfg)
         summary, group, figure = out["summary"], out["group"], out["figure"]
     else:
         res = run_rivalry(cfg, typer.echo, progress=True)
@@ -209,12 +256,12 @@ def rivalry(
 @app.command()
 def reconstruct(
     store: str = typer.Argument(..., help="question lake URL"),
-    config: Optional[Path] = ConfigOpt,
-    layers: Optional[str] = typer.Option(None),
-    model_in_loop: Optional[bool] = typer.Option(None, "--model-in-loop/--offline", help="also CE loss recovered"),
-    sae: Optional[str] = typer.Option(None, help="SAE source if it moved (hash checked)"),
+    config: Path | None = ConfigOpt,
+    layers: str | None = typer.Option(None),
+    model_in_loop: bool | None = typer.Option(None, "--model-in-loop/--offline", help="also CE loss recovered"),
+    sae: str | None = typer.Option(None, help="SAE source if it moved (hash checked)"),
     prefect: bool = PrefectOpt,
-    set_: Optional[list[str]] = SetOpt,
+    set_: list[str] | None = SetOpt,
 ) -> None:
     """SAEBench-style reconstruction metrics per layer (offline; optionally with the model)."""
     from qsae.reconstruction_study import ReconstructionConfig, run_reconstruction
@@ -222,10 +269,10 @@ def reconstruct(
     cfg = build_config(ReconstructionConfig, config, set_, store=store, layers=parse_layers(layers),
                        model_in_loop=model_in_loop, sae=sae)
     if prefect:
-        _prefect_env()
         from flows.reconstruction import reconstruction_flow
 
-        out = reconstruction_flow(config=cfg)
+        with _prefect():
+            out = reconstruction_flow(config=cfg)
         rows, figure = out["rows"], out["figure"]
     else:
         res = run_reconstruction(cfg, typer.echo)
@@ -267,13 +314,13 @@ def inspect(
 def compare(
     base_sae: str = typer.Option(..., help="SAE of the base model"),
     finetuned_sae: str = typer.Option(..., help="SAE of the fine-tuned model (may be the same SAE)"),
-    layer: Optional[int] = typer.Option(None),
-    base_lake: Optional[str] = typer.Option(None, help="question lake captured on the base model"),
-    finetuned_lake: Optional[str] = typer.Option(None, help="question lake captured on the fine-tuned model"),
-    out: Optional[str] = typer.Option(None, help="store for the results (default: the fine-tuned lake)"),
-    threshold: Optional[float] = typer.Option(None, help="emerged/vanished below this cosine (default 0.7)"),
+    layer: int | None = typer.Option(None),
+    base_lake: str | None = typer.Option(None, help="question lake captured on the base model"),
+    finetuned_lake: str | None = typer.Option(None, help="question lake captured on the fine-tuned model"),
+    out: str | None = typer.Option(None, help="store for the results (default: the fine-tuned lake)"),
+    threshold: float | None = typer.Option(None, help="emerged/vanished below this cosine (default 0.7)"),
     prefect: bool = PrefectOpt,
-    set_: Optional[list[str]] = SetOpt,
+    set_: list[str] | None = SetOpt,
 ) -> None:
     """Match two SAEs' features (decoder cosine, optimal assignment) and their firing in two lakes."""
     from qsae.compare_study import CompareConfig, run_compare
@@ -282,10 +329,10 @@ def compare(
     cfg = build_config(CompareConfig, None, set_, base_sae=base_sae, finetuned_sae=finetuned_sae, layer=layer,
                        base_lake=base_lake, finetuned_lake=finetuned_lake, out=out, threshold=threshold)
     if prefect:
-        _prefect_env()
         from flows.compare import compare_flow
 
-        res = compare_flow(config=cfg)
+        with _prefect():
+            res = compare_flow(config=cfg)
         summary, figure = res["summary"], res["figure"]
     else:
         r = run_compare(cfg, typer.echo)
@@ -312,5 +359,36 @@ def demo_compare(
     typer.echo(f"figure: {res.figure}")
 
 
+DEBUG_ENV = "QSAE_DEBUG"
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help=f"show the traceback of every error (or set {DEBUG_ENV}=1)")) -> None:
+    """qsae: an activation data lake for SAE interpretability research."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The ``qsae`` entry point: qsae's own errors (``QsaeError``) as plain lines and exit status 2.
+
+    A bug (any other exception) still shows its traceback; ``--debug`` anywhere on the command
+    line, or ``QSAE_DEBUG=1``, shows it for qsae's errors too.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0", "false")
+    if "--debug" in args:
+        args.remove("--debug")
+        debug = True
+    from qsae.errors import QsaeError
+
+    try:
+        app(args=args, prog_name="qsae")
+    except QsaeError as exc:
+        if debug:
+            raise
+        typer.echo(f"qsae: error: {exc}", err=True)
+        typer.echo(f"(a {type(exc).__name__}; run with --debug for the traceback)", err=True)
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":  # python -m flows.cli
-    app(prog_name="qsae")
+    main()

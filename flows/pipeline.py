@@ -19,9 +19,9 @@ from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 
 from flows.capture import capture_flow, prepare_store
-from flows.storage_blocks import resolve_secret_blocks
 from flows.reconstruction import reconstruction_flow
 from flows.rivalry import rivalry_flow
+from flows.storage_blocks import resolve_secret_blocks
 from qsae.capture import CaptureConfig, store_path_for
 from qsae.lake import QuestionLake
 from qsae.reconstruction_study import ReconstructionConfig

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from flows.storage_blocks import resolve_secret_blocks
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.policies import retry_unless_bad_input
+from flows.storage_blocks import resolve_secret_blocks
 from qsae.lake import open_lake
 from qsae.reconstruction_study import (
     ReconstructionConfig,
@@ -23,12 +24,12 @@ TABLE_COLUMNS = ("layer", "n_tokens", "fve", "fve_legacy", "mse", "cossim", "l2_
                  "kl_sae", "kl_zero")
 
 
-@task(name="reconstruction-offline", cache_policy=NO_CACHE, retries=1)
+@task(name="reconstruction-offline", cache_policy=NO_CACHE, retries=1, retry_condition_fn=retry_unless_bad_input)
 def offline_task(config: ReconstructionConfig, layer: int) -> tuple[dict[str, float], np.ndarray]:
     return offline_layer_metrics(config, layer)
 
 
-@task(name="reconstruction-model-in-loop", tags=["gpu"], cache_policy=NO_CACHE, retries=1)
+@task(name="reconstruction-model-in-loop", tags=["gpu"], cache_policy=NO_CACHE, retries=1, retry_condition_fn=retry_unless_bad_input)
 def model_task(config: ReconstructionConfig, layer: int, attrs: dict[str, Any]) -> dict[str, float]:
     return model_layer_metrics(config, layer, attrs)
 

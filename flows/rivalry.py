@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from flows.storage_blocks import resolve_secret_blocks
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.policies import retry_unless_bad_input
+from flows.storage_blocks import resolve_secret_blocks
 from qsae.lake import open_lake
 from qsae.results import summary_json
 from qsae.rivalry_study import RivalryConfig, choose_layer, question_blocks, run_rivalry, score_block_at
 
 
-@task(name="rivalry-scores", cache_policy=NO_CACHE, retries=1)
+@task(name="rivalry-scores", cache_policy=NO_CACHE, retries=1, retry_condition_fn=retry_unless_bad_input)
 def score_block_task(config: RivalryConfig, layer: int, start: int, stop: int) -> dict[str, Any]:
     scores = score_block_at(config.store, config.storage_options, layer, start, stop, config.percentile)
     return {"start": start, "scores": scores}

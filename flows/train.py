@@ -8,18 +8,19 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.policies import retry_unless_bad_input
 from qsae.collect import CollectConfig, collect
 from qsae.train import TrainConfig, train_sae
 
 
-@task(name="collect-tokens", tags=["gpu"], retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
+@task(name="collect-tokens", tags=["gpu"], retries=1, retry_condition_fn=retry_unless_bad_input, retry_delay_seconds=10, cache_policy=NO_CACHE)
 def collect_task(config: CollectConfig) -> dict[str, Any]:
     logger = get_run_logger()
     lake = collect(config, logger.info)
     return {"store": config.store, "tokens": lake.n_units, "layers": lake.layers}
 
 
-@task(name="train-sae", tags=["gpu"], retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
+@task(name="train-sae", tags=["gpu"], retries=1, retry_condition_fn=retry_unless_bad_input, retry_delay_seconds=10, cache_policy=NO_CACHE)
 def train_task(config: TrainConfig) -> dict[str, Any]:
     """Train (resuming from the last checkpoint on a retry) and export the SAE."""
     logger = get_run_logger()

@@ -15,7 +15,8 @@ array-shaped (compute them with ``.compute()``) and small eager tables where it 
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import numpy as np
 import xarray as xr
@@ -152,13 +153,23 @@ class QsaeAccessor:
     def select(self, entropy: tuple[float | None, float | None] | None = None,
                correct: Literal["any", "all", "none"] | None = None, group: str | None = None,
                rivalry: str | None = None, done_only: bool = True, store: str | None = None,
-               storage_options: dict | None = None) -> xr.Dataset:
-        """Questions by entropy range, correctness of their samples, or rivalry group.
+               storage_options: dict | None = None, dataset_ids: Sequence[str | int] | None = None) -> xr.Dataset:
+        """Questions by entropy range, correctness of their samples, rivalry group or dataset id.
 
         ``group`` ('ambiguous'/'unambiguous') reads the rivalry result group ``rivalry``
-        (e.g. 'rivalry/layer_15/per_question') of ``store``.
+        (e.g. 'rivalry/layer_15/per_question') of ``store``. ``dataset_ids`` are the dataset's
+        own ids (``dataset_id`` for string ids, else the ``question`` coordinate); unknown
+        ones raise a KeyError naming them.
         """
         keep = np.ones(self._ds.sizes["question"], bool)
+        if dataset_ids is not None:
+            source = self._ds["dataset_id"] if "dataset_id" in self._ds else self._ds["question"]
+            own = np.asarray([str(i) for i in source.values], dtype=object)
+            wanted = np.asarray([str(i) for i in dataset_ids], dtype=object)
+            unknown = sorted(set(wanted) - set(own))
+            if unknown:
+                raise KeyError(f"dataset ids not in this lake: {unknown[:10]}")
+            keep &= np.isin(own, wanted)
         if done_only:
             keep &= self._ds.done.values
         if entropy is not None:

@@ -18,10 +18,11 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -185,7 +186,7 @@ def plan_capture(cfg: CaptureConfig, log_fn: Log = log.info) -> CapturePlan:
                            "set on_long_prompt='truncate' to cut them from the left")
     any_sae = next(iter(saes.values()), None)
     spec = LakeSpec(
-        question_ids=qs.ids(), layers=cfg.layers, n_samples=cfg.n_samples, d_model=lm.d_model,
+        question_ids=qs.ids(), dataset_ids=qs.dataset_ids(), layers=cfg.layers, n_samples=cfg.n_samples, d_model=lm.d_model,
         max_new_tokens=cfg.max_new_tokens,
         d_sae=any_sae.d_sae if any_sae else None, k=(cfg.sae_k or any_sae.k) if any_sae else None,
         resid_dtype=cfg.resid_dtype, layout=LakeLayout(cfg.questions_per_shard, cfg.questions_per_chunk),

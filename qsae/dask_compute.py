@@ -7,7 +7,8 @@ callables (picklable), each reading its own block of the lake by URL.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 
 def map_blocks(fn: Callable[..., Any], args: Sequence[tuple], address: str | None = None,

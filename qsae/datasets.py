@@ -11,10 +11,11 @@ import csv
 import hashlib
 import io
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 from .errors import DatasetError
 
@@ -33,6 +34,7 @@ class Question:
     question: str
     answers: tuple[str, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    dataset_id: str | None = None  # the dataset's own id when it is not an integer (``id`` derives from it)
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,33 @@ class QuestionSet:
     def ids(self) -> list[int]:
         return [q.id for q in self.questions]
 
+    def dataset_ids(self) -> list[str] | None:
+        """The dataset's own (string) ids, or None when its ids are integers and ``ids()`` are them."""
+        if all(q.dataset_id is None for q in self.questions):
+            return None
+        return [q.dataset_id if q.dataset_id is not None else str(q.id) for q in self.questions]
+
+
+def derive_question_id(dataset_id: str) -> int:
+    """The integer ``question`` coordinate of a non-integer dataset id: its sha256's first 63 bits.
+
+    Stable whatever the file's order or subset (a question keeps its coordinate, hence its
+    seeded samples); two ids mapping to one integer are refused (about 1 in 10^10 for 10^4 ids).
+    """
+    return int.from_bytes(hashlib.sha256(dataset_id.encode("utf-8")).digest()[:8], "big") >> 1
+
+
+def _integer_id(raw: Any) -> int | None:
+    if isinstance(raw, bool):
+        return None
+    if isinstance(raw, int):
+        return raw
+    if isinstance(raw, float) and raw.is_integer():
+        return int(raw)
+    if isinstance(raw, str) and raw.strip().lstrip("-").isdigit():
+        return int(raw.strip())
+    return None
+
 
 def _parse_answers(value: Any) -> tuple[str, ...]:
     if value is None:
@@ -79,7 +108,13 @@ def _parse_answers(value: Any) -> tuple[str, ...]:
 
 
 def _rows_from_records(records: Iterable[tuple[int, Any]], require_answers: bool) -> tuple[list[Question], list[RowProblem]]:
-    questions, problems, seen = [], [], set()
+    """Questions from raw rows. Ids may be integers or strings: if every id is an integer they
+    are the ``question`` coordinate as they are; otherwise each row keeps its id as
+    ``dataset_id`` and the coordinate is ``derive_question_id`` of it."""
+    records = list(records)
+    raw_ids = [rec.get("id", row) for row, rec in records if isinstance(rec, dict)]
+    as_strings = any(_integer_id(r) is None for r in raw_ids)
+    questions, problems, seen, derived = [], [], set(), {}
     for row, rec in records:
         if isinstance(rec, RowProblem):
             problems.append(rec)
@@ -88,14 +123,20 @@ def _rows_from_records(records: Iterable[tuple[int, Any]], require_answers: bool
             problems.append(RowProblem(row, None, f"not an object but {type(rec).__name__}"))
             continue
         raw_id = rec.get("id", row)
-        try:
-            qid = int(raw_id)
-        except (TypeError, ValueError):
-            problems.append(RowProblem(row, raw_id, "id is not an integer"))
-            continue
+        dataset_id: str | None = None
+        if as_strings:
+            if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()) or isinstance(raw_id, (dict, list)):
+                problems.append(RowProblem(row, raw_id, "empty or missing id"))
+                continue
+            dataset_id = str(raw_id).strip()
+            qid = derive_question_id(dataset_id)
+            if derived.setdefault(qid, dataset_id) != dataset_id:
+                raise DatasetError(f"ids {derived[qid]!r} and {dataset_id!r} derive the same question number {qid}")
+        else:
+            qid = int(_integer_id(raw_id))  # type: ignore[arg-type]
         text = next((rec[k] for k in TEXT_KEYS if k in rec), None)
         if not isinstance(text, str) or not text.strip():
-            problems.append(RowProblem(row, qid, "missing or empty question"))
+            problems.append(RowProblem(row, raw_id, "missing or empty question"))
             continue
         answers: tuple[str, ...] = ()
         ans_key = next((k for k in ANSWER_KEYS if k in rec), None)
@@ -103,14 +144,14 @@ def _rows_from_records(records: Iterable[tuple[int, Any]], require_answers: bool
             try:
                 answers = _parse_answers(rec.get(ans_key) if ans_key else None)
             except (ValueError, json.JSONDecodeError) as exc:
-                problems.append(RowProblem(row, qid, f"unparsable answers: {exc}"))
+                problems.append(RowProblem(row, raw_id, f"unparsable answers: {exc}"))
                 continue
         if qid in seen:
-            problems.append(RowProblem(row, qid, "duplicate id"))
+            problems.append(RowProblem(row, dataset_id if dataset_id is not None else qid, "duplicate id"))
             continue
         seen.add(qid)
         meta = {k: v for k, v in rec.items() if k not in (*TEXT_KEYS, *ANSWER_KEYS, "id")}
-        questions.append(Question(qid, text.strip(), answers, meta))
+        questions.append(Question(qid, text.strip(), answers, meta, dataset_id))
     return questions, problems
 
 
@@ -163,15 +204,21 @@ def _json_records(data: bytes):
     return enumerate(obj, start=1)
 
 
+def describe_problems(problems: list[RowProblem], shown: int = 5) -> str:
+    """The first few refused rows with their reasons, and how many more: one line each."""
+    lines = [f"  {p}" for p in problems[:shown]]
+    if len(problems) > shown:
+        lines.append(f"  ... and {len(problems) - shown} more")
+    return "\n".join(lines)
+
+
 def _finish(questions, problems, name, revision, on_error: OnError, limit: int | None) -> QuestionSet:
     if problems and on_error == "raise":
-        shown = "\n".join(f"  {p}" for p in problems[:10])
-        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-        raise DatasetError(f"{name}: {len(problems)} malformed rows:\n{shown}{more}")
+        raise DatasetError(f"{name}: {len(problems)} malformed rows (on_bad_row=raise):\n{describe_problems(problems, 10)}")
     if limit is not None:
         questions = questions[:limit]
     if not questions:
-        raise DatasetError(f"{name}: no usable questions ({len(problems)} malformed rows)")
+        raise DatasetError(f"{name}: no usable questions ({len(problems)} malformed rows):\n{describe_problems(problems)}")
     return QuestionSet(questions, name, revision, problems)
 
 

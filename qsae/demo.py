@@ -7,9 +7,11 @@ PopQA questions through it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .capture import CaptureConfig
 from .collect import CollectConfig
@@ -19,7 +21,8 @@ from .train import TrainConfig
 log = logging.getLogger("qsae.demo")
 DEMO_LAYER = 15
 DEMO_K = 32
-DEMO_TOKENS = 250_000
+DEMO_TOKENS = 96_000
+DEMO_THREADS = 2  # torch threads of the recipe: float sums, hence the bits, depend on them
 
 
 def demo_collect_config(cache: Path | None = None, max_tokens: int = DEMO_TOKENS) -> CollectConfig:
@@ -32,29 +35,97 @@ def demo_collect_config(cache: Path | None = None, max_tokens: int = DEMO_TOKENS
 def demo_train_config(cache: Path | None = None, k: int = DEMO_K) -> TrainConfig:
     cache = cache or default_cache_dir()
     return TrainConfig(store=str(cache / "lakes" / f"smollm2-wiki-l{DEMO_LAYER}.zarr"), layer=DEMO_LAYER,
-                       architecture="topk", k=k, expansion=4, batch_size=4096, epochs=3, lr=4e-4,
+                       architecture="topk", k=k, expansion=4, batch_size=1024, epochs=4, lr=1e-3,
                        dead_tokens=200_000, out=str(demo_sae_dir(cache, k)), device="cpu")
 
 
 def demo_sae_dir(cache: Path | None = None, k: int = DEMO_K) -> Path:
+    """Where a locally trained demo SAE goes (the shipped one is ``SHIPPED_SAE``)."""
     return (cache or default_cache_dir()) / "saes" / f"smollm2-l{DEMO_LAYER}-topk{k}"
 
 
-def ensure_demo_sae(cache: Path | None = None, log_fn: Callable[[str], None] = log.info, progress: bool = True) -> Path:
-    """The demo SAE folder, collecting activations and training it first if not cached."""
+SHIPPED_SAE = Path(__file__).resolve().parent / "data" / "demo_sae"
+REPRODUCE = "qsae demo-sae --out DIR"  # trains exactly the shipped file (see tests/test_demo_sae.py)
+
+
+def _has_sae(folder: Path) -> bool:
+    return (folder / "cfg.json").exists() and (folder / "sae_weights.safetensors").exists()
+
+
+def ensure_demo_model(cache: Path | None = None, log_fn: Callable[[str], None] = log.info) -> bool:
+    """Convert the embedded SmolLM2 GGUF once; True if it was converted now (not cached)."""
+    from .models import embedded_model_dir
+
+    done = (Path(cache or default_cache_dir()) / "models" / "smollm2" / "qsae_revision.txt").exists()
+    if not done:
+        log_fn("converting SmolLM2-135M-Instruct from its GGUF file to safetensors (once) ...")
+    embedded_model_dir("smollm2", cache)
+    return not done
+
+
+def train_demo_sae(out: Path, cache: Path | None = None, log_fn: Callable[[str], None] = log.info,
+                   progress: bool = True) -> Path:
+    """The recipe of the shipped demo SAE: collect layer-15 residuals of the shipped Wikipedia
+    paragraphs, train a TopK SAE on them, export a SAELens folder to ``out``.
+
+    Deterministic on CPU with ``DEMO_THREADS`` threads: the same torch build gives the same
+    file (the token lake goes to a temporary folder so no earlier collection is reused).
+    """
+    import tempfile
+
+    import torch
+
     from .collect import collect
     from .train import train_sae
 
-    out = demo_sae_dir(cache)
-    if (out / "cfg.json").exists() and (out / "sae_weights.safetensors").exists():
-        return out
-    log_fn(f"no demo SAE at {out}: collecting {DEMO_TOKENS} tokens of layer-{DEMO_LAYER} residuals and training one "
-           "(once; a few minutes on 2 cores)")
-    collect(demo_collect_config(cache), log_fn, progress=progress)
-    res = train_sae(demo_train_config(cache), progress=progress)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(DEMO_THREADS)
+    try:
+        with tempfile.TemporaryDirectory(prefix="qsae-demo-sae-") as tmp:
+            ccfg = demo_collect_config(cache).model_copy(update={"store": str(Path(tmp) / "tokens.zarr")})
+            collect(ccfg, log_fn, progress=progress)
+            tcfg = demo_train_config(cache).model_copy(update={"store": ccfg.store, "out": str(out), "resume": False})
+            res = train_sae(tcfg, progress=progress)
+    finally:
+        torch.set_num_threads(threads)
     log_fn(f"demo SAE: FVE {res.final.get('fve', float('nan')):.3f}, L0 {res.final.get('l0', float('nan')):.1f}, "
            f"dead {res.final['dead']} of {res.final['d_sae']}, {res.seconds:.0f} s training -> {res.out}")
-    return out
+    import shutil
+
+    shutil.rmtree(Path(out) / "checkpoints", ignore_errors=True)  # resume state, not part of the SAE
+    (Path(out) / "recipe.json").write_text(json.dumps(recipe_record(Path(out), res.final), indent=1) + "\n")
+    return Path(out)
+
+
+def recipe_record(folder: Path, final: dict) -> dict:
+    """What made a demo SAE: the command, the build whose bits it reproduces, its weights' hash."""
+    import platform
+
+    import torch
+
+    return {
+        "command": REPRODUCE,
+        "tokens": DEMO_TOKENS,
+        "collect": json.loads(demo_collect_config().model_dump_json(exclude={"store"})),
+        "train": json.loads(demo_train_config().model_dump_json(exclude={"store", "out"})),
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "machine": platform.machine(),
+        "threads": DEMO_THREADS,
+        "final": final,
+        "sae_weights_sha256": hashlib.sha256((folder / "sae_weights.safetensors").read_bytes()).hexdigest(),
+    }
+
+
+def ensure_demo_sae(cache: Path | None = None, log_fn: Callable[[str], None] = log.info, progress: bool = True) -> Path:
+    """The demo SAE folder: the one shipped in the package, else one trained once into the cache."""
+    if _has_sae(SHIPPED_SAE):
+        return SHIPPED_SAE
+    out = demo_sae_dir(cache)
+    if _has_sae(out):
+        return out
+    log_fn(f"no shipped demo SAE at {SHIPPED_SAE}: training one into {out} ({REPRODUCE}; a few minutes on 2 cores)")
+    return train_demo_sae(out, cache, log_fn, progress)
 
 
 def demo_capture_config(store: str, sae: Path, questions: int = 64) -> CaptureConfig:

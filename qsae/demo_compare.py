@@ -13,8 +13,9 @@ number of steps (the drift that training alone causes). Everything is cached und
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .capture import CaptureConfig, run_capture
 from .collect import CollectConfig, collect

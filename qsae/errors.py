@@ -4,7 +4,13 @@ from __future__ import annotations
 
 
 class QsaeError(Exception):
-    """Base class for every error qsae raises on purpose."""
+    """Base class for every error qsae raises on purpose.
+
+    ``transient`` says whether trying again may help (an unreachable store may come back; a
+    malformed dataset will not): orchestration retries only transient ones.
+    """
+
+    transient = False
 
 
 class SAEFormatError(QsaeError):
@@ -17,6 +23,10 @@ class UntrustedPickleError(SAEFormatError):
 
 class SAENotCachedError(QsaeError):
     """A Hugging Face repo id was given but is not in the local cache (we never download)."""
+
+
+class ModelNotFoundError(QsaeError):
+    """A model name is neither a local folder, a cached repo id, nor an installed embedded model."""
 
 
 class SAEModelMismatchError(QsaeError):
@@ -45,6 +55,8 @@ class RegionError(QsaeError):
 
 class StoreUnreachableError(QsaeError):
     """A store URL cannot be reached or opened."""
+
+    transient = True
 
 
 class DatasetError(QsaeError):

@@ -10,8 +10,8 @@ import hashlib
 import json
 import logging
 import random
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 

@@ -9,9 +9,9 @@ row 0). With ``stop_early`` the forward pass stops after the deepest hooked poin
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import torch
 

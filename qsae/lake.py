@@ -19,9 +19,10 @@ import json
 import os
 import shutil
 import warnings
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import xarray as xr
@@ -32,6 +33,7 @@ from zarr.core.sync import sync as zarr_sync
 from . import __version__
 from .errors import ConfigMismatchError, NewerSchemaError, RegionError, SchemaError, StoreUnreachableError
 from .schema import (
+    DATASET_ID,
     LAYER,
     QUESTION,
     QUESTION_SCHEMA,
@@ -144,9 +146,12 @@ class LakeSpec(_Spec):
     resid_dtype: str = "float16"
     layout: LakeLayout = field(default_factory=LakeLayout)
     lineage: dict[str, Any] = field(default_factory=dict)
+    dataset_ids: Sequence[str] | None = None  # the dataset's own ids, when they are not integers
     schema: LakeSchema = field(default=QUESTION_SCHEMA, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.dataset_ids is not None and len(self.dataset_ids) != len(self.question_ids):
+            raise ValueError("dataset_ids must match question_ids one to one")
         ids = np.asarray(self.question_ids, dtype=np.int64)
         if ids.ndim != 1 or ids.size == 0:
             raise ValueError("question_ids must be a non-empty 1-D sequence")
@@ -185,6 +190,8 @@ class LakeSpec(_Spec):
             "shard_size": self.layout.shard,
             "chunk_size": self.layout.chunk,
         }
+        if self.dataset_ids is not None:  # absent for integer ids: older lakes keep their identity
+            ident["dataset_ids_sha256"] = hashlib.sha256("\n".join(self.dataset_ids).encode()).hexdigest()
         ident.update({key: _jsonable(self.lineage[key]) for key in IDENTITY_LINEAGE_KEYS})
         return ident
 
@@ -326,6 +333,12 @@ class Lake:
             arr = group.create_array(name, shape=values.shape, chunks=values.shape, dtype=values.dtype,
                                      dimension_names=[name], compressors=None)
             arr[:] = values
+        dataset_ids = getattr(spec, "dataset_ids", None)
+        if dataset_ids is not None:
+            var = DATASET_ID
+            arr = group.create_array(var.name, shape=(len(dataset_ids),), chunks=(len(dataset_ids),), dtype="str",
+                                     dimension_names=list(var.dims), attributes={"description": var.doc})
+            arr[:] = np.asarray(dataset_ids, dtype=str)
         for var in spec.schema.variables_for(spec.has_sae):
             chunks, shards = _layout_for(var, spec.schema.unit, sizes, spec.layout)
             group.create_array(
@@ -610,6 +623,10 @@ def validate_group(group: zarr.Group, url: str = "", expect: LakeSchema | None =
         if coord not in names:
             raise SchemaError(f"{url} lacks the coordinate array {coord!r}")
     sizes = dict(attrs["config"]["sizes"])
+    if schema is QUESTION_SCHEMA and DATASET_ID.name in names:  # optional: only for non-integer dataset ids
+        arr = group[DATASET_ID.name]
+        if tuple(arr.metadata.dimension_names or ()) != DATASET_ID.dims or arr.dtype.kind not in "TUO":
+            raise SchemaError(f"{url}: {DATASET_ID.name} must be strings along {DATASET_ID.dims}")
     for var in schema.variables_for(attrs.get("d_sae") is not None):
         if var.name not in names:
             raise SchemaError(f"{url} lacks the variable {var.name!r} {var.dims}")

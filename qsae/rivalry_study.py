@@ -7,8 +7,9 @@ stays bounded on a 14k-question lake; see ``qsae.rivalry`` for every definition.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
 import xarray as xr

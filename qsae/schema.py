@@ -102,6 +102,12 @@ VARIABLES: tuple[Variable, ...] = (
              "the question's whole region is durable; set last, after its data"),
 )
 
+# Optional, written at creation: the dataset's own question ids when they are not integers
+# (e.g. "popqa_5"). The integer `question` coordinate is then derived from each id
+# (``qsae.datasets.derive_question_id``: the first 63 bits of its sha256, collisions refused).
+DATASET_ID = Variable("dataset_id", (QUESTION,), "str", "",
+                      "the dataset's own id of each question (present when ids are not integers)")
+
 VARIABLES_BY_NAME: dict[str, Variable] = {v.name: v for v in VARIABLES}
 COORDS = {LAYER: "int32", QUESTION: "int64", SAMPLE: "int32"}
 

@@ -25,9 +25,10 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -278,7 +279,7 @@ class TrainResult:
 
 
 @torch.no_grad()
-def _init_from(sae: "TrainableSAE", src, scale: float) -> None:
+def _init_from(sae: TrainableSAE, src, scale: float) -> None:
     """Load an SAE (raw-activation units) into the trainer's scaled parametrisation.
 
     Decoder rows are renormalised to unit length (a training invariant); the encoder is

@@ -10,7 +10,13 @@ import torch
 
 from qsae.sae_formats import load_sae
 from qsae.train import (
-    DeadFeatureTracker, LakeSource, Metrics, ShuffledStream, TrainableSAE, TrainConfig, train_sae,
+    DeadFeatureTracker,
+    LakeSource,
+    Metrics,
+    ShuffledStream,
+    TrainableSAE,
+    TrainConfig,
+    train_sae,
 )
 
 from .synthetic import sparse_dictionary_data, write_token_lake

@@ -1,0 +1,164 @@
+"""A Prefect API for commands run without one: ``PREFECT_API_URL`` if set, else a server of our own.
+
+Prefect's own fallback (the "ephemeral" subprocess server) gives up after 20 s, and a fresh
+database on a busy 2-core machine takes longer than that to migrate, so a first
+``./run.sh demo`` failed after all its set-up. Here the temporary server is an ordinary
+``prefect server start`` on a free loopback port, logging to a file, waited for through its
+health endpoint for as long as ``QSAE_PREFECT_START_TIMEOUT_S`` allows (default 600 s); if it
+exits or never answers, the error says so and names the log. It is stopped when the command ends.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from qsae.errors import QsaeError
+
+START_TIMEOUT_ENV = "QSAE_PREFECT_START_TIMEOUT_S"
+DEFAULT_START_TIMEOUT_S = 600.0
+
+
+class PrefectServerError(QsaeError):
+    """The temporary Prefect API server could not be started."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _healthy(api_url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api_url}/health", timeout=timeout) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join("    " + line for line in text[-lines:])
+
+
+def configured_api_url() -> str | None:
+    """The Prefect API this process would talk to (env or active profile), or None."""
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    return str(url) if url else None
+
+
+def prefect_home() -> Path:
+    from prefect.settings import get_current_settings
+
+    return Path(get_current_settings().home).expanduser()
+
+
+class TemporaryServer:
+    """A ``prefect server start`` process on loopback, its URL and its log."""
+
+    def __init__(self, port: int | None = None, log_path: Path | None = None, ui: bool = True):
+        self.port = port or int(os.environ.get("QSAE_PREFECT_PORT", 0)) or _free_port()
+        self.api_url = f"http://127.0.0.1:{self.port}/api"
+        self.log_path = log_path or prefect_home() / f"qsae-server-{self.port}.log"
+        self.ui = ui
+        self.proc: subprocess.Popen | None = None
+        self.startup_seconds = float("nan")
+
+    def start(self, timeout: float | None = None) -> None:
+        """Start the server and wait until its health endpoint answers; raise if it cannot."""
+        timeout = float(os.environ.get(START_TIMEOUT_ENV, DEFAULT_START_TIMEOUT_S)) if timeout is None else timeout
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+        env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        exe = Path(sys.executable).parent / "prefect"
+        cmd = [str(exe) if exe.exists() else "prefect", "server", "start", "--host", "127.0.0.1",
+               "--port", str(self.port)] + ([] if self.ui else ["--no-ui"])
+        t0 = time.monotonic()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env=env, start_new_session=True)
+        while True:
+            if self.proc.poll() is not None:
+                raise PrefectServerError(
+                    f"the temporary Prefect API server exited with status {self.proc.returncode} before it was "
+                    f"ready; its log is {self.log_path}:\n{_tail(self.log_path)}")
+            if _healthy(self.api_url):
+                break
+            if time.monotonic() - t0 > timeout:
+                self.stop()
+                raise PrefectServerError(
+                    f"the temporary Prefect API server did not answer {self.api_url}/health within {timeout:.0f} s "
+                    f"(raise {START_TIMEOUT_ENV}, or point PREFECT_API_URL at a running server); its log is "
+                    f"{self.log_path}:\n{_tail(self.log_path)}")
+            time.sleep(0.5)
+        self.startup_seconds = time.monotonic() - t0
+
+    def stop(self) -> None:
+        """Stop the server's whole process group (SIGTERM, then SIGKILL after 20 s)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        except ProcessLookupError:
+            pass
+
+
+def _drain_prefect_workers() -> None:
+    """Flush the logs and events the client still holds before their server goes away."""
+    try:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=10)
+        EventsWorker.drain_all(timeout=10)
+    except Exception:  # best effort: nothing is lost that the lake needs
+        pass
+
+
+@contextmanager
+def prefect_api(log_fn: Callable[[str], None] = print, ui: bool = True) -> Iterator[str]:
+    """Yield the Prefect API URL to run flows against, starting a temporary server if none is set.
+
+    With ``PREFECT_API_URL`` set (env or profile) nothing is started. Otherwise a server of our
+    own runs for the duration of the block; its UI shows the runs while it lasts.
+    """
+    url = configured_api_url()
+    if url:
+        yield url
+        return
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = TemporaryServer(ui=ui)
+    log_fn(f"starting a temporary Prefect server (log: {server.log_path}) ...")
+    server.start()
+    log_fn(f"Prefect API up in {server.startup_seconds:.1f} s; UI while this runs: "
+           f"{server.api_url.removesuffix('/api')}")
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            os.environ["PREFECT_API_URL"] = server.api_url
+            try:
+                yield server.api_url
+            finally:
+                _drain_prefect_workers()
+                os.environ.pop("PREFECT_API_URL", None)
+    finally:
+        server.stop()

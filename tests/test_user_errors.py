@@ -1,0 +1,154 @@
+"""Datasets as researchers have them (string ids), and user errors that read like a sentence."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qsae.datasets import derive_question_id, load_questions
+from qsae.errors import DatasetError
+
+from .test_capture import tiny_capture
+
+REPO = Path(__file__).resolve().parents[1]
+QSAE = str(Path(sys.executable).parent / "qsae")
+HEADER = "id\tsubj\tprop\tobj\tquestion\tpossible_answers"
+
+
+def _tsv(path: Path, rows: list[str]) -> Path:
+    path.write_text("\n".join([HEADER, *rows]) + "\n", encoding="utf-8")
+    return path
+
+
+def _string_id_rows(n: int) -> list[str]:
+    """PopQA rows with ids as in the HippoRAG / T2RAG copies: popqa_0, popqa_5, ..."""
+    people = ["George Rankin", "John Mayne", "Henry Feilden", "Kathy Saltzman", "Eric Bernard", "Ida Rhodes",
+              "Carl Linde", "Mary Ann Evans", "Ole Bull", "Vera Brittain"]
+    return [f"popqa_{5 * i}\t{people[i % 10]}\toccupation\tpolitician\tWhat is {people[i % 10]}'s occupation?\t"
+            + json.dumps(["politician", "statesman"]) for i in range(n)]
+
+
+def test_string_ids_load_with_stable_derived_question_numbers(tmp_path):
+    qs = load_questions(str(_tsv(tmp_path / "popqa.tsv", _string_id_rows(6))))
+    assert not qs.problems
+    assert qs.dataset_ids() == [f"popqa_{5 * i}" for i in range(6)]
+    assert qs.ids() == [derive_question_id(f"popqa_{5 * i}") for i in range(6)]
+    assert len(set(qs.ids())) == 6 and all(0 <= i < 2**63 for i in qs.ids())
+    # Stable whatever the order or subset: the same id gets the same number.
+    rows = _string_id_rows(6)
+    again = load_questions(str(_tsv(tmp_path / "shuffled.tsv", [rows[4], rows[1]])))
+    assert again.ids() == [qs.ids()[4], qs.ids()[1]]
+    # Integer ids are untouched (the lake contract as before).
+    ints = load_questions(str(_tsv(tmp_path / "ints.tsv", [r.replace("popqa_", "", 1) for r in rows])))
+    assert ints.ids() == [5 * i for i in range(6)] and ints.dataset_ids() is None
+
+
+def test_duplicate_string_ids_stay_an_error(tmp_path):
+    rows = _string_id_rows(3)
+    path = _tsv(tmp_path / "dup.tsv", rows + [rows[1]])
+    qs = load_questions(str(path))
+    assert len(qs) == 3 and [str(p) for p in qs.problems] == ["row 4 (id popqa_5): duplicate id"]
+    with pytest.raises(DatasetError, match="duplicate id"):
+        load_questions(str(path), on_error="raise")
+
+
+def test_an_all_bad_file_lists_its_reasons_with_row_numbers(tmp_path):
+    rows = [f"{i}\ts\tp\to\tWho is {i}?\tnot json" for i in range(3)] + ["7\ts\tp\to\t\t[\"x\"]"] * 2 + ["8\tshort"] * 3
+    with pytest.raises(DatasetError) as err:
+        load_questions(str(_tsv(tmp_path / "bad.tsv", rows)))
+    msg = str(err.value)
+    assert "no usable questions (8 malformed rows)" in msg
+    assert "row 1 (id 0): unparsable answers" in msg
+    assert "row 4 (id 7): missing or empty question" in msg
+    assert "... and 3 more" in msg
+
+
+def test_a_string_id_tsv_captures_and_is_selectable_by_its_own_ids(tiny_qwen_dir, tmp_path):
+    from qsae.capture import run_capture
+    from qsae.lake import open_lake
+
+    path = _tsv(tmp_path / "popqa.tsv", _string_id_rows(4))
+    cfg = tiny_capture(tiny_qwen_dir, None, tmp_path / "lake.zarr", layers=(1,), dataset=str(path), limit=None)
+    run_capture(cfg)
+    ds = open_lake(cfg.store)
+    assert list(ds.dataset_id.values) == ["popqa_0", "popqa_5", "popqa_10", "popqa_15"]
+    assert list(ds.question.values) == [derive_question_id(f"popqa_{5 * i}") for i in range(4)]
+    assert bool(ds.done.all())
+    one = ds.qsae.select(dataset_ids=["popqa_10"])
+    assert list(one.dataset_id.values) == ["popqa_10"] and "Mayne" not in str(one.question_text.values[0])
+    with pytest.raises(KeyError, match="popqa_99"):
+        ds.qsae.select(dataset_ids=["popqa_99"])
+    # Resume: the same file reopens the same lake (identity includes the string ids).
+    run_capture(cfg)
+
+
+def _cli(*args: str, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "QSAE_DEBUG"}
+    env.update(HF_HUB_OFFLINE="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", **(env_extra or {}))
+    return subprocess.run([QSAE, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _assert_short(out: subprocess.CompletedProcess, first: str) -> None:
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert "Traceback" not in out.stderr and "╭" not in out.stderr, out.stderr
+    start = next(i for i, line in enumerate(lines) if line.startswith("qsae: error: "))  # after any progress bars
+    assert first in lines[start], out.stderr
+    assert len(lines) - start <= 9, out.stderr  # the reason and a hint, a few listed rows at most
+
+
+def test_cli_prints_user_errors_short_with_exit_status_2(tmp_path, tiny_qwen_dir):
+    bad = _tsv(tmp_path / "bad.tsv", [f"{i}\ts\tp\to\tWho?\tnot json" for i in range(7)])
+    out = _cli("capture", "--no-prefect", "--model", str(tiny_qwen_dir), "--dataset", str(bad),
+               "--store", str(tmp_path / "a.zarr"), "--device", "cpu")
+    _assert_short(out, "no usable questions (7 malformed rows)")
+    assert "row 1 (id 0): unparsable answers" in out.stderr and "... and 2 more" in out.stderr
+
+    out = _cli("capture", "--no-prefect", "--model", str(tiny_qwen_dir), "--layers", "99",
+               "--store", str(tmp_path / "b.zarr"), "--device", "cpu", "--limit", "2")
+    _assert_short(out, "99")
+    assert not (tmp_path / "b.zarr").exists()
+
+    out = _cli("inspect", str(tmp_path / "missing.zarr"))
+    _assert_short(out, "missing.zarr")
+
+    # --debug (or QSAE_DEBUG=1) shows the traceback of the same error.
+    out = _cli("--debug", "inspect", str(tmp_path / "missing.zarr"))
+    assert out.returncode != 0 and "Traceback" in out.stderr
+    out = _cli("inspect", str(tmp_path / "missing.zarr"), env_extra={"QSAE_DEBUG": "1"})
+    assert "Traceback" in out.stderr
+
+
+@pytest.mark.slow
+def test_a_prefect_run_on_bad_input_ends_with_the_reason(tmp_path, tiny_qwen_dir):
+    """Through a (temporary) Prefect server: the flow run fails, the CLI's last line says why."""
+    bad = _tsv(tmp_path / "bad.tsv", [f"{i}\ts\tp\to\tWho?\tnot json" for i in range(3)])
+    out = _cli("capture", "--model", str(tiny_qwen_dir), "--dataset", str(bad), "--store", str(tmp_path / "c.zarr"),
+               "--device", "cpu", env_extra={"PREFECT_HOME": str(tmp_path / "home")})
+    assert out.returncode == 2, out.stderr[-3000:]
+    tail = out.stderr.strip().splitlines()
+    assert tail[-1].startswith("(a DatasetError"), tail[-3:]
+    reason = next(line for line in tail if line.startswith("qsae: error: "))
+    assert "no usable questions (3 malformed rows)" in reason
+    assert tail.index(reason) >= len(tail) - 6  # the reason is at the end, after Prefect's own log lines
+
+
+def test_bugs_still_show_their_traceback(tmp_path, monkeypatch):
+    import qsae.inspect_store
+    from flows.cli import main
+
+    with pytest.raises(SystemExit) as done:  # a user error: exit 2, nothing escapes
+        main(["inspect", str(tmp_path / "missing.zarr")])
+    assert done.value.code == 2
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(qsae.inspect_store, "inspect_store", broken)
+    with pytest.raises(ZeroDivisionError, match="a bug"):  # not turned into a one-liner
+        main(["inspect", str(tmp_path / "missing.zarr")])

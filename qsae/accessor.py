@@ -21,6 +21,8 @@ from typing import Any, Literal
 import numpy as np
 import xarray as xr
 
+from .errors import LayerError
+
 Which = Literal["completion", "prompt"]
 
 
@@ -214,10 +216,10 @@ class QsaeAccessor:
         layers = [int(x) for x in self._ds.layer.values]
         if layer is None:
             if len(layers) != 1:
-                raise ValueError(f"the lake has layers {layers}: pass layer=")
+                raise LayerError(f"the lake has layers {layers}: pass layer=")
             return layers[0]
         if layer not in layers:
-            raise ValueError(f"layer {layer} is not in the lake (layers {layers})")
+            raise LayerError(f"layer {layer} is not in the lake (layers {layers})")
         return layer
 
     def info(self) -> dict[str, Any]:

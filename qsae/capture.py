@@ -31,13 +31,13 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
 from .datasets import Question, QuestionSet, format_prompt, is_correct, load_questions
-from .errors import DatasetError
+from .errors import DatasetError, SAEFormatError
 from .hooks import check_layers, run_with_capture
 from .lake import LakeLayout, LakeSpec, QuestionLake
 from .models import LoadedModel, load_model
 from .sae import SAE, check_sae_matches_model
 from .sae_formats import load_saes
-from .sampling import SeededTopPSampler, StopOnTokens, empirical_entropy, newline_token_ids
+from .sampling import SAMPLER_ID, SeededTopPSampler, StopOnTokens, empirical_entropy, newline_token_ids
 from .writer import background_writer, to_lake_dtype
 
 log = logging.getLogger("qsae.capture")
@@ -99,7 +99,7 @@ class CaptureConfig(BaseModel):
             "sampling": {
                 "n_samples": self.n_samples, "temperature": self.temperature, "top_p": self.top_p,
                 "max_new_tokens": self.max_new_tokens, "stop_at_newline": self.stop_at_newline,
-                "sampler": "qsae.sampling.SeededTopPSampler/v1",
+                "sampler": SAMPLER_ID,
             },
             "seed": self.seed,
             "prompt_template": self.prompt_template,
@@ -137,10 +137,10 @@ def get_saes(cfg: CaptureConfig, lm: LoadedModel) -> dict[int, SAE]:
     for sae in saes.values():
         check_sae_matches_model(sae, lm.d_model, lm.name)
         if sae.info.hook != "resid_post":
-            raise DatasetError(f"SAE {sae.info.source} reads {sae.info.hook}; capture stores the residual stream")
+            raise SAEFormatError(f"SAE {sae.info.source} reads {sae.info.hook}; capture stores the residual stream")
     widths = {(s.d_sae, cfg.sae_k or s.k) for s in saes.values()}
     if len(widths) != 1 or None in next(iter(widths)):
-        raise DatasetError(f"all layers' SAEs need one d_sae and a k for the codes, got (d_sae, k) {sorted(widths, key=str)}")
+        raise SAEFormatError(f"all layers' SAEs need one d_sae and a k for the codes, got (d_sae, k) {sorted(widths, key=str)}")
     return saes
 
 

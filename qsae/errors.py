@@ -33,8 +33,8 @@ class SAEModelMismatchError(QsaeError):
     """The SAE's d_model does not equal the model's hidden size."""
 
 
-class LayerError(QsaeError):
-    """A requested layer does not exist in the model."""
+class LayerError(QsaeError, ValueError):
+    """A requested layer does not exist in the model, the lake or the store (or none was chosen)."""
 
 
 class SchemaError(QsaeError):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as _dt
+import functools
 import hashlib
 import json
 import os
@@ -495,7 +496,7 @@ class Lake:
             for coords in np.ndindex(*[len(r) for r in ranges]):
                 key = arr.metadata.encode_chunk_key(tuple(r[i] for r, i in zip(ranges, coords)))
                 paths.append(root / var.name / key)
-        list(_FSYNC_POOL.map(_fsync, paths))
+        list(_fsync_pool().map(_fsync, paths))
 
     def update_attrs(self, **attrs: Any) -> None:
         """Add run statistics or links to the attributes (never identity keys)."""
@@ -559,7 +560,10 @@ def _fault_point(region: slice) -> None:
         raise OSError(f"injected fault after writing region {region.start}:{region.stop} (before done)")
 
 
-_FSYNC_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="qsae-fsync")
+@functools.lru_cache(maxsize=1)
+def _fsync_pool() -> ThreadPoolExecutor:
+    """The threads that fsync a region's files in parallel, made on first use (not at import)."""
+    return ThreadPoolExecutor(max_workers=8, thread_name_prefix="qsae-fsync")
 
 
 def _fsync(path) -> None:

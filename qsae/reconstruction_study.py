@@ -12,6 +12,7 @@ import torch
 import xarray as xr
 from pydantic import BaseModel, ConfigDict, Field
 
+from .errors import LayerError
 from .lake import open_lake
 from .reconstruction import ReconAccumulator, decode_codes, loss_recovered, sae_for_lake_layer
 from .results import lineage_of, save_figure, write_result_group
@@ -124,7 +125,7 @@ def run_reconstruction(cfg: ReconstructionConfig, log_fn: Callable[[str], None] 
     layers = cfg.layers or [int(x) for x in ds.layer.values]
     missing = [layer for layer in layers if layer not in set(int(x) for x in ds.layer.values)]
     if missing:
-        raise ValueError(f"layers {missing} are not in the lake (layers {list(ds.layer.values)})")
+        raise LayerError(f"layers {missing} are not in the lake (layers {list(ds.layer.values)})")
     from .dask_compute import map_blocks
 
     todo = [layer for layer in layers if layer not in (computed or {})]

@@ -15,6 +15,7 @@ import numpy as np
 import xarray as xr
 from pydantic import BaseModel, ConfigDict, Field
 
+from .errors import LayerError
 from .lake import open_lake
 from .results import lineage_of, save_figure, write_result_group
 from .rivalry import (
@@ -53,7 +54,7 @@ def choose_layer(ds: xr.Dataset, layer: int | None) -> int:
     if layer is None:
         return 20 if 20 in layers else layers[len(layers) // 2]
     if layer not in layers:
-        raise ValueError(f"layer {layer} is not in the lake (layers {layers})")
+        raise LayerError(f"layer {layer} is not in the lake (layers {layers})")
     return layer
 
 

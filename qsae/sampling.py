@@ -23,6 +23,10 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
+# Part of every question lake's identity (its lineage): a lake's samples are reproducible by
+# this sampler only. Never derive it from the class's module path; bump /v2 if draws change.
+SAMPLER_ID = "qsae.sampling.SeededTopPSampler/v1"
+
 
 def uniform(seed: int, question_id: int, sample: int, step: int) -> float:
     """A uniform number in [0, 1) that depends only on its four arguments (53-bit)."""

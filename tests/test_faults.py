@@ -156,7 +156,8 @@ def test_s3_outage_fails_clearly_and_resumes(fault_setup, tmp_path):
                 proc.wait()
         # The run fails, with an error naming the problem, after bounded retries.
         assert proc.returncode != 0
-        assert "shard writer failed" in output and "timed out after 10 s" in output, output[-3000:]
+        assert proc.returncode == 2  # a StoreUnreachableError (qsae's own), re-raised as it was
+        assert "qsae: error: writing" in output and "timed out after 10 s" in output, output[-3000:]
         os.kill(server.pid, signal.SIGCONT)  # the server is back
         report = verify(store, storage_options=opts)
         assert report.ok, report.text()

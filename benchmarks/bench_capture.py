@@ -3,7 +3,7 @@
 Baseline ("bare"): for each batch of the same questions, transformers' own sampling
 (``generate(do_sample=True, temperature, top_p, num_return_sequences=S)``, same stop rule)
 followed by one plain forward pass over prompt + completion (full model, no hooks).
-Capture: ``qsae.capture.capture_shards`` on the same questions and batch size (seeded
+Capture: ``qsae.jobs.capture.capture_shards`` on the same questions and batch size (seeded
 sampler, one hooked forward stopping after the deepest layer, on-device SAE codes, float16
 conversion, background shard writes, fsync). Prints the ratio and a phase breakdown, then
 the write throughput against a raw numpy write + fsync of the same bytes.
@@ -25,8 +25,8 @@ import torch
 from bench_lake_layout import raw_write_fsync
 from transformers import GenerationConfig, StoppingCriteriaList
 
-from qsae.capture import CaptureConfig, _encode_prompt, capture_shards, get_model, get_questions, plan_capture
-from qsae.sampling import StopOnTokens, newline_token_ids
+from qsae.jobs.capture import CaptureConfig, _encode_prompt, capture_shards, get_model, get_questions, plan_capture
+from qsae.lm.sampling import StopOnTokens, newline_token_ids
 
 
 def bare(cfg: CaptureConfig, questions) -> tuple[float, int, float, float]:
@@ -66,7 +66,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.sae is None:
-        from qsae.demo import ensure_demo_sae
+        from qsae.jobs.demo import ensure_demo_sae
 
         args.sae = str(ensure_demo_sae())
     root = Path(tempfile.mkdtemp(prefix="qsae-bench-cap-"))
@@ -97,7 +97,7 @@ def main() -> None:
         print(f"RATIO overhead (SAE encode + dtype conversion + shard assembly + writer wait) / capture = "
               f"{overhead / stats.wall_seconds:.4f}; seeded sampler generate / HF generate = {ph['generate'] / bare_gen:.3f}")
         # Write throughput: the writer's bytes vs a raw numpy write + fsync of the same arrays.
-        from qsae.lake import QuestionLake
+        from qsae.lake.store import QuestionLake
 
         lake = QuestionLake.open(cfg.store)
         arrays = {name: np.asarray(arr[:]) for name, arr in lake.arrays.items() if arr.dtype.kind not in "TUO"}

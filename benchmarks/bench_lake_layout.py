@@ -23,7 +23,7 @@ import xarray as xr
 import zarr
 from zarr.storage import LocalStore, WrapperStore
 
-from qsae.lake import LakeLayout, LakeSpec, QuestionLake
+from qsae.lake.store import LakeLayout, LakeSpec, QuestionLake
 
 D_MODEL, SAMPLES, K, D_SAE = 2048, 20, 50, 32768
 

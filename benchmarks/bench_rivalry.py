@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 from synthetic_lake import D_SAE, K, S, build_code_lake
 
-from qsae.lake import QuestionLake
-from qsae.rivalry import dense_question_score, question_score
-from qsae.rivalry_study import RivalryConfig, run_rivalry
+from qsae.analysis.rivalry import dense_question_score, question_score
+from qsae.jobs.rivalry import RivalryConfig, run_rivalry
+from qsae.lake.store import QuestionLake
 
 
 def main() -> None:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qsae.lake import TokenLake, TokenLakeSpec
-from qsae.train import LakeSource, TrainConfig, train_sae
+from qsae.jobs.train import LakeSource, TrainConfig, train_sae
+from qsae.lake.store import TokenLake, TokenLakeSpec
 
 
 class MemmapSource:

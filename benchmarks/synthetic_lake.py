@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qsae.lake import LakeLayout, LakeSpec, QuestionLake
+from qsae.lake.store import LakeLayout, LakeSpec, QuestionLake
 
 S, K, D_SAE = 20, 50, 32768
 

@@ -15,8 +15,8 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.policies import retry_unless_bad_input
 from flows.storage_blocks import resolve_secret_blocks
-from qsae.capture import CaptureConfig, capture_shards, plan_capture, store_path_for
-from qsae.lake import QuestionLake
+from qsae.jobs.capture import CaptureConfig, capture_shards, plan_capture, store_path_for
+from qsae.lake.store import QuestionLake
 
 
 @task(name="prepare-store", cache_policy=NO_CACHE)

@@ -90,7 +90,7 @@ def capture(
     set_: list[str] | None = SetOpt,
 ) -> None:
     """Sample completions and capture residuals + SAE codes into a question lake."""
-    from qsae.capture import CaptureConfig, run_capture
+    from qsae.jobs.capture import CaptureConfig, run_capture
 
     cfg = build_config(CaptureConfig, config, set_, model=model, sae=sae, sae_k=sae_k, layers=parse_layers(layers),
                        dataset=dataset, store=store, n_samples=samples, limit=limit,
@@ -117,8 +117,8 @@ def demo(
     """The embedded default: SmolLM2-135M + its shipped TopK SAE on real PopQA questions."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()
-    from qsae.capture import run_capture, store_path_for
-    from qsae.demo import demo_capture_config, ensure_demo_model, ensure_demo_sae
+    from qsae.jobs.capture import run_capture, store_path_for
+    from qsae.jobs.demo import demo_capture_config, ensure_demo_model, ensure_demo_sae
 
     TIMES["imports (torch, transformers)"] = time.perf_counter() - t0
     t = time.perf_counter()
@@ -151,7 +151,7 @@ def demo(
 def demo_sae(out: Path = typer.Option(..., help="folder for the SAELens export")) -> None:
     """Train the demo SAE from scratch with the recipe of the one shipped in qsae/data/demo_sae."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from qsae.demo import ensure_demo_model, train_demo_sae
+    from qsae.jobs.demo import ensure_demo_model, train_demo_sae
 
     ensure_demo_model(log_fn=typer.echo)
     typer.echo(str(train_demo_sae(out, log_fn=typer.echo)))
@@ -182,8 +182,8 @@ def collect(
     set_: list[str] | None = SetOpt,
 ) -> None:
     """Stream a text corpus through a model into a token lake (for SAE training)."""
-    from qsae.collect import CollectConfig
-    from qsae.collect import collect as run
+    from qsae.jobs.collect import CollectConfig
+    from qsae.jobs.collect import collect as run
 
     cfg = build_config(CollectConfig, config, set_, model=model, dataset=dataset, layers=parse_layers(layers),
                        hook=hook, store=store, max_tokens=max_tokens)
@@ -210,7 +210,7 @@ def train(
     set_: list[str] | None = SetOpt,
 ) -> None:
     """Train a TopK or ReLU+L1 SAE from a token lake; writes a SAELens folder."""
-    from qsae.train import TrainConfig, train_sae
+    from qsae.jobs.train import TrainConfig, train_sae
 
     cfg = build_config(TrainConfig, config, set_, store=store, layer=layer, architecture=architecture, k=k,
                        out=out, epochs=epochs)
@@ -236,8 +236,8 @@ def rivalry(
     set_: list[str] | None = SetOpt,
 ) -> None:
     """Feature rivalry: entropy groups, per-question feature correlations, Mann-Whitney U."""
-    from qsae.results import summary_json
-    from qsae.rivalry_study import RivalryConfig, run_rivalry
+    from qsae.jobs.rivalry import RivalryConfig, run_rivalry
+    from qsae.lake.results import summary_json
 
     cfg = build_config(RivalryConfig, config, set_, store=store, layer=layer, mode=mode, rule=rule, entropy=entropy)
     if prefect:
@@ -264,7 +264,7 @@ def reconstruct(
     set_: list[str] | None = SetOpt,
 ) -> None:
     """SAEBench-style reconstruction metrics per layer (offline; optionally with the model)."""
-    from qsae.reconstruction_study import ReconstructionConfig, run_reconstruction
+    from qsae.jobs.reconstruction import ReconstructionConfig, run_reconstruction
 
     cfg = build_config(ReconstructionConfig, config, set_, store=store, layers=parse_layers(layers),
                        model_in_loop=model_in_loop, sae=sae)
@@ -291,7 +291,7 @@ def verify(
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
     """Check a lake against its schema and invariants; exit status 1 if anything is wrong."""
-    from qsae.verify import verify as run
+    from qsae.lake.verify import verify as run
 
     report = run(store, reencode=reencode)
     typer.echo(report.to_json() if as_json else report.text())
@@ -304,7 +304,7 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
     """Summarise a store: dims, variables (dtype, size, layout), done fraction, lineage, results."""
-    from qsae.inspect_store import inspect_store, render
+    from qsae.lake.inspect import inspect_store, render
 
     info = inspect_store(store)
     typer.echo(json.dumps(info, indent=1) if as_json else render(info))
@@ -323,8 +323,8 @@ def compare(
     set_: list[str] | None = SetOpt,
 ) -> None:
     """Match two SAEs' features (decoder cosine, optimal assignment) and their firing in two lakes."""
-    from qsae.compare_study import CompareConfig, run_compare
-    from qsae.results import summary_json
+    from qsae.jobs.compare import CompareConfig, run_compare
+    from qsae.lake.results import summary_json
 
     cfg = build_config(CompareConfig, None, set_, base_sae=base_sae, finetuned_sae=finetuned_sae, layer=layer,
                        base_lake=base_lake, finetuned_lake=finetuned_lake, out=out, threshold=threshold)
@@ -348,8 +348,8 @@ def demo_compare(
 ) -> None:
     """Base vs fine-tuned on CPU: fine-tune SmolLM2 on PopQA answers, an SAE for each, compare."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from qsae.demo_compare import build_and_compare
-    from qsae.results import summary_json
+    from qsae.jobs.demo_compare import build_and_compare
+    from qsae.lake.results import summary_json
 
     res, baseline = build_and_compare(finetune_steps=steps, questions=questions, log_fn=typer.echo)
     keys = ("matched", "matched_above_0.9", "emerged", "vanished", "mean_matched_similarity")

@@ -8,7 +8,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.storage_blocks import resolve_secret_blocks
-from qsae.compare_study import CompareConfig, run_compare
+from qsae.jobs.compare import CompareConfig, run_compare
 
 
 def summary_markdown(result) -> str:

@@ -22,10 +22,10 @@ from flows.capture import capture_flow, prepare_store
 from flows.reconstruction import reconstruction_flow
 from flows.rivalry import rivalry_flow
 from flows.storage_blocks import resolve_secret_blocks
-from qsae.capture import CaptureConfig, store_path_for
-from qsae.lake import QuestionLake
-from qsae.reconstruction_study import ReconstructionConfig
-from qsae.rivalry_study import RivalryConfig
+from qsae.jobs.capture import CaptureConfig, store_path_for
+from qsae.jobs.reconstruction import ReconstructionConfig
+from qsae.jobs.rivalry import RivalryConfig
+from qsae.lake.store import QuestionLake
 
 
 def split_shards(pending: list[int], n: int) -> list[list[int]]:

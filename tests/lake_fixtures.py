@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from qsae.lake import LakeLayout, LakeSpec, QuestionLake
+from qsae.lake.store import LakeLayout, LakeSpec, QuestionLake
 
 LINEAGE = dict(
     model="test-model", model_revision="r0", hook="resid_post", sae_source="test-sae",

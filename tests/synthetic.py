@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qsae.lake import TokenLake, TokenLakeSpec
+from qsae.lake.store import TokenLake, TokenLakeSpec
 
 
 def sparse_dictionary_data(n_tokens=40_000, d_model=32, n_atoms=48, k_true=3, noise=0.01, seed=0):

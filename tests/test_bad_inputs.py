@@ -11,13 +11,13 @@ import pytest
 import torch
 import zarr
 
-from qsae.capture import CaptureConfig, _layer_arrays, plan_capture, run_capture
 from qsae.errors import LayerError, StoreUnreachableError
-from qsae.lake import open_lake
-from qsae.sae_formats import load_sae
-from qsae.schema import FP16_MAX
-from qsae.verify import verify
-from qsae.writer import to_lake_dtype
+from qsae.jobs.capture import CaptureConfig, _layer_arrays, plan_capture, run_capture
+from qsae.lake.schema import FP16_MAX
+from qsae.lake.store import open_lake
+from qsae.lake.verify import verify
+from qsae.lm.convert import to_lake_dtype
+from qsae.sae.formats import load_sae
 
 from .test_capture import tiny_capture, write_sae_folder
 

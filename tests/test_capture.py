@@ -9,11 +9,11 @@ import pytest
 import scipy.stats
 import torch
 
-from qsae.capture import CaptureConfig, plan_capture, run_capture
 from qsae.errors import ConfigMismatchError, DatasetError, SAEModelMismatchError
-from qsae.hooks import run_with_capture
-from qsae.lake import open_lake
-from qsae.sae_formats import load_sae
+from qsae.jobs.capture import CaptureConfig, plan_capture, run_capture
+from qsae.lake.store import open_lake
+from qsae.lm.hooks import run_with_capture
+from qsae.sae.formats import load_sae
 
 from .test_sae_formats import qwen_scope_dict
 
@@ -63,7 +63,7 @@ def qwen_run(tmp_path_factory, tiny_qwen_dir):
 
 
 def _lm(cfg):
-    from qsae.capture import get_model
+    from qsae.jobs.capture import get_model
 
     return get_model(cfg).lm
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from qsae.collect import CollectConfig, collect
-from qsae.hooks import run_with_capture
-from qsae.lake import TokenLake
-from qsae.writer import ShardWriter
+from qsae.jobs.collect import CollectConfig, collect
+from qsae.lake.store import TokenLake
+from qsae.lake.writer import ShardWriter
+from qsae.lm.hooks import run_with_capture
 
 
 def _cfg(tmp, name, **kw):

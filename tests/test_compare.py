@@ -8,9 +8,9 @@ import torch
 import xarray as xr
 from scipy.optimize import linear_sum_assignment
 
-from qsae.compare import candidate_pairs, match_features, unit_rows
-from qsae.compare_study import CompareConfig, run_compare
-from qsae.lake import QuestionLake
+from qsae.analysis.matching import candidate_pairs, match_features, unit_rows
+from qsae.jobs.compare import CompareConfig, run_compare
+from qsae.lake.store import QuestionLake
 
 from .lake_fixtures import random_shard, small_spec
 
@@ -115,8 +115,8 @@ def test_firing_shifts_equal_a_direct_count(tmp_path):
 def test_finetune_lowers_the_loss_and_saves_a_loadable_model(tiny_qwen_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from qsae.finetune import finetune
-    from qsae.models import load_model
+    from qsae.lm.finetune import finetune
+    from qsae.lm.models import load_model
 
     lm = load_model(str(tiny_qwen_dir), device="cpu", dtype="float32")
     texts = ["Q: Who wrote Hamlet?\nA: Shakespeare\n", "Q: What is the capital of France?\nA: Paris\n"]

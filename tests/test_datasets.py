@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from qsae.datasets import format_prompt, is_correct, load_questions
 from qsae.errors import DatasetError
+from qsae.lm.datasets import format_prompt, is_correct, load_questions
 
 from .conftest import SHARED
 

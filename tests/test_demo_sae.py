@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qsae.demo import SHIPPED_SAE, ensure_demo_sae, recipe_record, train_demo_sae
+from qsae.jobs.demo import SHIPPED_SAE, ensure_demo_sae, recipe_record, train_demo_sae
 
 
 def test_the_demo_uses_the_shipped_sae_and_its_record_matches_the_file():

@@ -134,7 +134,7 @@ def test_pipeline_deployment_on_two_workers_with_s3_lake(tmp_path, s3_server, ti
         # The lake read from S3 by xarray is complete and equals a local single-worker run.
         remote = xr.open_zarr("s3://lake/e2e.zarr", storage_options=s3_opts).load()
         assert bool(remote.done.all())
-        from qsae.capture import CaptureConfig, run_capture
+        from qsae.jobs.capture import CaptureConfig, run_capture
 
         local_cfg = CaptureConfig(**{**capture, "store": str(tmp_path / "local.zarr")})
         run_capture(local_cfg)
@@ -143,7 +143,7 @@ def test_pipeline_deployment_on_two_workers_with_s3_lake(tmp_path, s3_server, ti
             np.testing.assert_array_equal(remote[name].values, local[name].values, err_msg=name)
         # The accessor and `qsae inspect` work the same on s3:// as on a local path.
         import qsae  # noqa: F401
-        from qsae.inspect_store import inspect_store
+        from qsae.lake.inspect import inspect_store
 
         lazy_remote = xr.open_zarr("s3://lake/e2e.zarr", storage_options=s3_opts)
         np.testing.assert_array_equal(lazy_remote.qsae.firing_frequency().compute().values,

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import yaml
 
-from qsae.capture import CaptureConfig, run_capture
-from qsae.lake import QuestionLake, open_lake
-from qsae.verify import verify
+from qsae.jobs.capture import CaptureConfig, run_capture
+from qsae.lake.store import QuestionLake, open_lake
+from qsae.lake.verify import verify
 
 from .test_capture import tiny_capture, write_sae_folder
 

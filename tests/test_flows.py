@@ -9,10 +9,10 @@ from flows.capture import capture_flow
 from flows.reconstruction import reconstruction_flow
 from flows.rivalry import rivalry_flow
 from flows.train import train_flow
-from qsae.lake import QuestionLake, open_lake
-from qsae.reconstruction_study import ReconstructionConfig
-from qsae.rivalry_study import RivalryConfig
-from qsae.train import TrainConfig
+from qsae.jobs.reconstruction import ReconstructionConfig
+from qsae.jobs.rivalry import RivalryConfig
+from qsae.jobs.train import TrainConfig
+from qsae.lake.store import QuestionLake, open_lake
 
 from .conftest import prefect_artifacts
 from .test_capture import tiny_capture, write_sae_folder
@@ -42,7 +42,7 @@ def test_capture_flow_maps_shards_resumes_and_reports(flow_lake):
     arts = prefect_artifacts("qsae-capture")
     assert arts and "12 / 12" in arts[0].data and "xr.open_zarr" in arts[0].data
     # the flow's lake equals an in-process capture of the same config
-    from qsae.capture import run_capture
+    from qsae.jobs.capture import run_capture
 
     ref = cfg.model_copy(update={"store": str(tmp / "ref.zarr")})
     run_capture(ref)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qsae.errors import LayerError
-from qsae.hooks import capture, decoder_layers, run_with_capture
+from qsae.lm.hooks import capture, decoder_layers, run_with_capture
 
 
 def _inputs(lm, texts=("Q: Who wrote Hamlet? A:", "Q: What is the capital of France? A:")):
@@ -116,7 +116,7 @@ def test_out_of_range_layer_is_refused(tiny_qwen, layers):
 def test_converted_smollm2_is_a_plain_savable_model(smollm2, tmp_path):
     import json
 
-    from qsae.models import embedded_model_dir
+    from qsae.lm.models import embedded_model_dir
 
     folder = embedded_model_dir("smollm2")
     assert "quantization_config" not in json.loads((folder / "config.json").read_text())

@@ -9,8 +9,8 @@ import xarray as xr
 import zarr
 
 from qsae.errors import ConfigMismatchError, NewerSchemaError, RegionError, SchemaError, StoreUnreachableError
-from qsae.lake import LakeLayout, QuestionLake, open_lake
-from qsae.schema import SCHEMA_VERSION, VARIABLES, index_dtype
+from qsae.lake.schema import SCHEMA_VERSION, VARIABLES, index_dtype
+from qsae.lake.store import LakeLayout, QuestionLake, open_lake
 
 from .lake_fixtures import random_shard, small_spec
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-TORCH_FREE = ["qsae", "qsae.schema", "qsae.lake", "qsae.storage", "qsae.results", "qsae.accessor",
-              "qsae.inspect_store", "qsae.rivalry", "qsae.rivalry_study", "qsae.compare", "qsae.datasets"]
+TORCH_FREE = ["qsae", "qsae.lake", "qsae.lake.schema", "qsae.lake.store", "qsae.lake.storage", "qsae.lake.writer",
+              "qsae.lake.results", "qsae.lake.accessor", "qsae.lake.inspect", "qsae.lake.verify",
+              "qsae.analysis", "qsae.analysis.rivalry", "qsae.analysis.matching", "qsae.jobs.rivalry"]
 
 
 def _loaded_after_import(module: str) -> set[str]:

@@ -38,7 +38,7 @@ def _env(home: Path, **extra: str) -> dict[str, str]:
 
 @pytest.fixture
 def complete_lake(tmp_path) -> str:
-    from qsae.lake import QuestionLake
+    from qsae.lake.store import QuestionLake
 
     url = str(tmp_path / "lake.zarr")
     lake = QuestionLake.open_or_create(url, small_spec(n_questions=32, layers=(3,)), mode="create")

@@ -12,8 +12,8 @@ import xarray as xr
 from zarr.storage import LocalStore, WrapperStore
 
 import qsae  # noqa: F401  (registers ds.qsae)
-from qsae.capture import run_capture
-from qsae.sae_formats import load_sae
+from qsae.jobs.capture import run_capture
+from qsae.sae.formats import load_sae
 
 from .test_capture import tiny_capture, write_sae_folder
 

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from qsae.capture import run_capture
 from qsae.errors import SAEFormatError
-from qsae.hooks import decoder_layers, run_with_capture, splice
-from qsae.lake import QuestionLake, open_lake
-from qsae.reconstruction import loss_recovered
-from qsae.reconstruction_study import ReconstructionConfig, run_reconstruction, text_windows
-from qsae.sae import file_sha256
-from qsae.sae_formats import load_sae
+from qsae.jobs.capture import run_capture
+from qsae.jobs.reconstruction import ReconstructionConfig, run_reconstruction, text_windows
+from qsae.lake.store import QuestionLake, open_lake
+from qsae.lm.hooks import decoder_layers, run_with_capture, splice
+from qsae.sae.formats import load_sae
+from qsae.sae.metrics import loss_recovered
+from qsae.sae.model import file_sha256
 
 from .lake_fixtures import random_shard, small_spec
 from .test_capture import tiny_capture

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from qsae.lake import QuestionLake, open_lake
-from qsae.rivalry import (
+from qsae.analysis.rivalry import (
     compare_groups,
     entropy_groups,
     pairwise_correlations,
@@ -15,7 +14,8 @@ from qsae.rivalry import (
     sparse_codes_matrix,
     weighted_percentile,
 )
-from qsae.rivalry_study import RivalryConfig, run_rivalry
+from qsae.jobs.rivalry import RivalryConfig, run_rivalry
+from qsae.lake.store import QuestionLake, open_lake
 
 from .lake_fixtures import random_shard, small_spec
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from qsae.errors import SAEFormatError, SAEModelMismatchError, SAENotCachedError, UntrustedPickleError
-from qsae.sae import check_sae_matches_model, file_sha256
-from qsae.sae_formats import load_sae, load_saes
+from qsae.sae.formats import load_sae, load_saes
+from qsae.sae.model import check_sae_matches_model, file_sha256
 
 
 def qwen_scope_dict(d_model=16, d_sae=64, seed=0):

@@ -7,7 +7,7 @@ import scipy.stats
 import torch
 from transformers import TopPLogitsWarper
 
-from qsae.sampling import SeededTopPSampler, empirical_entropy, entropy_from_logits, uniform
+from qsae.lm.sampling import SeededTopPSampler, empirical_entropy, entropy_from_logits, uniform
 
 
 def _pick(sampler, logits, prompt_len=3, step=0):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from flows.storage_blocks import resolve_secret_blocks
-from qsae.storage import load_profile
+from qsae.lake.storage import load_profile
 
 
 def test_profiles_read_the_environment(monkeypatch):

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from qsae.sae_formats import load_sae
-from qsae.train import (
+from qsae.jobs.train import (
     DeadFeatureTracker,
     LakeSource,
     Metrics,
@@ -18,6 +17,7 @@ from qsae.train import (
     TrainConfig,
     train_sae,
 )
+from qsae.sae.formats import load_sae
 
 from .synthetic import sparse_dictionary_data, write_token_lake
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from qsae.datasets import derive_question_id, load_questions
 from qsae.errors import DatasetError
+from qsae.lm.datasets import derive_question_id, load_questions
 
 from .test_capture import tiny_capture
 
@@ -69,8 +69,8 @@ def test_an_all_bad_file_lists_its_reasons_with_row_numbers(tmp_path):
 
 
 def test_a_string_id_tsv_captures_and_is_selectable_by_its_own_ids(tiny_qwen_dir, tmp_path):
-    from qsae.capture import run_capture
-    from qsae.lake import open_lake
+    from qsae.jobs.capture import run_capture
+    from qsae.lake.store import open_lake
 
     path = _tsv(tmp_path / "popqa.tsv", _string_id_rows(4))
     cfg = tiny_capture(tiny_qwen_dir, None, tmp_path / "lake.zarr", layers=(1,), dataset=str(path), limit=None)
@@ -139,7 +139,7 @@ def test_a_prefect_run_on_bad_input_ends_with_the_reason(tmp_path, tiny_qwen_dir
 
 
 def test_bugs_still_show_their_traceback(tmp_path, monkeypatch):
-    import qsae.inspect_store
+    import qsae.lake.inspect
     from flows.cli import main
 
     with pytest.raises(SystemExit) as done:  # a user error: exit 2, nothing escapes
@@ -149,6 +149,6 @@ def test_bugs_still_show_their_traceback(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(qsae.inspect_store, "inspect_store", broken)
+    monkeypatch.setattr(qsae.lake.inspect, "inspect_store", broken)
     with pytest.raises(ZeroDivisionError, match="a bug"):  # not turned into a one-liner
         main(["inspect", str(tmp_path / "missing.zarr")])

@@ -1,7 +1,7 @@
 """Capture: sampled completions, entropies, residuals and TopK SAE codes into a question lake.
 
 For each batch of questions: S seeded samples per question through ``generate``
-(``qsae.sampling``), then ONE hooked forward pass over prompt + completion that stops after
+(``qsae.lm.sampling``), then ONE hooked forward pass over prompt + completion that stops after
 the deepest requested layer and keeps two positions per row: the prompt's last token and
 the completion's last token. Residuals are converted to the lake dtype on the device
 (float16 overflow clipped and counted), SAE codes are the TopK of the stored residual,
@@ -30,17 +30,18 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
-from .datasets import Question, QuestionSet, format_prompt, is_correct, load_questions
-from .errors import DatasetError, SAEFormatError
-from .hooks import check_layers, run_with_capture
-from .lake import LakeLayout, LakeSpec, QuestionLake
-from .models import LoadedModel, load_model
-from .sae import SAE, check_sae_matches_model
-from .sae_formats import load_saes
-from .sampling import SAMPLER_ID, SeededTopPSampler, StopOnTokens, empirical_entropy, newline_token_ids
-from .writer import background_writer, to_lake_dtype
+from qsae.errors import DatasetError, SAEFormatError
+from qsae.lake.store import LakeLayout, LakeSpec, QuestionLake
+from qsae.lake.writer import background_writer
+from qsae.lm.convert import to_lake_dtype
+from qsae.lm.datasets import Question, QuestionSet, format_prompt, is_correct, load_questions
+from qsae.lm.hooks import check_layers, run_with_capture
+from qsae.lm.models import LoadedModel, load_model
+from qsae.lm.sampling import SAMPLER_ID, SeededTopPSampler, StopOnTokens, empirical_entropy, newline_token_ids
+from qsae.sae.formats import load_saes
+from qsae.sae.model import SAE, check_sae_matches_model
 
-log = logging.getLogger("qsae.capture")
+log = logging.getLogger("qsae.jobs.capture")
 Log = Callable[[str], None]
 
 

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .errors import SAEFormatError, SAEModelMismatchError
+from qsae.errors import SAEFormatError, SAEModelMismatchError
 
 Activation = Literal["topk", "relu"]
 HookPoint = Literal["resid_post", "mlp_out"]

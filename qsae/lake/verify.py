@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import QsaeError
-from .lake import QuestionLake, open_lake
-from .schema import FP16_MAX
+from qsae.errors import QsaeError
+from qsae.lake.schema import FP16_MAX
+from qsae.lake.store import QuestionLake, open_lake
 
 
 @dataclass
@@ -156,7 +156,7 @@ def _check_sae_files(attrs: dict, report: Report, ds, reencode: int, seed: int) 
     if not source or not Path(str(source)).exists():
         report.checks["sae"] = f"SAE files not at hand ({source}): hashes not checked"
         return
-    from .reconstruction import sae_for_lake_layer
+    from qsae.sae.metrics import sae_for_lake_layer
 
     checked = []
     for layer in [int(x) for x in ds.layer.values]:

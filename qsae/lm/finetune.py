@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from .models import LoadedModel
+from qsae.lm.models import LoadedModel
 
-log = logging.getLogger("qsae.finetune")
+log = logging.getLogger("qsae.lm.finetune")
 
 
 def popqa_lines(questions) -> list[str]:

@@ -21,13 +21,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from .datasets import TextCorpus, load_texts
-from .hooks import check_layers, run_with_capture
-from .lake import TokenLake, TokenLakeSpec
-from .models import LoadedModel, load_model
-from .writer import background_writer, to_lake_dtype
+from qsae.lake.store import TokenLake, TokenLakeSpec
+from qsae.lake.writer import background_writer
+from qsae.lm.convert import to_lake_dtype
+from qsae.lm.datasets import TextCorpus, load_texts
+from qsae.lm.hooks import check_layers, run_with_capture
+from qsae.lm.models import LoadedModel, load_model
 
-log = logging.getLogger("qsae.collect")
+log = logging.getLogger("qsae.jobs.collect")
 
 
 class CollectConfig(BaseModel):

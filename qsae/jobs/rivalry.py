@@ -1,7 +1,7 @@
 """Run the rivalry study on a question lake and write its results into the same store.
 
 Reads lazily with xarray, question block by question block (shard-aligned), so memory
-stays bounded on a 14k-question lake; see ``qsae.rivalry`` for every definition.
+stays bounded on a 14k-question lake; see ``qsae.analysis.rivalry`` for every definition.
 """
 
 from __future__ import annotations
@@ -15,10 +15,7 @@ import numpy as np
 import xarray as xr
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import LayerError
-from .lake import open_lake
-from .results import lineage_of, save_figure, write_result_group
-from .rivalry import (
+from qsae.analysis.rivalry import (
     AMBIGUOUS,
     UNAMBIGUOUS,
     across_questions,
@@ -26,8 +23,11 @@ from .rivalry import (
     entropy_groups,
     score_questions,
 )
+from qsae.errors import LayerError
+from qsae.lake.results import lineage_of, save_figure, write_result_group
+from qsae.lake.store import open_lake
 
-log = logging.getLogger("qsae.rivalry")
+log = logging.getLogger("qsae.analysis.rivalry")
 
 
 class RivalryConfig(BaseModel):
@@ -112,7 +112,7 @@ def run_rivalry(cfg: RivalryConfig, log_fn: Callable[[str], None] = log.info, pr
     summary: dict[str, Any] = {"layer": layer, "mode": cfg.mode, "groups": gsum, "params": cfg.model_dump(),
                                "n_samples": int(ds.sizes["sample"]), "k": int(ds.sizes["k"])}
     if cfg.mode == "per_question":
-        from .dask_compute import map_blocks
+        from qsae.jobs.dask_compute import map_blocks
 
         cols: dict[str, list[np.ndarray]] = {}
         blocks = question_blocks(n, cfg.block_questions)

@@ -9,8 +9,8 @@ from typing import Any
 import fsspec
 import zarr
 
-from .lake import Lake
-from .storage import local_path, resolve_storage_options
+from qsae.lake.storage import local_path, resolve_storage_options
+from qsae.lake.store import Lake
 
 LINEAGE = ("model", "model_revision", "model_path", "hook", "sae_source", "d_sae", "k", "dataset", "dataset_revision",
            "sampling", "seed", "prompt_template", "resid_dtype", "schema_version", "qsae_version", "created")

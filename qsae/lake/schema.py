@@ -104,7 +104,7 @@ VARIABLES: tuple[Variable, ...] = (
 
 # Optional, written at creation: the dataset's own question ids when they are not integers
 # (e.g. "popqa_5"). The integer `question` coordinate is then derived from each id
-# (``qsae.datasets.derive_question_id``: the first 63 bits of its sha256, collisions refused).
+# (``qsae.lm.datasets.derive_question_id``: the first 63 bits of its sha256, collisions refused).
 DATASET_ID = Variable("dataset_id", (QUESTION,), "str", "",
                       "the dataset's own id of each question (present when ids are not integers)")
 

@@ -16,8 +16,8 @@ import fsspec
 import numpy as np
 import xarray as xr
 
-from .lake import consolidate
-from .storage import local_path, resolve_storage_options, xarray_target
+from qsae.lake.storage import local_path, resolve_storage_options, xarray_target
+from qsae.lake.store import consolidate
 
 LINEAGE_KEYS = ("model", "model_revision", "sae_source", "sae_sha256", "dataset", "dataset_revision",
                 "sampling", "seed", "config_fingerprint", "hook", "resid_dtype")

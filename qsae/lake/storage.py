@@ -92,7 +92,7 @@ def load_profile(name: str, path: str | Path | None = None) -> tuple[str, dict[s
     """
     import yaml
 
-    path = Path(path or os.environ.get("QSAE_PROFILES", Path(__file__).resolve().parent.parent / "storage" / "profiles.yaml"))
+    path = Path(path or os.environ.get("QSAE_PROFILES", Path(__file__).resolve().parents[2] / "storage" / "profiles.yaml"))
     profiles = yaml.safe_load(Path(path).read_text()) or {}
     if name not in profiles:
         raise KeyError(f"no storage profile {name!r} in {path} (profiles: {sorted(profiles)})")

@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import DatasetError
+from qsae.errors import DatasetError
 
 OnError = Literal["skip", "raise"]
 EMBEDDED_DATASETS = {"popqa-demo": "popqa_demo.jsonl"}

@@ -1,4 +1,4 @@
-"""Loaders from published SAE formats into ``qsae.sae.SAE``.
+"""Loaders from published SAE formats into ``qsae.sae.model.SAE``.
 
 Formats:
 - Qwen-Scope ``layer{n}.sae.pt``: dict of ``W_enc (d_sae, d_model)``, ``W_dec (d_model, d_sae)``,
@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from .errors import SAEFormatError, SAENotCachedError, UntrustedPickleError
-from .sae import SAE, SAEInfo, file_sha256
+from qsae.errors import SAEFormatError, SAENotCachedError, UntrustedPickleError
+from qsae.sae.model import SAE, SAEInfo, file_sha256
 
 QWEN_SCOPE_KEYS = ("W_enc", "W_dec", "b_enc", "b_dec")
 RELU_KEYS = ("bias", "encoder.weight", "encoder.bias", "decoder.weight")

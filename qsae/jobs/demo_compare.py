@@ -17,15 +17,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .capture import CaptureConfig, run_capture
-from .collect import CollectConfig, collect
-from .compare_study import CompareConfig, CompareResult, run_compare
-from .datasets import load_questions
-from .finetune import finetune, popqa_lines
-from .models import default_cache_dir, embedded_model_dir, load_model
-from .train import TrainConfig, train_sae
+from qsae.jobs.capture import CaptureConfig, run_capture
+from qsae.jobs.collect import CollectConfig, collect
+from qsae.jobs.compare import CompareConfig, CompareResult, run_compare
+from qsae.jobs.train import TrainConfig, train_sae
+from qsae.lm.datasets import load_questions
+from qsae.lm.finetune import finetune, popqa_lines
+from qsae.lm.models import default_cache_dir, embedded_model_dir, load_model
 
-log = logging.getLogger("qsae.demo_compare")
+log = logging.getLogger("qsae.jobs.demo_compare")
 LAYER = 15
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import LayerError
+from qsae.errors import LayerError
 
 RESID, MLP = "resid_post", "mlp_out"
 

@@ -13,12 +13,12 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from .capture import CaptureConfig
-from .collect import CollectConfig
-from .models import default_cache_dir
-from .train import TrainConfig
+from qsae.jobs.capture import CaptureConfig
+from qsae.jobs.collect import CollectConfig
+from qsae.jobs.train import TrainConfig
+from qsae.lm.models import default_cache_dir
 
-log = logging.getLogger("qsae.demo")
+log = logging.getLogger("qsae.jobs.demo")
 DEMO_LAYER = 15
 DEMO_K = 32
 DEMO_TOKENS = 96_000
@@ -44,7 +44,7 @@ def demo_sae_dir(cache: Path | None = None, k: int = DEMO_K) -> Path:
     return (cache or default_cache_dir()) / "saes" / f"smollm2-l{DEMO_LAYER}-topk{k}"
 
 
-SHIPPED_SAE = Path(__file__).resolve().parent / "data" / "demo_sae"
+SHIPPED_SAE = Path(__file__).resolve().parents[1] / "data" / "demo_sae"
 REPRODUCE = "qsae demo-sae --out DIR"  # trains exactly the shipped file (see tests/test_demo_sae.py)
 
 
@@ -54,7 +54,7 @@ def _has_sae(folder: Path) -> bool:
 
 def ensure_demo_model(cache: Path | None = None, log_fn: Callable[[str], None] = log.info) -> bool:
     """Convert the embedded SmolLM2 GGUF once; True if it was converted now (not cached)."""
-    from .models import embedded_model_dir
+    from qsae.lm.models import embedded_model_dir
 
     done = (Path(cache or default_cache_dir()) / "models" / "smollm2" / "qsae_revision.txt").exists()
     if not done:
@@ -75,8 +75,8 @@ def train_demo_sae(out: Path, cache: Path | None = None, log_fn: Callable[[str],
 
     import torch
 
-    from .collect import collect
-    from .train import train_sae
+    from qsae.jobs.collect import collect
+    from qsae.jobs.train import train_sae
 
     threads = torch.get_num_threads()
     torch.set_num_threads(DEMO_THREADS)

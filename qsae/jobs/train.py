@@ -35,10 +35,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import save_file
 
-from .errors import LayerError
-from .lake import TokenLake
+from qsae.errors import LayerError
+from qsae.lake.store import TokenLake
 
-log = logging.getLogger("qsae.train")
+log = logging.getLogger("qsae.jobs.train")
 DEFAULT_LR = {"topk": 5e-4, "relu": 5e-5}
 
 
@@ -324,7 +324,7 @@ def train_sae(cfg: TrainConfig, log_fn: Callable[[dict[str, Any]], None] | None 
     d_sae = cfg.d_sae or cfg.expansion * d_model
     init = None
     if cfg.init_from:
-        from .sae_formats import load_sae
+        from qsae.sae.formats import load_sae
 
         init = load_sae(cfg.init_from, k=1)  # only its weights matter; a TopK file without k loads too
         d_sae = init.d_sae

@@ -34,10 +34,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from .errors import SAEFormatError
-from .sae import SAE
+from qsae.errors import SAEFormatError
+from qsae.sae.model import SAE
 
-log = logging.getLogger("qsae.reconstruction")
+log = logging.getLogger("qsae.sae.metrics")
 DENSE_THRESHOLD = 0.1
 
 
@@ -108,7 +108,7 @@ class ReconAccumulator:
 
 def sae_for_lake_layer(attrs: dict[str, Any], layer: int, override: str | None = None, device: str = "cpu") -> SAE:
     """Load the SAE that produced a lake's codes at ``layer`` and check its file hash."""
-    from .sae_formats import load_sae
+    from qsae.sae.formats import load_sae
 
     source = override or attrs.get("sae_source")
     if not source:
@@ -168,7 +168,7 @@ def loss_recovered(
     ``keep`` (n, T) marks positions that are spliced and scored (False for BOS/pad); the
     loss at position t is for predicting token t+1, counted when positions t and t+1 are kept.
     """
-    from .hooks import splice
+    from qsae.lm.hooks import splice
 
     sums = dict(clean=0.0, sae=0.0, zero=0.0, kl_sae=0.0, kl_zero=0.0)
     n_tok = 0

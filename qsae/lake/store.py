@@ -1,6 +1,6 @@
 """Lake stores: create, validate, open and write one Zarr v3 store per run.
 
-Two kinds share this machinery (see ``qsae.schema``): the question lake of a capture run
+Two kinds share this machinery (see ``qsae.lake.schema``): the question lake of a capture run
 (unit: question) and the token lake of a collection run (unit: token). Writes go by shard:
 a region of ``shard_size`` units across every layer, so independent workers touch disjoint
 files, a retried task rewrites exactly its own region, and the ``done`` mask (written last)
@@ -31,9 +31,9 @@ import zarr
 from zarr.codecs import ZstdCodec
 from zarr.core.sync import sync as zarr_sync
 
-from . import __version__
-from .errors import ConfigMismatchError, NewerSchemaError, RegionError, SchemaError, StoreUnreachableError
-from .schema import (
+from qsae import __version__
+from qsae.errors import ConfigMismatchError, NewerSchemaError, RegionError, SchemaError, StoreUnreachableError
+from qsae.lake.schema import (
     DATASET_ID,
     LAYER,
     QUESTION,
@@ -47,7 +47,7 @@ from .schema import (
     Variable,
     resolve_dtype,
 )
-from .storage import local_path, resolve_storage_options, xarray_target, zarr_store
+from qsae.lake.storage import local_path, resolve_storage_options, xarray_target, zarr_store
 
 warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
 

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 import xarray as xr
 
-from .errors import LayerError
+from qsae.errors import LayerError
 
 Which = Literal["completion", "prompt"]
 
@@ -184,7 +184,7 @@ class QsaeAccessor:
         if group is not None:
             if rivalry is None or store is None:
                 raise ValueError("select(group=...) needs rivalry='rivalry/layer_<L>/<mode>' and store=")
-            from .lake import open_lake
+            from qsae.lake.store import open_lake
 
             g = open_lake(store, storage_options=storage_options, group=rivalry).group.values
             keep &= g == group
@@ -194,7 +194,7 @@ class QsaeAccessor:
     def reconstruct(self, layer: int | None = None, which: Which = "completion", sae: str | None = None) -> xr.DataArray:
         """SAE reconstruction x_hat of the stored residuals from their codes, with the SAE the
         lineage names (its sha256 checked); lazy on dask. Needs torch."""
-        from .reconstruction import decode_codes, sae_for_lake_layer
+        from qsae.sae.metrics import decode_codes, sae_for_lake_layer
 
         layer = self._layer(layer)
         model = sae_for_lake_layer(dict(self._ds.attrs), layer, sae)

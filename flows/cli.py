@@ -55,14 +55,15 @@ def parse_layers(layers: str | None) -> list[int] | None:
 
 
 @contextmanager
-def _prefect():
-    """A Prefect API for the flow: PREFECT_API_URL if set, else a temporary server of our own."""
+def _prefect(server=None):
+    """A Prefect API for the flow: PREFECT_API_URL if set, else a temporary server of our own
+    (``server``, if the command launched it early to overlap its start with other work)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.server import prefect_api
 
     t0 = time.perf_counter()
-    with prefect_api(typer.echo) as url:
-        TIMES["Prefect server start"] = time.perf_counter() - t0
+    with prefect_api(typer.echo, server=server) as url:
+        TIMES["Prefect server start (wait)"] = time.perf_counter() - t0
         yield url
 
 
@@ -117,32 +118,42 @@ def demo(
     """The embedded default: SmolLM2-135M + its shipped TopK SAE on real PopQA questions."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()
-    from qsae.jobs.capture import run_capture, store_path_for
-    from qsae.jobs.demo import demo_capture_config, ensure_demo_model, ensure_demo_sae
+    server = None
+    if prefect:  # its database migrates while the model is converted
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        from flows.server import launch_if_needed
 
-    TIMES["imports (torch, transformers)"] = time.perf_counter() - t0
-    t = time.perf_counter()
-    converted = ensure_demo_model(log_fn=typer.echo)
-    TIMES["model conversion (GGUF, once)" if converted else "model (already converted)"] = time.perf_counter() - t
-    t = time.perf_counter()
-    sae = ensure_demo_sae(log_fn=typer.echo)
-    TIMES["SAE"] = time.perf_counter() - t
-    cfg = demo_capture_config(store, sae, questions)
-    cfg = cfg.model_copy(update={"store": store_path_for(cfg)})
-    typer.echo(f"capturing {questions} PopQA questions x {cfg.n_samples} samples through SmolLM2 layer "
-               f"{cfg.layers} and {sae} into {cfg.store}")
-    if prefect:
-        from flows.capture import capture_flow
+        server = launch_if_needed(typer.echo)
+    try:
+        from qsae.jobs.capture import run_capture, store_path_for
+        from qsae.jobs.demo import demo_capture_config, ensure_demo_model, ensure_demo_sae
 
-        with _prefect():
-            t = time.perf_counter()
-            result = capture_flow(config=cfg, shards_per_task=1)
-            TIMES["capture (Prefect flow)"] = time.perf_counter() - t
-        typer.echo(f"{result['done']} of {result['n_questions']} questions done")
-    else:
+        TIMES["imports (torch, transformers)"] = time.perf_counter() - t0
         t = time.perf_counter()
-        run_capture(cfg, typer.echo, progress=True)
-        TIMES["capture (in-process)"] = time.perf_counter() - t
+        converted = ensure_demo_model(log_fn=typer.echo)
+        TIMES["model conversion (GGUF, once)" if converted else "model (already converted)"] = time.perf_counter() - t
+        t = time.perf_counter()
+        sae = ensure_demo_sae(log_fn=typer.echo)
+        TIMES["SAE"] = time.perf_counter() - t
+        cfg = demo_capture_config(store, sae, questions)
+        cfg = cfg.model_copy(update={"store": store_path_for(cfg)})
+        typer.echo(f"capturing {questions} PopQA questions x {cfg.n_samples} samples through SmolLM2 layer "
+                   f"{cfg.layers} and {sae} into {cfg.store}")
+        if prefect:
+            from flows.capture import capture_flow
+
+            with _prefect(server):
+                t = time.perf_counter()
+                result = capture_flow(config=cfg, shards_per_task=1)
+                TIMES["capture (Prefect flow)"] = time.perf_counter() - t
+            typer.echo(f"{result['done']} of {result['n_questions']} questions done")
+        else:
+            t = time.perf_counter()
+            run_capture(cfg, typer.echo, progress=True)
+            TIMES["capture (in-process)"] = time.perf_counter() - t
+    finally:
+        if server is not None:  # also when conversion or capture failed: never leave it running
+            server.stop()
     _echo_open(cfg.store)
     _echo_times(time.perf_counter() - t0)
 

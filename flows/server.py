@@ -81,17 +81,28 @@ class TemporaryServer:
 
     def start(self, timeout: float | None = None) -> None:
         """Start the server and wait until its health endpoint answers; raise if it cannot."""
-        timeout = float(os.environ.get(START_TIMEOUT_ENV, DEFAULT_START_TIMEOUT_S)) if timeout is None else timeout
+        self.launch()
+        self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Start the server process without waiting (its database migrates meanwhile)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
         env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
         exe = Path(sys.executable).parent / "prefect"
         cmd = [str(exe) if exe.exists() else "prefect", "server", "start", "--host", "127.0.0.1",
                "--port", str(self.port)] + ([] if self.ui else ["--no-ui"])
-        t0 = time.monotonic()
+        self._t0 = time.monotonic()
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          env=env, start_new_session=True)
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait for the health endpoint (up to ``timeout`` s from launch); raise naming the log."""
+        if self.proc is None:
+            raise PrefectServerError("the temporary Prefect API server was never launched")
+        timeout = float(os.environ.get(START_TIMEOUT_ENV, DEFAULT_START_TIMEOUT_S)) if timeout is None else timeout
+        t0 = self._t0
         while True:
             if self.proc.poll() is not None:
                 raise PrefectServerError(
@@ -134,23 +145,41 @@ def _drain_prefect_workers() -> None:
         pass
 
 
+def launch_if_needed(log_fn: Callable[[str], None] = print, ui: bool = True) -> TemporaryServer | None:
+    """Launch a temporary server now (not waiting) if no API is configured, so that its start
+    overlaps other work; hand it to ``prefect_api(server=...)`` later. None if one is configured."""
+    if configured_api_url():
+        return None
+    server = TemporaryServer(ui=ui)
+    log_fn(f"starting a temporary Prefect server (log: {server.log_path}) ...")
+    server.launch()
+    return server
+
+
 @contextmanager
-def prefect_api(log_fn: Callable[[str], None] = print, ui: bool = True) -> Iterator[str]:
+def prefect_api(log_fn: Callable[[str], None] = print, ui: bool = True,
+                server: TemporaryServer | None = None) -> Iterator[str]:
     """Yield the Prefect API URL to run flows against, starting a temporary server if none is set.
 
     With ``PREFECT_API_URL`` set (env or profile) nothing is started. Otherwise a server of our
-    own runs for the duration of the block; its UI shows the runs while it lasts.
+    own (``server`` if one was launched early) runs for the duration of the block; its UI shows
+    the runs while it lasts.
     """
     url = configured_api_url()
-    if url:
+    if url and server is None:
         yield url
         return
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    server = TemporaryServer(ui=ui)
-    log_fn(f"starting a temporary Prefect server (log: {server.log_path}) ...")
-    server.start()
-    log_fn(f"Prefect API up in {server.startup_seconds:.1f} s; UI while this runs: "
+    if server is None:
+        server = launch_if_needed(log_fn, ui)
+        assert server is not None
+    try:
+        server.wait_ready()
+    except BaseException:
+        server.stop()
+        raise
+    log_fn(f"Prefect API up {server.startup_seconds:.1f} s after launch; UI while this runs: "
            f"{server.api_url.removesuffix('/api')}")
     try:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):

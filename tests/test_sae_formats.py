@@ -182,6 +182,31 @@ def test_saelens_folder_matches_saelens(tmp_path, arch):
         load_sae(tmp_path / "sae")
 
 
+@pytest.mark.parametrize("arch", ["topk", "standard"])
+def test_saelens_config_without_apply_b_dec_to_input_means_true(tmp_path, arch):
+    """SAELens defaults `apply_b_dec_to_input` to True; a cfg.json that omits it reads so."""
+    from sae_lens import SAE as LensSAE
+    from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
+
+    torch.manual_seed(1)
+    lens = TopKSAE(TopKSAEConfig(d_in=16, d_sae=64, k=6)) if arch == "topk" else StandardSAE(StandardSAEConfig(d_in=16, d_sae=64))
+    with torch.no_grad():
+        for p in lens.parameters():
+            p.normal_()
+        lens.b_dec.mul_(5)  # large enough that subtracting it or not changes the codes
+    lens.save_model(tmp_path / "sae")
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    cfg.pop("apply_b_dec_to_input")
+    (tmp_path / "sae" / "cfg.json").write_text(json.dumps(cfg))
+    sae, loaded = load_sae(tmp_path / "sae"), LensSAE.load_from_disk(tmp_path / "sae")
+    assert loaded.cfg.apply_b_dec_to_input is True
+    x = torch.randn(9, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(sae.encode(x), loaded.encode(x), rtol=1e-5, atol=1e-5)
+    assert torch.equal(sae.b_pre, sae.b_dec)
+
+
 def test_hf_repo_id_resolves_only_through_local_cache(tmp_path, monkeypatch):
     cache = tmp_path / "hub"
     repo = cache / "models--qsae-test--SAE-Res-Tiny-L0_4"

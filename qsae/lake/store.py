@@ -49,7 +49,13 @@ from qsae.lake.schema import (
 )
 from qsae.lake.storage import local_path, resolve_storage_options, xarray_target, zarr_store
 
-warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+
+def _consolidate_metadata(store) -> None:
+    """zarr's consolidate_metadata without its warning that consolidation is not in the v3 spec
+    (qsae relies on it knowingly); scoped, so no filter is installed for the user's session."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        zarr.consolidate_metadata(store)
 
 OpenMode = Literal["resume", "overwrite", "create"]
 
@@ -368,7 +374,7 @@ class Lake:
             "config_fingerprint": fingerprint(identity),
         }
         group.attrs.update(attrs)
-        zarr.consolidate_metadata(store)
+        _consolidate_metadata(store)
         return cls.open(url, mode="r+", storage_options=storage_options)
 
     @classmethod
@@ -685,7 +691,7 @@ def consolidate(url: str, storage_options: dict | None = None) -> None:
     fs = getattr(store, "fs", None)
     if fs is not None and hasattr(fs, "invalidate_cache"):
         fs.invalidate_cache()
-    zarr.consolidate_metadata(store)
+    _consolidate_metadata(store)
 
 
 def open_lake(url: str, storage_options: dict | None = None, group: str | None = None, **kwargs: Any) -> xr.Dataset:

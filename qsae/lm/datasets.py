@@ -136,7 +136,7 @@ def _rows_from_records(records: Iterable[tuple[int, Any]], require_answers: bool
             qid = int(_integer_id(raw_id))  # type: ignore[arg-type]
         text = next((rec[k] for k in TEXT_KEYS if k in rec), None)
         if not isinstance(text, str) or not text.strip():
-            problems.append(RowProblem(row, raw_id, "missing or empty question"))
+            problems.append(RowProblem(row, dataset_id if dataset_id is not None else qid, "missing or empty question"))
             continue
         answers: tuple[str, ...] = ()
         ans_key = next((k for k in ANSWER_KEYS if k in rec), None)
@@ -144,7 +144,8 @@ def _rows_from_records(records: Iterable[tuple[int, Any]], require_answers: bool
             try:
                 answers = _parse_answers(rec.get(ans_key) if ans_key else None)
             except (ValueError, json.JSONDecodeError) as exc:
-                problems.append(RowProblem(row, raw_id, f"unparsable answers: {exc}"))
+                problems.append(RowProblem(row, dataset_id if dataset_id is not None else qid,
+                                           f"unparsable answers: {exc}"))
                 continue
         if qid in seen:
             problems.append(RowProblem(row, dataset_id if dataset_id is not None else qid, "duplicate id"))
@@ -214,7 +215,7 @@ def describe_problems(problems: list[RowProblem], shown: int = 5) -> str:
 
 def _finish(questions, problems, name, revision, on_error: OnError, limit: int | None) -> QuestionSet:
     if problems and on_error == "raise":
-        raise DatasetError(f"{name}: {len(problems)} malformed rows (on_bad_row=raise):\n{describe_problems(problems, 10)}")
+        raise DatasetError(f"{name}: {len(problems)} malformed rows:\n{describe_problems(problems, 10)}")
     if limit is not None:
         questions = questions[:limit]
     if not questions:

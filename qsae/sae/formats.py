@@ -152,7 +152,7 @@ def from_saelens_folder(folder: str | Path, *, dtype: torch.dtype = torch.float3
     _shape_check("W_enc", W_enc, (d_in, d_sae), str(folder))
     hook, layer, _ = _hook_of(cfg)
     k = int(cfg["k"]) if arch == "topk" else None
-    b_pre = b_dec if cfg.get("apply_b_dec_to_input", arch == "standard") else None
+    b_pre = b_dec if cfg.get("apply_b_dec_to_input", True) else None  # SAELens' default, every architecture
     activation = "topk" if arch == "topk" else "relu"
     info = SAEInfo(d_in, d_sae, activation, k, hook, layer, str(folder), file_sha256(w_path), f"saelens-{arch}")  # type: ignore[arg-type]
     return SAE(W_enc, b_enc, W_dec, b_dec, info, b_pre=b_pre)

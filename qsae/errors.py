@@ -45,6 +45,11 @@ class NewerSchemaError(SchemaError):
     """A store was written by a newer schema version than this qsae understands."""
 
 
+class LineageError(QsaeError):
+    """A lake's lineage does not match what an analysis was given (e.g. its codes come from
+    another SAE than the one named, so feature indices would silently mean other features)."""
+
+
 class ConfigMismatchError(QsaeError):
     """An existing store was created with a different config than the one asked for."""
 

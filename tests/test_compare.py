@@ -9,8 +9,10 @@ import xarray as xr
 from scipy.optimize import linear_sum_assignment
 
 from qsae.analysis.matching import candidate_pairs, match_features, unit_rows
+from qsae.errors import LineageError
 from qsae.jobs.compare import CompareConfig, run_compare
 from qsae.lake.store import QuestionLake
+from qsae.sae.model import file_sha256
 
 from .lake_fixtures import random_shard, small_spec
 
@@ -69,8 +71,9 @@ def _sae_file(path, W_dec_rows):
     return str(path)
 
 
-def _code_lake(url, d_sae, seed):
-    spec = small_spec(n_questions=24, layers=(3,), n_samples=4, d_model=8, d_sae=d_sae, k=3)
+def _code_lake(url, d_sae, seed, sae_file=None):
+    lineage = {"sae_sha256": {"3": file_sha256(sae_file)}, "sae_source": sae_file} if sae_file else {}
+    spec = small_spec(n_questions=24, layers=(3,), n_samples=4, d_model=8, d_sae=d_sae, k=3, lineage=lineage)
     lake = QuestionLake.open_or_create(url, spec, mode="overwrite")
     rng = np.random.default_rng(seed)
     for shard in range(lake.n_shards - 1):  # the last shard stays undone and must be ignored
@@ -89,8 +92,13 @@ def test_firing_shifts_equal_a_direct_count(tmp_path):
     perm = rng.permutation(40)
     base = _sae_file(tmp_path / "base.pt", W)
     ft = _sae_file(tmp_path / "ft.pt", W[perm])
-    lake_a = _code_lake(str(tmp_path / "a.zarr"), 40, 1)
-    lake_b = _code_lake(str(tmp_path / "b.zarr"), 40, 2)
+    lake_a = _code_lake(str(tmp_path / "a.zarr"), 40, 1, base)
+    lake_b = _code_lake(str(tmp_path / "b.zarr"), 40, 2, ft)
+    # Lakes whose codes come from other SAEs than those compared are refused, naming both hashes.
+    with pytest.raises(LineageError, match=r"fine-tuned lake .*b\.zarr has layer-3 codes from an SAE with sha256"):
+        run_compare(CompareConfig(base_sae=base, finetuned_sae=base, layer=3, base_lake=lake_a, finetuned_lake=lake_b))
+    with pytest.raises(LineageError, match="the base lake"):
+        run_compare(CompareConfig(base_sae=ft, finetuned_sae=ft, layer=3, base_lake=lake_a, finetuned_lake=lake_b))
     res = run_compare(CompareConfig(base_sae=base, finetuned_sae=ft, layer=3, base_lake=lake_a, finetuned_lake=lake_b,
                                     threshold=0.9))
     t = res.table

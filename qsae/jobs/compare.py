@@ -59,6 +59,18 @@ def _decoder(source: str, layer: int | None) -> tuple[np.ndarray, dict[str, Any]
                                                 "d_sae": sae.d_sae, "d_model": sae.d_model}
 
 
+def check_codes_from(ds: xr.Dataset, url: str, layer: int, sae: dict[str, Any], role: str) -> None:
+    """Refuse a lake whose layer-``layer`` codes were not made by this SAE file (sha256)."""
+    from qsae.errors import LineageError
+
+    stored = (ds.attrs.get("sae_sha256") or {}).get(str(layer))
+    if stored != sae["sha256"]:
+        raise LineageError(
+            f"the {role} lake {url} has layer-{layer} codes from an SAE with sha256 {stored} "
+            f"({ds.attrs.get('sae_source')}), but the {role} SAE given is {sae['source']} with sha256 "
+            f"{sae['sha256']}: its feature indices would be another SAE's features")
+
+
 def run_compare(cfg: CompareConfig, log_fn: Callable[[str], None] = log.info) -> CompareResult:
     """Match features, then (with lakes) firing shifts; write ``<name>/layer_<L>`` into ``out``."""
     from qsae.lake.store import open_lake
@@ -82,6 +94,8 @@ def run_compare(cfg: CompareConfig, log_fn: Callable[[str], None] = log.info) ->
         ds_a = open_lake(cfg.base_lake, storage_options=cfg.storage_options)
         ds_b = open_lake(cfg.finetuned_lake, storage_options=cfg.storage_options)
         layer = cfg.layer if cfg.layer is not None else int(ds_b.layer.values[0])
+        for role, ds, url, info in (("base", ds_a, cfg.base_lake, info_a), ("fine-tuned", ds_b, cfg.finetuned_lake, info_b)):
+            check_codes_from(ds, url, layer, info, role)
         freq_a, act_a, n_a = firing_stats(ds_a, layer)
         freq_b, act_b, n_b = firing_stats(ds_b, layer)
         table["base_frequency"] = ("base", freq_a)

@@ -187,3 +187,44 @@ def test_long_prompts_truncated_or_refused(qwen_run, tmp_path):
     assert ds.prompt_truncated.values.all() and (ds.prompt_len.values == 8).all()
     with pytest.raises(DatasetError, match="longer than 8 tokens"):
         plan_capture(cut.model_copy(update={"store": str(tmp_path / "refuse.zarr"), "on_long_prompt": "refuse"}))
+
+
+def test_a_model_generation_config_does_not_change_samples_or_entropy(tmp_path, tiny_qwen_dir):
+    """A generation_config.json with repetition_penalty, no_repeat_ngram_size and suppress_tokens
+    (transformers 5 applies them before qsae's sampler unless neutralised): step-0 scores must
+    be logits / T, and the lake must equal one from the same model without that file."""
+    import shutil
+
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_qwen_dir, plain)
+    (plain / "generation_config.json").unlink(missing_ok=True)
+    tricky = tmp_path / "tricky"
+    shutil.copytree(plain, tricky)
+    lm = load_model_for_test(plain)
+    with torch.inference_mode():
+        probe = lm.model(torch.tensor([lm.tokenizer("Q: probe\nA:").input_ids])).logits[0, -1]
+    suppressed = probe.topk(5).indices.tolist()  # the likeliest first tokens: suppressing them shows
+    (tricky / "generation_config.json").write_text(json.dumps({
+        "repetition_penalty": 1.5, "no_repeat_ngram_size": 1, "suppress_tokens": suppressed,
+        "bos_token_id": lm.tokenizer.bos_token_id, "eos_token_id": lm.tokenizer.eos_token_id}))
+    lakes = {}
+    for name, folder in (("plain", plain), ("tricky", tricky)):
+        cfg = tiny_capture(folder, None, tmp_path / f"{name}.zarr", layers=(1,), limit=3, n_samples=6,
+                           temperature=0.7)
+        run_capture(cfg)
+        lakes[name] = open_lake(cfg.store).load()
+    a, b = lakes["plain"], lakes["tricky"]
+    for q in range(3):
+        prompt = cfg.prompt_template.format(question=str(b.question_text[q].values))
+        with torch.inference_mode():
+            logits = lm.model(torch.tensor([lm.tokenizer(prompt).input_ids])).logits[0, -1].double().numpy()
+        p = scipy.special.softmax(logits / 0.7)
+        np.testing.assert_allclose(b.entropy.values[q], scipy.stats.entropy(p), rtol=1e-5)
+    for name in ("entropy", "first_token", "first_logprob", "completion_ids"):
+        np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
+
+
+def load_model_for_test(folder):
+    from qsae.lm.models import load_model
+
+    return load_model(str(folder), device="cpu", dtype="float32")

@@ -37,7 +37,14 @@ from qsae.lm.convert import to_lake_dtype
 from qsae.lm.datasets import Question, QuestionSet, format_prompt, is_correct, load_questions
 from qsae.lm.hooks import check_layers, run_with_capture
 from qsae.lm.models import LoadedModel, load_model
-from qsae.lm.sampling import SAMPLER_ID, SeededTopPSampler, StopOnTokens, empirical_entropy, newline_token_ids
+from qsae.lm.sampling import (
+    SAMPLER_ID,
+    SeededTopPSampler,
+    StopOnTokens,
+    empirical_entropy,
+    model_generation_defaults_ignored,
+    newline_token_ids,
+)
 from qsae.sae.formats import load_saes
 from qsae.sae.model import SAE, check_sae_matches_model
 
@@ -244,7 +251,7 @@ def capture_batch(
     stops = [StopOnTokens(newline_token_ids(tok), P)] if cfg.stop_at_newline else []
     gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=T, pad_token_id=pad,
                                eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-    with torch.inference_mode():
+    with torch.inference_mode(), model_generation_defaults_ignored(model):
         out = model.generate(input_ids=gen_ids, attention_mask=gen_mask, generation_config=gen_cfg,
                              logits_processor=LogitsProcessorList([sampler]),
                              stopping_criteria=StoppingCriteriaList(stops))

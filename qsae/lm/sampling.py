@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
@@ -112,3 +114,25 @@ def newline_token_ids(tokenizer) -> torch.Tensor:
         texts = tokenizer.batch_decode([[i] for i in range(vocab)])
         _NEWLINE_CACHE[key] = torch.tensor([i for i, t in enumerate(texts) if "\n" in t], dtype=torch.long)
     return _NEWLINE_CACHE[key]
+
+
+@contextmanager
+def model_generation_defaults_ignored(model: Any) -> Iterator[None]:
+    """Run ``generate`` as if the model shipped no ``generation_config.json``.
+
+    transformers 5 fills every generation field a caller leaves unset from the model's own
+    generation config, and the processors those fields make (repetition_penalty,
+    no_repeat_ngram_size, suppress_tokens, min_new_tokens, bad_words_ids, num_beams, ...) run
+    before qsae's sampler: they would change both the samples and the "exact" entropy. With
+    the model's config swapped for transformers' plain defaults, qsae's sampler sees
+    logits / T and nothing else.
+    """
+    from transformers import GenerationConfig
+
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+

@@ -162,10 +162,14 @@ def demo(
 def demo_sae(out: Path = typer.Option(..., help="folder for the SAELens export")) -> None:
     """Train the demo SAE from scratch with the recipe of the one shipped in qsae/data/demo_sae."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from qsae.jobs.demo import ensure_demo_model, train_demo_sae
+    from qsae.jobs.demo import SHIPPED_SAE, ensure_demo_model, train_demo_sae
 
     ensure_demo_model(log_fn=typer.echo)
-    typer.echo(str(train_demo_sae(out, log_fn=typer.echo)))
+    folder = train_demo_sae(out, log_fn=typer.echo)
+    made = json.loads((folder / "recipe.json").read_text())["sae_weights_sha256"]
+    shipped = json.loads((SHIPPED_SAE / "recipe.json").read_text())["sae_weights_sha256"]
+    same = "identical to" if made == shipped else "DIFFERENT from"
+    typer.echo(f"{folder}: sae_weights.safetensors sha256 {made}, {same} the shipped {SHIPPED_SAE}")
 
 
 def _echo_times(command_seconds: float) -> None:

@@ -105,13 +105,15 @@ def test_a_server_that_never_answers_times_out_clearly_and_is_stopped(tmp_path, 
     assert server.proc is not None and server.proc.poll() is not None  # not left running
 
 
-def test_a_configured_api_is_used_and_nothing_is_started(monkeypatch):
+def test_a_configured_api_is_used_and_nothing_is_started():
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     from flows.server import prefect_api
 
-    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
     said: list[str] = []
-    with prefect_api(said.append) as url:
-        assert url == "http://127.0.0.1:9/api"
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+        with prefect_api(said.append) as url:
+            assert url == "http://127.0.0.1:9/api"
     assert said == []
 
 

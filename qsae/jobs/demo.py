@@ -22,6 +22,7 @@ log = logging.getLogger("qsae.jobs.demo")
 DEMO_LAYER = 15
 DEMO_K = 32
 DEMO_TOKENS = 96_000
+SMALL_BUDGET = {"tokens": 12_288, "epochs": 1.0}  # the suite's check of the recipe (~30 s)
 DEMO_THREADS = 2  # torch threads of the recipe: float sums, hence the bits, depend on them
 
 
@@ -64,12 +65,14 @@ def ensure_demo_model(cache: Path | None = None, log_fn: Callable[[str], None] =
 
 
 def train_demo_sae(out: Path, cache: Path | None = None, log_fn: Callable[[str], None] = log.info,
-                   progress: bool = True) -> Path:
+                   progress: bool = True, tokens: int = DEMO_TOKENS, epochs: float | None = None) -> Path:
     """The recipe of the shipped demo SAE: collect layer-15 residuals of the shipped Wikipedia
     paragraphs, train a TopK SAE on them, export a SAELens folder to ``out``.
 
     Deterministic on CPU with ``DEMO_THREADS`` threads: the same torch build gives the same
     file (the token lake goes to a temporary folder so no earlier collection is reused).
+    ``tokens``/``epochs`` shrink the budget (``SMALL_BUDGET``: the test suite's check of the
+    recipe, whose hash ``recipe.json`` records beside the full file's).
     """
     import tempfile
 
@@ -82,9 +85,11 @@ def train_demo_sae(out: Path, cache: Path | None = None, log_fn: Callable[[str],
     torch.set_num_threads(DEMO_THREADS)
     try:
         with tempfile.TemporaryDirectory(prefix="qsae-demo-sae-") as tmp:
-            ccfg = demo_collect_config(cache).model_copy(update={"store": str(Path(tmp) / "tokens.zarr")})
+            ccfg = demo_collect_config(cache, max_tokens=tokens).model_copy(update={"store": str(Path(tmp) / "tokens.zarr")})
             collect(ccfg, log_fn, progress=progress)
             tcfg = demo_train_config(cache).model_copy(update={"store": ccfg.store, "out": str(out), "resume": False})
+            if epochs is not None:
+                tcfg = tcfg.model_copy(update={"epochs": epochs})
             res = train_sae(tcfg, progress=progress)
     finally:
         torch.set_num_threads(threads)
@@ -93,11 +98,12 @@ def train_demo_sae(out: Path, cache: Path | None = None, log_fn: Callable[[str],
     import shutil
 
     shutil.rmtree(Path(out) / "checkpoints", ignore_errors=True)  # resume state, not part of the SAE
-    (Path(out) / "recipe.json").write_text(json.dumps(recipe_record(Path(out), res.final), indent=1) + "\n")
+    record = recipe_record(Path(out), res.final, tokens=tokens, epochs=epochs)
+    (Path(out) / "recipe.json").write_text(json.dumps(record, indent=1) + "\n")
     return Path(out)
 
 
-def recipe_record(folder: Path, final: dict) -> dict:
+def recipe_record(folder: Path, final: dict, tokens: int = DEMO_TOKENS, epochs: float | None = None) -> dict:
     """What made a demo SAE: the command, the build whose bits it reproduces, its weights' hash."""
     import platform
 
@@ -105,7 +111,8 @@ def recipe_record(folder: Path, final: dict) -> dict:
 
     return {
         "command": REPRODUCE,
-        "tokens": DEMO_TOKENS,
+        "tokens": tokens,
+        "epochs": epochs if epochs is not None else demo_train_config().epochs,
         "collect": json.loads(demo_collect_config().model_dump_json(exclude={"store"})),
         "train": json.loads(demo_train_config().model_dump_json(exclude={"store", "out"})),
         "torch": torch.__version__,

@@ -102,26 +102,43 @@ def _assert_short(out: subprocess.CompletedProcess, first: str) -> None:
     assert len(lines) - start <= 9, out.stderr  # the reason and a hint, a few listed rows at most
 
 
-def test_cli_prints_user_errors_short_with_exit_status_2(tmp_path, tiny_qwen_dir):
+def _main(capsys, *args: str) -> subprocess.CompletedProcess:
+    """The console entry point run in-process (as the `qsae` script calls it), its exit and stderr."""
+    from flows.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as done:
+        main(list(args))
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), done.value.code, captured.out, captured.err)
+
+
+def test_cli_prints_user_errors_short_with_exit_status_2(tmp_path, tiny_qwen_dir, capsys, monkeypatch):
+    monkeypatch.delenv("QSAE_DEBUG", raising=False)
     bad = _tsv(tmp_path / "bad.tsv", [f"{i}\ts\tp\to\tWho?\tnot json" for i in range(7)])
+    # The real console script once, in a subprocess: what a user's terminal shows.
     out = _cli("capture", "--no-prefect", "--model", str(tiny_qwen_dir), "--dataset", str(bad),
                "--store", str(tmp_path / "a.zarr"), "--device", "cpu")
     _assert_short(out, "no usable questions (7 malformed rows)")
     assert "row 1 (id 0): unparsable answers" in out.stderr and "... and 2 more" in out.stderr
 
-    out = _cli("capture", "--no-prefect", "--model", str(tiny_qwen_dir), "--layers", "99",
-               "--store", str(tmp_path / "b.zarr"), "--device", "cpu", "--limit", "2")
+    out = _main(capsys, "capture", "--no-prefect", "--model", str(tiny_qwen_dir), "--layers", "99",
+                "--store", str(tmp_path / "b.zarr"), "--device", "cpu", "--limit", "2")
     _assert_short(out, "99")
     assert not (tmp_path / "b.zarr").exists()
 
-    out = _cli("inspect", str(tmp_path / "missing.zarr"))
+    out = _main(capsys, "inspect", str(tmp_path / "missing.zarr"))
     _assert_short(out, "missing.zarr")
 
-    # --debug (or QSAE_DEBUG=1) shows the traceback of the same error.
-    out = _cli("--debug", "inspect", str(tmp_path / "missing.zarr"))
-    assert out.returncode != 0 and "Traceback" in out.stderr
-    out = _cli("inspect", str(tmp_path / "missing.zarr"), env_extra={"QSAE_DEBUG": "1"})
-    assert "Traceback" in out.stderr
+    # --debug (or QSAE_DEBUG=1) shows the traceback of the same error: the exception escapes.
+    from flows.cli import main
+    from qsae.errors import StoreUnreachableError
+
+    with pytest.raises(StoreUnreachableError):
+        main(["--debug", "inspect", str(tmp_path / "missing.zarr")])
+    monkeypatch.setenv("QSAE_DEBUG", "1")
+    with pytest.raises(StoreUnreachableError):
+        main(["inspect", str(tmp_path / "missing.zarr")])
 
 
 @pytest.mark.slow

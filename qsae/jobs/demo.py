@@ -7,9 +7,9 @@ PopQA questions through it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from qsae.jobs.capture import CaptureConfig
 from qsae.jobs.collect import CollectConfig
 from qsae.jobs.train import TrainConfig
 from qsae.lm.models import default_cache_dir
+from qsae.sae.model import file_sha256
 
 log = logging.getLogger("qsae.jobs.demo")
 DEMO_LAYER = 15
@@ -95,8 +96,6 @@ def train_demo_sae(out: Path, cache: Path | None = None, log_fn: Callable[[str],
         torch.set_num_threads(threads)
     log_fn(f"demo SAE: FVE {res.final.get('fve', float('nan')):.3f}, L0 {res.final.get('l0', float('nan')):.1f}, "
            f"dead {res.final['dead']} of {res.final['d_sae']}, {res.seconds:.0f} s training -> {res.out}")
-    import shutil
-
     shutil.rmtree(Path(out) / "checkpoints", ignore_errors=True)  # resume state, not part of the SAE
     record = recipe_record(Path(out), res.final, tokens=tokens, epochs=epochs)
     (Path(out) / "recipe.json").write_text(json.dumps(record, indent=1) + "\n")
@@ -120,7 +119,7 @@ def recipe_record(folder: Path, final: dict, tokens: int = DEMO_TOKENS, epochs: 
         "machine": platform.machine(),
         "threads": DEMO_THREADS,
         "final": final,
-        "sae_weights_sha256": hashlib.sha256((folder / "sae_weights.safetensors").read_bytes()).hexdigest(),
+        "sae_weights_sha256": file_sha256(folder / "sae_weights.safetensors"),
     }
 
 

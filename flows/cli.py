@@ -243,29 +243,36 @@ def train(
 def rivalry(
     store: str = typer.Argument(..., help="question lake URL"),
     config: Path | None = ConfigOpt,
-    layer: int | None = typer.Option(None),
-    mode: str | None = typer.Option(None, help="per_question (default) or across_questions"),
-    rule: str | None = typer.Option(None, help="median (default), quantile, threshold"),
-    entropy: str | None = typer.Option(None, help="exact (default) or sampled"),
+    layer: list[int] | None = typer.Option(None, help="a layer to test (repeat it); default: every captured layer"),
+    protocol: str | None = typer.Option(None, help="paper (default) or per_question"),
+    rule: str | None = typer.Option(None, help="thresholds (default: > 0.7 / < 0.5), median, quantile, threshold"),
+    entropy: str | None = typer.Option(None, help="first_word (default), exact or sampled"),
+    n_perm: int | None = typer.Option(None, help="label permutations of the calibrated test (default 1000)"),
     prefect: bool = PrefectOpt,
     set_: list[str] | None = SetOpt,
 ) -> None:
-    """Feature rivalry: entropy groups, per-question feature correlations, Mann-Whitney U."""
+    """Feature rivalry, the paper's protocol by default, with calibrated p-values for every layer."""
     from qsae.jobs.rivalry import RivalryConfig, run_rivalry
     from qsae.lake.results import summary_json
 
-    cfg = build_config(RivalryConfig, config, set_, store=store, layer=layer, mode=mode, rule=rule, entropy=entropy)
+    cfg = build_config(RivalryConfig, config, set_, store=store, layers=layer or None, protocol=protocol, rule=rule,
+                       entropy=entropy, n_perm=n_perm)
     if prefect:
         from flows.rivalry import rivalry_flow
 
         with _prefect():
             out = rivalry_flow(config=cfg)
-        summary, group, figure = out["summary"], out["group"], out["figure"]
+        summary, group, figures = out["summary"], out["group"], out["figures"]
     else:
-        res = run_rivalry(cfg, typer.echo, progress=True)
-        summary, group, figure = res.summary, res.group, res.figure
-    typer.echo(summary_json(summary["test"]))
-    typer.echo(f"results: {store} group {group!r}; figure: {figure}")
+        res = run_rivalry(cfg, progress=True)
+        summary, group, figures = res.summary, res.group, res.figures
+    for layer_, r in summary["by_layer"].items():
+        c = r["calibrated"]
+        paper = (r.get("paper") or r.get("descriptive") or {}).get("p_less")
+        typer.echo(f"layer {layer_}: calibrated p = {c.get('p_less')} (Holm {c.get('p_less_holm')}), "
+                   f"{'paper MWU' if 'paper' in r else 'unconditional MWU'} p = {paper} (not calibrated)")
+    typer.echo(summary_json(summary["groups"]))
+    typer.echo(f"results: {store} group {group!r}; figures: {figures}")
 
 
 @app.command()

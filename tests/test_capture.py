@@ -15,25 +15,7 @@ from qsae.lake.store import open_lake
 from qsae.lm.hooks import run_with_capture
 from qsae.sae.formats import load_sae
 
-from .test_sae_formats import qwen_scope_dict
-
-
-def write_sae_folder(path, d_model, d_sae, layers, scale=1.0):
-    path.mkdir(parents=True, exist_ok=True)
-    for layer in layers:
-        d = qwen_scope_dict(d_model=d_model, d_sae=d_sae, seed=layer)
-        d["W_enc"] *= scale / d_model**0.5
-        torch.save(d, path / f"layer{layer}.sae.pt")
-    return path
-
-
-def tiny_capture(model_dir, sae, store, layers=(1, 2), **kw) -> CaptureConfig:
-    """The small capture on the tiny Qwen3.5 MoE that many tests share (override any field)."""
-    base = dict(model=str(model_dir), sae=str(sae) if sae else None, sae_k=6, layers=list(layers), limit=8, n_samples=3,
-                max_new_tokens=4, questions_per_shard=2, questions_per_chunk=2, questions_per_batch=2, device="cpu",
-                dtype="float32", store=str(store))
-    base.update(kw)
-    return CaptureConfig(**base)
+from .helpers import tiny_capture, write_sae_folder
 
 
 def small_cfg(tmp, model, sae, layers, **kw) -> CaptureConfig:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from .test_capture import write_sae_folder
+from .helpers import write_sae_folder
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -107,7 +107,7 @@ def test_pipeline_deployment_on_two_workers_with_s3_lake(tmp_path, s3_server, ti
                        max_new_tokens=4, questions_per_shard=2, questions_per_chunk=2, questions_per_batch=2,
                        device="cpu", dtype="float32", store="s3://lake/e2e.zarr")
         params = {"config": capture, "capture_deployment": "qsae-capture/capture", "gpu_queues": ["gpu-0", "gpu-1"],
-                  "shards_per_task": 1, "rivalry": {"store": "", "n_boot": 50}}
+                  "shards_per_task": 1, "rivalry": {"store": "", "n_perm": 49, "n_boot": 50}}
         out = subprocess.run([prefect, "deployment", "run", "qsae-pipeline/pipeline", "--params", json.dumps(params),
                               "--watch", "--watch-timeout", "600"], cwd=REPO, env=env, capture_output=True, text=True,
                              timeout=700)
@@ -153,7 +153,7 @@ def test_pipeline_deployment_on_two_workers_with_s3_lake(tmp_path, s3_server, ti
         assert "reconstruction" in info["result_groups"]
         groups = xr.open_zarr("s3://lake/e2e.zarr", storage_options=s3_opts, group="reconstruction")
         assert list(groups.layer.values) == [1, 2]
-        riv = xr.open_zarr("s3://lake/e2e.zarr", storage_options=s3_opts, group="rivalry/layer_2/per_question")
+        riv = xr.open_zarr("s3://lake/e2e.zarr", storage_options=s3_opts, group="rivalry/layer_2/paper")
         assert riv.sizes["question"] == 8
     finally:
         procs.stop_all()

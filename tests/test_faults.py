@@ -18,7 +18,7 @@ from qsae.jobs.capture import CaptureConfig, run_capture
 from qsae.lake.store import QuestionLake, open_lake
 from qsae.lake.verify import verify
 
-from .test_capture import tiny_capture, write_sae_folder
+from .helpers import tiny_capture, write_sae_folder
 
 REPO = Path(__file__).resolve().parents[1]
 QSAE = str(Path(sys.executable).parent / "qsae")

@@ -14,8 +14,7 @@ from qsae.jobs.rivalry import RivalryConfig
 from qsae.jobs.train import TrainConfig
 from qsae.lake.store import QuestionLake, open_lake
 
-from .conftest import prefect_artifacts
-from .test_capture import tiny_capture, write_sae_folder
+from .helpers import prefect_artifacts, tiny_capture, write_sae_folder
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -54,11 +53,13 @@ def test_capture_flow_maps_shards_resumes_and_reports(flow_lake):
 def test_rivalry_and_reconstruction_flows_write_results_and_artifacts(flow_lake):
     tmp, cfg = flow_lake
     capture_flow(config=cfg)
-    out = rivalry_flow(config=RivalryConfig(store=cfg.store, layer=2, n_boot=50, block_questions=5))
-    assert out["group"] == "rivalry/layer_2/per_question"
-    res = open_lake(cfg.store, group=out["group"])
-    assert res.sizes["question"] == 12 and set(np.unique(res.group.values)) <= {"ambiguous", "unambiguous", ""}
-    assert "| ambiguous |" in prefect_artifacts("qsae-rivalry")[0].data
+    out = rivalry_flow(config=RivalryConfig(store=cfg.store, rule="median", entropy="exact", n_perm=19, n_boot=50))
+    assert out["group"] == "rivalry/paper" and sorted(out["summary"]["by_layer"]) == [1, 2]  # every layer
+    res = open_lake(cfg.store, group="rivalry/layer_2/paper")
+    assert res.sizes["question"] == 12 and set(np.unique(res.group.values)) == {"ambiguous", "unambiguous"}
+    art = prefect_artifacts("qsae-rivalry")[0].data
+    assert "| ambiguous |" in art and "**p calibrated**" in art and "not calibrated" in art
+    assert art.count("](data:image/png;base64,") >= 2  # the figures travel inside the artifact
     rec = reconstruction_flow(config=ReconstructionConfig(store=cfg.store))
     assert [r["layer"] for r in rec["rows"]] == [1, 2]
     table = prefect_artifacts("qsae-reconstruction")[0]
@@ -66,7 +67,7 @@ def test_rivalry_and_reconstruction_flows_write_results_and_artifacts(flow_lake)
 
 
 def test_train_flow_trains_and_reports(tmp_path):
-    from .synthetic import sparse_dictionary_data, write_token_lake
+    from .helpers import sparse_dictionary_data, write_token_lake
 
     x, _ = sparse_dictionary_data(n_tokens=6000)
     write_token_lake(str(tmp_path / "tokens.zarr"), x)

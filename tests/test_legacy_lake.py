@@ -10,7 +10,7 @@ import numpy as np
 
 from qsae.lake.store import QuestionLake, open_lake
 
-from .lake_fixtures import random_shard, small_spec
+from .helpers import random_shard, small_spec
 
 LEGACY = Path(__file__).parent / "data" / "legacy-0.1.0.zarr"
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lake_fixtures import random_shard, small_spec
+from .helpers import random_shard, small_spec
 
 REPO = Path(__file__).resolve().parents[1]
 QSAE = str(Path(sys.executable).parent / "qsae")
@@ -57,7 +57,7 @@ def test_a_command_runs_its_flow_on_a_busy_machine_with_a_fresh_database(tmp_pat
         h.start()
     try:
         t0 = time.monotonic()
-        out = subprocess.run([QSAE, "rivalry", complete_lake, "--layer", "3"], cwd=REPO, env=_env(tmp_path / "home"),
+        out = subprocess.run([QSAE, "rivalry", complete_lake, "--layer", "3", "--n-perm", "99"], cwd=REPO, env=_env(tmp_path / "home"),
                              capture_output=True, text=True, timeout=600)
         seconds = time.monotonic() - t0
     finally:

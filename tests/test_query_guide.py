@@ -15,7 +15,7 @@ import qsae  # noqa: F401  (registers ds.qsae)
 from qsae.jobs.capture import run_capture
 from qsae.sae.formats import load_sae
 
-from .test_capture import tiny_capture, write_sae_folder
+from .helpers import tiny_capture, write_sae_folder
 
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "query-guide.md"
 

@@ -15,8 +15,7 @@ from qsae.sae.formats import load_sae
 from qsae.sae.metrics import loss_recovered
 from qsae.sae.model import file_sha256
 
-from .lake_fixtures import random_shard, small_spec
-from .test_capture import tiny_capture
+from .helpers import random_shard, small_spec, tiny_capture
 
 
 def numpy_metrics(x, x_hat, val, d_sae, idx):

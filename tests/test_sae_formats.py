@@ -13,15 +13,7 @@ from qsae.errors import SAEFormatError, SAEModelMismatchError, SAENotCachedError
 from qsae.sae.formats import load_sae, load_saes
 from qsae.sae.model import check_sae_matches_model, file_sha256
 
-
-def qwen_scope_dict(d_model=16, d_sae=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "W_enc": torch.randn(d_sae, d_model, generator=g),
-        "W_dec": torch.randn(d_model, d_sae, generator=g),
-        "b_enc": torch.randn(d_sae, generator=g) * 0.1,
-        "b_dec": torch.randn(d_model, generator=g) * 0.1,
-    }
+from .helpers import qwen_scope_dict
 
 
 def numpy_topk_codes(x, W_enc, b_enc, k):

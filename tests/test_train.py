@@ -19,7 +19,7 @@ from qsae.jobs.train import (
 )
 from qsae.sae.formats import load_sae
 
-from .synthetic import sparse_dictionary_data, write_token_lake
+from .helpers import sparse_dictionary_data, write_token_lake
 
 
 @pytest.fixture(scope="module")

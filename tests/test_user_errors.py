@@ -13,7 +13,7 @@ import pytest
 from qsae.errors import DatasetError
 from qsae.lm.datasets import derive_question_id, load_questions
 
-from .test_capture import tiny_capture
+from .helpers import tiny_capture
 
 REPO = Path(__file__).resolve().parents[1]
 QSAE = str(Path(sys.executable).parent / "qsae")

@@ -1,14 +1,18 @@
-"""Run the rivalry study on a question lake and write its results into the same store.
+"""The rivalry study on a question lake, every captured layer, results written into the store.
 
-Reads lazily with xarray, question block by question block (shard-aligned), so memory
-stays bounded on a 14k-question lake; see ``qsae.analysis.rivalry`` for every definition.
+Stages, as a flow composes them: ``plan_rivalry`` (open the lake once, entropy, groups,
+distinct completions, correctness: everything that does not depend on the layer) ->
+``rivalry_layer`` per layer (reads only that layer's codes; a mapped task) ->
+``finish_rivalry`` (Holm across layers, result groups, figures). ``run_rivalry`` strings them
+in-process for a notebook. Definitions: ``qsae.analysis.rivalry``.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -18,184 +22,412 @@ from pydantic import BaseModel, ConfigDict, Field
 from qsae.analysis.rivalry import (
     AMBIGUOUS,
     UNAMBIGUOUS,
-    across_questions,
+    Grouping,
+    PaperParams,
+    auroc_with_ci,
+    codes_matrix,
     compare_groups,
+    decoder_cosine_score,
+    distinct_rows,
     entropy_groups,
+    first_word_entropy,
+    holm,
+    rivalry_test,
+    roc_curve,
     score_questions,
+    stratified_permutation_test,
 )
-from qsae.errors import LayerError
+from qsae.errors import LayerError, SchemaError
 from qsae.lake.results import lineage_of, save_figure, write_result_group
 from qsae.lake.store import open_lake
 
-log = logging.getLogger("qsae.analysis.rivalry")
+log = logging.getLogger("qsae.jobs.rivalry")
 
 
 class RivalryConfig(BaseModel):
+    """The rivalry study's parameters; the defaults are the paper's protocol."""
+
     model_config = ConfigDict(extra="forbid")
 
-    store: str = "storage/lakes/demo.zarr"
-    storage_options: dict[str, Any] | None = None
-    layer: int | None = Field(None, description="default: 20 if captured, else the lake's middle layer")
-    mode: Literal["per_question", "across_questions"] = "per_question"
-    rule: Literal["median", "quantile", "threshold"] = "median"
+    store: str = Field("storage/lakes/demo.zarr", description="the question lake (path or URL)")
+    storage_options: dict[str, Any] | None = Field(None, description="fsspec options for a remote store")
+    layers: list[int] | None = Field(None, description="layers to test; default: every captured layer")
+    protocol: Literal["paper", "per_question"] = Field(
+        "paper", description="paper: correlations across a group's questions at the prompt's end; "
+                             "per_question: one score per question over its distinct completions")
+    entropy: Literal["first_word", "exact", "sampled"] = Field(
+        "first_word", description="first_word: the paper's normalised first-word entropy of the samples; "
+                                  "exact: logit entropy (nats); sampled: first-token empirical entropy (nats)")
+    rule: Literal["thresholds", "median", "quantile", "threshold"] = Field(
+        "thresholds", description="thresholds: ambiguous > high, unambiguous < low (the paper)")
+    high: float = Field(0.7, description="thresholds rule: ambiguous above this entropy")
+    low: float = Field(0.5, description="thresholds rule: unambiguous below this entropy")
     q: float = Field(0.25, gt=0, le=0.5, description="quantile rule: top/bottom fraction")
-    threshold: float | None = None
-    entropy: Literal["exact", "sampled"] = "exact"
-    percentile: float = Field(5.0, gt=0, lt=100)
-    min_questions: int = Field(5, ge=1, description="across mode: keep features active in >= this many questions")
-    n_boot: int = Field(1000, ge=0)
-    seed: int = 0
-    block_questions: int = Field(256, ge=1, description="questions read per block")
-    dask_address: str | None = Field(None, description="score blocks on dask: 'local' or a scheduler address")
+    threshold: float | None = Field(None, description="threshold rule: ambiguous above this entropy")
+    percentile: float = Field(5.0, gt=0, lt=100, description="the percentile of pair correlations (p5)")
+    min_mean: float = Field(0.01, ge=0, description="paper: keep features with mean activation above this")
+    max_features: int | None = Field(300, ge=2, description="paper: at most this many features (random, "
+                                                            "feature_seed); None: all (p5 in bounded memory)")
+    feature_seed: int = Field(42, description="paper: seed of the feature cap's random choice")
+    min_questions: int = Field(1, ge=1, description="paper: keep features active in at least this many questions")
+    n_perm: int = Field(1000, ge=0, description="label permutations of the calibrated test")
+    n_null: int = Field(1, ge=1, description="feature-marginal null draws per evaluation of the test statistic")
+    n_boot: int = Field(1000, ge=0, description="bootstrap resamples for CIs")
+    seed: int = Field(0, description="seed of permutations, nulls and bootstraps")
+    block_questions: int = Field(256, ge=1, description="per_question: questions read per block")
+    correctness: bool = Field(True, description="AUROC of the per-prompt score for `correct` (reads the SAE's "
+                                                "decoder from the lake's sae_source)")
+    n_jobs: int | None = Field(None, ge=1, description="threads for the permutations (default: up to 4 cores)")
+
+    def paper_params(self) -> PaperParams:
+        return PaperParams(self.percentile, self.min_mean, self.max_features, self.feature_seed,
+                           self.min_questions, self.n_null)
 
 
-def choose_layer(ds: xr.Dataset, layer: int | None) -> int:
-    layers = [int(x) for x in ds.layer.values]
-    if layer is None:
-        return 20 if 20 in layers else layers[len(layers) // 2]
-    if layer not in layers:
-        raise LayerError(f"layer {layer} is not in the lake (layers {layers})")
-    return layer
+@dataclass
+class RivalryPlan:
+    """What every layer shares: the question table, the groups and the lake's lineage."""
+
+    cfg: RivalryConfig
+    layers: list[int]
+    questions: np.ndarray
+    entropy: np.ndarray
+    grouping: Grouping
+    distinct: np.ndarray  # D: distinct completions per question
+    first_copy: np.ndarray = field(repr=False)  # (Q, S): the first sample of each distinct completion
+    correct: np.ndarray | None = None  # per question: the majority of samples correct
+    baselines: dict[str, np.ndarray] = field(default_factory=dict)
+    attrs: dict[str, Any] = field(default_factory=dict)
+    n_samples: int = 0
+    k: int = 0
+
+    def groups_summary(self) -> dict[str, Any]:
+        out = self.grouping.summary(self.entropy)
+        out["entropy"] = self.cfg.entropy
+        return out
 
 
-def result_group(cfg: RivalryConfig, layer: int) -> str:
-    return f"rivalry/layer_{layer}/{cfg.mode}"
+@dataclass
+class LayerResult:
+    layer: int
+    summary: dict[str, Any]
+    per_question: dict[str, np.ndarray]
+    dists: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
+    roc: dict[str, tuple[np.ndarray, np.ndarray]] = field(repr=False, default_factory=dict)
 
 
 @dataclass
 class RivalryResult:
     group: str
     summary: dict[str, Any]
-    per_question: xr.Dataset
-    figure: str | None
+    by_layer: xr.Dataset
+    layers: dict[int, LayerResult]
+    figures: dict[str, str]
+    images: dict[str, bytes] = field(repr=False, default_factory=dict)
+
+    @property
+    def figure(self) -> str | None:
+        return self.figures.get("by_layer")
 
 
-def question_blocks(n: int, block: int) -> list[slice]:
-    return [slice(i, min(i + block, n)) for i in range(0, n, block)]
+def result_group(cfg: RivalryConfig, layer: int | None = None) -> str:
+    return f"rivalry/{cfg.protocol}" if layer is None else f"rivalry/layer_{layer}/{cfg.protocol}"
 
 
-def score_block(ds: xr.Dataset, layer: int, block: slice, pct: float) -> dict[str, np.ndarray]:
-    """Per-question scores of one block of questions (reads only that block's codes)."""
-    sel = ds[["codes_idx", "codes_val"]].sel(layer=layer).isel(question=block).load()
-    return score_questions(sel.codes_idx.values, sel.codes_val.values, pct)
+def resolve_layers(ds: xr.Dataset, layers: list[int] | None) -> list[int]:
+    captured = [int(x) for x in ds.layer.values]
+    if layers is None:
+        return captured
+    missing = [x for x in layers if x not in captured]
+    if missing:
+        raise LayerError(f"layers {missing} are not in the lake (layers {captured})")
+    return list(layers)
 
 
-def score_block_at(store: str, storage_options: dict | None, layer: int, start: int, stop: int,
-                   pct: float) -> dict[str, np.ndarray]:
-    """``score_block`` by URL: what a dask worker or a Prefect task runs on its own."""
-    ds = open_lake(store, storage_options=storage_options)
-    return score_block(ds, layer, slice(start, stop), pct)
+def question_entropy(ds: xr.Dataset, kind: str) -> np.ndarray:
+    if kind == "first_word":
+        return first_word_entropy(ds.completion.values)
+    return (ds.entropy if kind == "exact" else ds.sample_entropy).values.astype(float)
 
 
-def run_rivalry(cfg: RivalryConfig, log_fn: Callable[[str], None] = log.info, progress: bool = False,
-                blocks_done: dict[int, dict[str, np.ndarray]] | None = None) -> RivalryResult:
-    """Groups, scores, tests; writes ``rivalry/layer_<L>/<mode>`` and a PNG into the store.
-
-    ``blocks_done`` lets a caller (the flow's mapped tasks) pass per-question scores it
-    computed already, keyed by block start.
-    """
+def plan_rivalry(cfg: RivalryConfig) -> RivalryPlan:
+    """Open the lake, check it holds codes, compute the layer-independent question table."""
     ds = open_lake(cfg.store, storage_options=cfg.storage_options)
-    if "codes_idx" not in ds:
-        raise ValueError(f"{cfg.store} holds no SAE codes: capture with an SAE first")
-    layer = choose_layer(ds, cfg.layer)
-    done = ds.done.values
-    entropy = (ds.entropy if cfg.entropy == "exact" else ds.sample_entropy).values.astype(float)
-    entropy = np.where(done, entropy, np.nan)
-    grouping = entropy_groups(entropy, cfg.rule, cfg.q, cfg.threshold)
-    gsum = grouping.summary(entropy)
-    log_fn(f"layer {layer}: {gsum[AMBIGUOUS]['n']} ambiguous, {gsum[UNAMBIGUOUS]['n']} unambiguous "
-           f"({cfg.rule} split on {cfg.entropy} entropy), {gsum['left_out']} left out")
-    n = ds.sizes["question"]
-    per_q = xr.Dataset(coords={"question": ds.question.values})
-    per_q["entropy"] = ("question", entropy)
-    per_q["group"] = ("question", grouping.labels)
-    summary: dict[str, Any] = {"layer": layer, "mode": cfg.mode, "groups": gsum, "params": cfg.model_dump(),
-                               "n_samples": int(ds.sizes["sample"]), "k": int(ds.sizes["k"])}
-    if cfg.mode == "per_question":
-        from qsae.jobs.dask_compute import map_blocks
+    need = "prompt_codes_idx" if cfg.protocol == "paper" else "codes_idx"
+    if need not in ds:
+        raise SchemaError(f"{cfg.store} holds no SAE codes ({need}): capture with an SAE first")
+    layers = resolve_layers(ds, cfg.layers)
+    done = ds.done.values.astype(bool)
+    entropy = np.where(done, question_entropy(ds, cfg.entropy), np.nan)
+    grouping = entropy_groups(entropy, cfg.rule, cfg.q, cfg.threshold, cfg.high, cfg.low)
+    D, first = distinct_rows(ds.completion_ids.values)
+    correct = ds.correct.values.mean(axis=1) >= 0.5
+    with np.errstate(over="ignore"):
+        max_prob = np.exp(ds.first_logprob.values.astype(float)).max(axis=1)
+    baselines = {"first-token max probability": max_prob, "-exact entropy": -ds.entropy.values.astype(float)}
+    return RivalryPlan(cfg, layers, ds.question.values, entropy, grouping, np.where(done, D, 0), first,
+                       np.where(done, correct, False), baselines, dict(ds.attrs), int(ds.sizes["sample"]),
+                       int(ds.sizes["k"]))
 
-        cols: dict[str, list[np.ndarray]] = {}
-        blocks = question_blocks(n, cfg.block_questions)
-        todo = [b for b in blocks if b.start not in (blocks_done or {})]
-        if cfg.dask_address is None:  # in-process: score on the dataset already open
-            scored = map_blocks(lambda start, stop: score_block(ds, layer, slice(start, stop), cfg.percentile),
-                                [(b.start, b.stop) for b in todo], None, progress)
-        else:  # dask workers open the lake themselves, by URL
-            scored = map_blocks(score_block_at, [(cfg.store, cfg.storage_options, layer, b.start, b.stop,
-                                                  cfg.percentile) for b in todo], cfg.dask_address, progress)
-        by_start = {**(blocks_done or {}), **{b.start: r for b, r in zip(todo, scored)}}
-        for b in blocks:
-            for key, value in by_start[b.start].items():
-                cols.setdefault(key, []).append(value)
-        for key, parts in cols.items():
-            per_q[key] = ("question", np.concatenate(parts))
-        score = np.where(done, per_q.score.values, np.nan)
-        per_q["score"] = ("question", score)
-        summary["constant_features_left_out"] = int(per_q.n_constant.values[done].sum())
-        summary["questions_without_score"] = int((done & ~np.isfinite(score)).sum())
-        summary["test"] = compare_groups(score[grouping.labels == AMBIGUOUS], score[grouping.labels == UNAMBIGUOUS],
-                                         n_boot=cfg.n_boot, seed=cfg.seed)
-        dists = {g: score[(grouping.labels == g) & np.isfinite(score)] for g in (AMBIGUOUS, UNAMBIGUOUS)}
-    else:
-        codes = ds[["prompt_codes_idx", "prompt_codes_val"]].sel(layer=layer).load()
-        dists, groups = {}, {}
-        for g in (AMBIGUOUS, UNAMBIGUOUS):
-            rows = np.flatnonzero(grouping.labels == g)
-            res = across_questions(codes.prompt_codes_idx.values[rows], codes.prompt_codes_val.values[rows],
-                                   cfg.min_questions, cfg.percentile, cfg.n_boot, cfg.seed)
-            groups[g] = {"n_questions": res.n_questions, "n_features": res.n_features, "n_pairs": res.n_pairs,
-                         f"p{cfg.percentile:g}": res.p5, "bootstrap_bias": res.bootstrap_bias,
-                         f"p{cfg.percentile:g}_bias_corrected": res.p5_bias_corrected,
-                         "ci95_population": list(res.ci)}
-            dists[g] = res.correlations
-        summary["across"] = groups
-        summary["test"] = compare_groups(dists[AMBIGUOUS], dists[UNAMBIGUOUS], n_boot=min(cfg.n_boot, 200), seed=cfg.seed)
-        summary["test"]["caveat"] = ("units are feature pairs, which are not independent: read the bootstrap "
-                                     "CIs over questions in `across`, not this p-value")
-    t = summary["test"]
-    if t.get("p_two_sided") is not None:
-        log_fn(f"Mann-Whitney U={t['U']:.1f}, p(two-sided)={t['p_two_sided']:.3g}, p(ambiguous lower)={t['p_less']:.3g}, "
-               f"rank-biserial={t['rank_biserial']:.3f}")
-    group = result_group(cfg, layer)
-    attrs = {"summary": summary, "lineage": lineage_of(dict(ds.attrs)), "kind": "rivalry"}
-    write_result_group(cfg.store, group, per_q, attrs, cfg.storage_options)
-    fig_url = None
+
+def _decoder(plan: RivalryPlan, layer: int) -> tuple[np.ndarray | None, str | None]:
+    """Unit-norm decoder rows of the SAE that made this layer's codes, or why not."""
+    source = plan.attrs.get("sae_source")
     try:
-        fig = rivalry_figure(entropy, grouping, dists, summary, cfg)
-        fig_url = save_figure(fig, cfg.store, f"{group}/figure.png", cfg.storage_options)
-    except ImportError:  # matplotlib is a dependency; stay usable without it
-        pass
-    return RivalryResult(group, summary, per_q, fig_url)
+        from qsae.sae.formats import load_sae  # torch, lazily: only for the per-prompt score
+
+        sae = load_sae(source if not isinstance(source, dict) else source[str(layer)], layer=layer)
+    except Exception as e:  # noqa: BLE001 - any reason the SAE is unreadable here is reported, not fatal
+        return None, f"SAE {source!r} not readable here ({type(e).__name__}: {e})"
+    want = (plan.attrs.get("sae_sha256") or {}).get(str(layer))
+    if want and sae.info.sha256 != want:
+        return None, f"SAE {source!r} has sha256 {sae.info.sha256[:12]}, the lake's codes came from {want[:12]}"
+    W = sae.W_dec.detach().double().numpy()
+    return W / np.maximum(np.linalg.norm(W, axis=1, keepdims=True), 1e-12), None
 
 
-def rivalry_figure(entropy: np.ndarray, grouping, dists: dict[str, np.ndarray], summary: dict[str, Any], cfg: RivalryConfig):
+def _correctness(plan: RivalryPlan, layer: int, idx: np.ndarray, val: np.ndarray) -> tuple[dict, dict, dict]:
+    cfg = plan.cfg
+    W, why = _decoder(plan, layer)
+    if W is None:
+        return {"skipped": why}, {}, {}
+    score = decoder_cosine_score(idx, val, W, top=50, pct=cfg.percentile)
+    keep = np.isfinite(plan.entropy)  # done questions
+    y = plan.correct[keep]
+    out: dict[str, Any] = {"label": "majority of the question's samples correct",
+                           "n_correct": int(y.sum()), "n": int(y.size)}
+    rocs = {}
+    predictors = {"-rivalry score (decoder-cosine p5)": -score, **plan.baselines}
+    for i, (name, s) in enumerate(predictors.items()):
+        out[name] = auroc_with_ci(y, s[keep], cfg.n_boot, cfg.seed + i)
+        rocs[name] = roc_curve(y, s[keep])
+    return out, {"prompt_score": score}, rocs
+
+
+def rivalry_layer(plan: RivalryPlan, layer: int) -> LayerResult:
+    """One layer: the protocol's statistics, the calibrated test, the per-prompt AUROC."""
+    cfg = plan.cfg
+    ds = open_lake(cfg.store, storage_options=cfg.storage_options)
+    labels = plan.grouping.labels
+    d_sae = int(plan.attrs["d_sae"])
+    summary: dict[str, Any] = {"layer": layer}
+    per_q: dict[str, np.ndarray] = {}
+    dists: dict[str, np.ndarray] = {}
+    if cfg.protocol == "paper":
+        codes = ds[["prompt_codes_idx", "prompt_codes_val"]].sel(layer=layer).load()
+        idx, val = codes.prompt_codes_idx.values, codes.prompt_codes_val.values
+        pooled = np.flatnonzero((labels == AMBIGUOUS) | (labels == UNAMBIGUOUS))
+        X = codes_matrix(idx[pooled], val[pooled], d_sae)
+        res = rivalry_test(X, labels[pooled] == AMBIGUOUS, cfg.paper_params(), cfg.n_perm, cfg.seed, cfg.n_jobs)
+        summary.update(res.as_dict(cfg.percentile))
+        summary["p5_note"] = (f"p{cfg.percentile:g} of pairwise Pearson correlations across the group's questions; "
+                              "null: each feature permuted across the group's questions")
+        if cfg.max_features is None:
+            summary["p5_note"] += "; no feature cap: exact percentile computed in bounded memory"
+        dists = {AMBIGUOUS: res.ambiguous.correlations, UNAMBIGUOUS: res.unambiguous.correlations,
+                 "null " + AMBIGUOUS: res.ambiguous.null_correlations,
+                 "null " + UNAMBIGUOUS: res.unambiguous.null_correlations}
+        summary["perm_statistics"] = {"mean": float(np.nanmean(res.perm_statistics)) if res.n_perm else None,
+                                      "sd": float(np.nanstd(res.perm_statistics)) if res.n_perm else None}
+        if cfg.correctness:
+            summary["correctness"], extra, rocs = _correctness(plan, layer, idx, val)
+            per_q.update(extra)
+        else:
+            rocs = {}
+        return LayerResult(layer, summary, per_q, dists, rocs)
+    # per_question: completion-end codes, one row per distinct completion, test conditional on D
+    n = ds.sizes["question"]
+    cols: dict[str, list[np.ndarray]] = {}
+    for start in range(0, n, cfg.block_questions):
+        block = slice(start, min(start + cfg.block_questions, n))
+        sel = ds[["codes_idx", "codes_val"]].sel(layer=layer).isel(question=block).load()
+        scored = score_questions(sel.codes_idx.values, sel.codes_val.values, cfg.percentile, plan.first_copy[block])
+        for key, value in scored.items():
+            cols.setdefault(key, []).append(value)
+    per_q = {key: np.concatenate(parts) for key, parts in cols.items()}
+    score = np.where(np.isfinite(plan.entropy), per_q["score"], np.nan)
+    per_q["score"] = score
+    grouped = (labels == AMBIGUOUS) | (labels == UNAMBIGUOUS)
+    s = np.where(grouped, score, np.nan)
+    summary["calibrated"] = stratified_permutation_test(s, labels == AMBIGUOUS, plan.distinct, cfg.n_perm, cfg.seed)
+    summary["calibrated"]["what"] = ("labels permuted within strata of D (distinct completions): the score moves "
+                                     "with D alone; calibrated")
+    summary["descriptive"] = compare_groups(score[labels == AMBIGUOUS], score[labels == UNAMBIGUOUS], cfg.n_boot,
+                                            cfg.seed)
+    summary["descriptive"]["what"] = "unconditional Mann-Whitney U: confounded by D, descriptive only"
+    summary["constant_features_left_out"] = int(per_q["n_constant"][grouped].sum())
+    summary["questions_without_score"] = int((grouped & ~np.isfinite(score)).sum())
+    dists = {g: score[(labels == g) & np.isfinite(score)] for g in (AMBIGUOUS, UNAMBIGUOUS)}
+    return LayerResult(layer, summary, per_q, dists, {})
+
+
+def _p_less(r: LayerResult, kind: str) -> float:
+    v = (r.summary.get(kind) or {}).get("p_less")
+    return float("nan") if v is None else float(v)
+
+
+def finish_rivalry(plan: RivalryPlan, results: list[LayerResult]) -> RivalryResult:
+    """Holm across layers, one result group per layer and one by layer, figures."""
+    cfg = plan.cfg
+    results = sorted(results, key=lambda r: r.layer)
+    layers = [r.layer for r in results]
+    p_cal = np.array([_p_less(r, "calibrated") for r in results])
+    p_holm = holm(p_cal)
+    by_layer = xr.Dataset(coords={"layer": np.array(layers, np.int32)})
+    by_layer["p_calibrated"] = ("layer", p_cal)
+    by_layer["p_calibrated_holm"] = ("layer", p_holm)
+    if cfg.protocol == "paper":
+        by_layer["p_paper_mwu"] = ("layer", np.array([_p_less(r, "paper") for r in results]))
+        by_layer["statistic"] = ("layer", np.array([r.summary["calibrated"]["statistic"] for r in results]))
+        for g in (AMBIGUOUS, UNAMBIGUOUS):
+            tag = f"p{cfg.percentile:g}"
+            by_layer[f"{tag}_{g}"] = ("layer", np.array([r.summary[g][tag] for r in results]))
+            by_layer[f"null_{tag}_{g}"] = ("layer", np.array([r.summary[g][f"null_{tag}"] for r in results]))
+            by_layer[f"excess_{g}"] = ("layer", np.array([r.summary[g]["excess"] for r in results]))
+    else:
+        by_layer["statistic"] = ("layer", np.array([r.summary["calibrated"]["statistic"] or np.nan for r in results]))
+    for r, ph in zip(results, p_holm):
+        r.summary.setdefault("calibrated", {})["p_less_holm"] = None if np.isnan(ph) else float(ph)
+    lineage = lineage_of(plan.attrs)
+    params = cfg.model_dump()
+    for r in results:
+        ds = xr.Dataset(coords={"question": plan.questions})
+        ds["entropy"] = ("question", plan.entropy)
+        ds["group"] = ("question", plan.grouping.labels)
+        ds["distinct_completions"] = ("question", plan.distinct.astype(np.int32))
+        for key, value in r.per_question.items():
+            ds[key] = ("question", value)
+        attrs = {"summary": {**r.summary, "groups": plan.groups_summary(), "params": params}, "lineage": lineage,
+                 "kind": "rivalry"}
+        write_result_group(cfg.store, result_group(cfg, r.layer), ds, attrs, cfg.storage_options)
+    summary = {"protocol": cfg.protocol, "layers": layers, "groups": plan.groups_summary(), "params": params,
+               "n_samples": plan.n_samples, "k": plan.k,
+               "by_layer": {r.layer: r.summary for r in results},
+               "multiple_testing": "Holm across the layers tested, on the calibrated one-sided p-values"}
+    group = result_group(cfg)
+    write_result_group(cfg.store, group, by_layer, {"summary": summary, "lineage": lineage, "kind": "rivalry"},
+                       cfg.storage_options)
+    figures, images = {}, {}
+    for key, make in (("by_layer", lambda: by_layer_figure(by_layer, cfg)),
+                      ("groups", lambda: groups_figure(plan, results, cfg)),
+                      ("roc", lambda: roc_figure(results, cfg))):
+        fig = make()
+        if fig is None:
+            continue
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+        images[key] = buf.getvalue()
+        figures[key] = save_figure(fig, cfg.store, f"{group}/{key}.png", cfg.storage_options)
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    log.info("rivalry (%s) over layers %s: calibrated p %s, Holm %s", cfg.protocol, layers,
+             np.round(p_cal, 4).tolist(), np.round(p_holm, 4).tolist())
+    return RivalryResult(group, summary, by_layer, {r.layer: r for r in results}, figures, images)
+
+
+def run_rivalry(cfg: RivalryConfig, progress: bool = False) -> RivalryResult:
+    """Plan, every layer, finish: the whole study in-process (what a notebook calls)."""
+    plan = plan_rivalry(cfg)
+    g = plan.groups_summary()
+    log.info("%d ambiguous, %d unambiguous (%s on %s entropy), %d left out", g[AMBIGUOUS]["n"], g[UNAMBIGUOUS]["n"],
+             cfg.rule, cfg.entropy, g["left_out"])
+    layers = plan.layers
+    if progress:
+        from tqdm.auto import tqdm
+
+        layers = tqdm(layers, desc="rivalry layers")
+    return finish_rivalry(plan, [rivalry_layer(plan, layer) for layer in layers])
+
+
+# ------------------------------------------------------------------ figures
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def by_layer_figure(by_layer: xr.Dataset, cfg: RivalryConfig):
+    """p-value by layer (calibrated, Holm, the paper's MWU) and effect by layer."""
+    plt = _plt()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    ok = np.isfinite(entropy)
-    ax1.hist(entropy[ok], bins=30, color="0.6")
-    for name, value in grouping.cutoffs.items():
-        if name != "q":
+    L = by_layer.layer.values
+    floor = 1e-300
+    for name, style in (("p_calibrated", "o-"), ("p_calibrated_holm", "s--"), ("p_paper_mwu", "x:")):
+        if name in by_layer:
+            ax1.semilogy(L, np.maximum(by_layer[name].values, floor), style, label=name.replace("_", " "))
+    ax1.axhline(0.05, color="crimson", lw=0.8)
+    ax1.set_xlabel("layer")
+    ax1.set_ylabel("one-sided p (ambiguous more rival)")
+    ax1.legend(fontsize=7)
+    if cfg.protocol == "paper":
+        for g, c in ((AMBIGUOUS, "tab:orange"), (UNAMBIGUOUS, "tab:blue")):
+            ax2.plot(L, by_layer[f"excess_{g}"].values, "o-", color=c, label=f"excess {g} (p5 - null p5)")
+        ax2.plot(L, by_layer["statistic"].values, "k^-", label="T = excess amb - excess unamb")
+    else:
+        ax2.plot(L, by_layer["statistic"].values, "k^-", label="D-stratified mean score difference")
+    ax2.axhline(0, color="0.5", lw=0.8)
+    ax2.set_xlabel("layer")
+    ax2.set_ylabel("effect")
+    ax2.legend(fontsize=7)
+    fig.suptitle(f"feature rivalry by layer ({cfg.protocol} protocol)", fontsize=10)
+    return fig
+
+
+def groups_figure(plan: RivalryPlan, results: list[LayerResult], cfg: RivalryConfig):
+    """The entropy split, and the correlation distributions at the layer with the lowest p."""
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    e = plan.entropy[np.isfinite(plan.entropy)]
+    ax1.hist(e, bins=30, color="0.6")
+    for name, value in plan.grouping.cutoffs.items():
+        if name not in ("q", "gap"):
             ax1.axvline(value, color="crimson", ls="--", label=f"{name} = {value:.2f}")
-    ax1.set_xlabel(f"first-token entropy ({cfg.entropy}, nats)")
+    ax1.set_xlabel(f"{cfg.entropy} entropy")
     ax1.set_ylabel("questions")
     ax1.legend(fontsize=8)
-    colors = {AMBIGUOUS: "tab:orange", UNAMBIGUOUS: "tab:blue"}
-    values = [v for v in dists.values() if v.size]
-    bins = np.linspace(min(v.min() for v in values), max(v.max() for v in values), 30) if values else 10
-    for g, v in dists.items():
-        if v.size:
-            ax2.hist(v, bins=bins, alpha=0.55, color=colors[g], label=f"{g} (n={v.size})", density=True)
-    what = "per-question rivalry score (p5 of feature correlations)" if cfg.mode == "per_question" else \
-        "pairwise feature correlation across questions"
-    ax2.set_xlabel(what)
-    ax2.legend(fontsize=8)
-    t = summary["test"]
-    if t.get("p_two_sided") is not None:
-        ax2.set_title(f"MWU p={t['p_two_sided']:.3g} (one-sided {t['p_less']:.3g}), r_rb={t['rank_biserial']:.2f}",
-                      fontsize=9)
-    fig.suptitle(f"feature rivalry, layer {summary['layer']}, {cfg.mode}", fontsize=10)
+    best = min(results, key=lambda r: np.nan_to_num(_p_less(r, "calibrated"), nan=2.0))
+    colors = {AMBIGUOUS: "tab:orange", UNAMBIGUOUS: "tab:blue", "null " + AMBIGUOUS: "tab:orange",
+              "null " + UNAMBIGUOUS: "tab:blue"}
+    values = [v for v in best.dists.values() if v.size]
+    if values:
+        bins = np.linspace(min(v.min() for v in values), max(v.max() for v in values), 40)
+        for g, v in best.dists.items():
+            if v.size:
+                null = g.startswith("null")
+                ax2.hist(v, bins=bins, density=True, histtype="step" if null else "stepfilled",
+                         alpha=1.0 if null else 0.45, color=colors[g], ls="--" if null else "-", label=f"{g} (n={v.size})")
+    ax2.set_xlabel("pairwise feature correlation across questions" if cfg.protocol == "paper"
+                   else "per-question score (p5 over distinct completions)")
+    ax2.legend(fontsize=7)
+    ax2.set_title(f"layer {best.layer}: calibrated p={_p_less(best, 'calibrated'):.3g}", fontsize=9)
     return fig
+
+
+def roc_figure(results: list[LayerResult], cfg: RivalryConfig):
+    """ROC curves for `correct` at the layer with the highest rivalry-score AUROC."""
+    with_roc = [r for r in results if r.roc]
+    if not with_roc:
+        return None
+    name = "-rivalry score (decoder-cosine p5)"
+    best = max(with_roc, key=lambda r: np.nan_to_num(r.summary["correctness"][name]["auroc"], nan=-1))
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    for key, (fpr, tpr) in best.roc.items():
+        a = best.summary["correctness"][key]
+        ci = a.get("ci") or [np.nan, np.nan]
+        ax.plot(fpr, tpr, label=f"{key}: {a['auroc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]")
+    ax.plot([0, 1], [0, 1], color="0.6", lw=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(f"predicting `correct`, layer {best.layer}", fontsize=9)
+    ax.legend(fontsize=6, loc="lower right")
+    return fig
+
+
+def png_data_uri(png: bytes) -> str:
+    """A PNG inlined as a data URI: markdown artifacts show it without access to the store."""
+    return "data:image/png;base64," + base64.b64encode(png).decode()

@@ -1,0 +1,135 @@
+"""Helpers the test modules share (no test module imports another): small synthetic lakes,
+synthetic activations, tiny SAE files and captures, Prefect artifacts. torch is imported
+lazily, so torch-free tests stay torch-free."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from qsae.lake.store import LakeLayout, LakeSpec, QuestionLake, TokenLake, TokenLakeSpec
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+LINEAGE = dict(
+    model="test-model", model_revision="r0", hook="resid_post", sae_source="test-sae",
+    sae_sha256={"3": "aa", "5": "bb"}, dataset="synthetic", dataset_revision="v0",
+    sampling={"temperature": 1.0, "top_p": 0.9}, seed=0, prompt_template="Q: {question}\nA:",
+)
+
+
+def small_spec(n_questions=70, layers=(3, 5), n_samples=4, d_model=8, d_sae=300, k=3, **kw) -> LakeSpec:
+    lineage = dict(LINEAGE, **kw.pop("lineage", {}))
+    return LakeSpec(
+        question_ids=np.arange(n_questions) * 3 + 100, layers=list(layers), n_samples=n_samples,
+        d_model=d_model, max_new_tokens=5, d_sae=d_sae, k=k,
+        layout=kw.pop("layout", LakeLayout(16, 4)), lineage=lineage, **kw,
+    )
+
+
+def random_shard(lake: QuestionLake, shard: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Schema-conforming random data for one shard."""
+    rng = np.random.default_rng(seed + 1000 * shard)
+    region = lake.shard_region(shard)
+    n = region.stop - region.start
+    data = {}
+    for var in lake.variables:
+        if var.name == "done":
+            continue
+        shape = lake.expected_shape(var, n)
+        dtype = lake.group[var.name].dtype
+        if var.name in ("codes_idx", "prompt_codes_idx"):
+            d_sae = lake.attrs["d_sae"]
+            k = shape[-1]
+            flat = np.stack([np.sort(rng.choice(d_sae, k, replace=False)) for _ in range(int(np.prod(shape[:-1])))])
+            data[var.name] = flat.reshape(shape).astype(dtype)
+        elif var.name == "answers":
+            data[var.name] = np.array([json.dumps([f"ans{i}"]) for i in range(n)])
+        elif dtype.kind in "TUO":
+            data[var.name] = rng.choice(["alpha", "beta", "gamma délta"], size=shape)
+        elif dtype.kind == "b":
+            data[var.name] = rng.random(shape) < 0.5
+        elif dtype.kind in "iu":
+            data[var.name] = rng.integers(0, 50, size=shape).astype(dtype)
+        else:
+            data[var.name] = rng.standard_normal(shape).astype(dtype)
+    return data
+
+
+def sparse_dictionary_data(n_tokens=40_000, d_model=32, n_atoms=48, k_true=3, noise=0.01, seed=0):
+    """x = sum of k_true random unit atoms with positive magnitudes (+ small noise)."""
+    rng = np.random.default_rng(seed)
+    atoms = rng.standard_normal((n_atoms, d_model))
+    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
+    idx = np.stack([rng.choice(n_atoms, k_true, replace=False) for _ in range(n_tokens)])
+    mags = rng.exponential(1.0, size=(n_tokens, k_true)) + 0.5
+    x = np.einsum("nk,nkd->nd", mags, atoms[idx]) + noise * rng.standard_normal((n_tokens, d_model))
+    return x.astype(np.float32), atoms
+
+
+def write_token_lake(url, x, block_tokens=2000, special_every=0, layer=7):
+    n, d = x.shape
+    lake = TokenLake.open_or_create(url, TokenLakeSpec(
+        n_tokens=n, layers=[layer], d_model=d, block_tokens=block_tokens, resid_dtype="float32",
+        lineage={"model": "synthetic", "model_revision": "0", "hook": "resid_post", "dataset": "synthetic",
+                 "dataset_revision": "0", "context_length": 0, "bos": "none", "tokens_per_window": 0}),
+        mode="overwrite")
+    special = np.zeros(n, bool)
+    if special_every:
+        special[::special_every] = True
+    for b in range(lake.n_shards):
+        r = lake.shard_region(b)
+        m = r.stop - r.start
+        lake.write_shard(b, {
+            "acts": x[None, r], "norm": np.linalg.norm(x[None, r], axis=-1),
+            "overflow": np.zeros((1, m), np.uint16), "nonfinite": np.zeros((1, m), np.uint16),
+            "token_id": np.zeros(m, np.int32), "doc": np.zeros(m, np.int32),
+            "position": np.arange(m, dtype=np.int32), "special": special[r]})
+    return TokenLake.open(url)
+
+
+def qwen_scope_dict(d_model=16, d_sae=64, seed=0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "W_enc": torch.randn(d_sae, d_model, generator=g),
+        "W_dec": torch.randn(d_model, d_sae, generator=g),
+        "b_enc": torch.randn(d_sae, generator=g) * 0.1,
+        "b_dec": torch.randn(d_model, generator=g) * 0.1,
+    }
+
+
+def write_sae_folder(path, d_model, d_sae, layers, scale=1.0):
+    import torch
+
+    path.mkdir(parents=True, exist_ok=True)
+    for layer in layers:
+        d = qwen_scope_dict(d_model=d_model, d_sae=d_sae, seed=layer)
+        d["W_enc"] *= scale / d_model**0.5
+        torch.save(d, path / f"layer{layer}.sae.pt")
+    return path
+
+
+def tiny_capture(model_dir, sae, store, layers=(1, 2), **kw) :
+    """The small capture on the tiny Qwen3.5 MoE that many tests share (override any field)."""
+    from qsae.jobs.capture import CaptureConfig
+
+    base = dict(model=str(model_dir), sae=str(sae) if sae else None, sae_k=6, layers=list(layers), limit=8, n_samples=3,
+                max_new_tokens=4, questions_per_shard=2, questions_per_chunk=2, questions_per_batch=2, device="cpu",
+                dtype="float32", store=str(store))
+    base.update(kw)
+    return CaptureConfig(**base)
+
+
+def prefect_artifacts(key: str):
+    """Artifacts with a key, newest first, read back from the Prefect API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                     sort=ArtifactSort.CREATED_DESC)

@@ -1,70 +1,185 @@
-"""Rivalry benchmark: per-question scores on a full-size lake vs the naive dense method.
+"""Rivalry benchmark: the paper protocol at full scale, against the paper's dense method.
 
-Builds a question lake of 14,267 questions x 20 samples x k=50 synthetic TopK codes over
-32,768 features (only the variables the study reads are filled), times ``run_rivalry`` on
-the whole lake (read + score + test + write), and times the naive dense method (densify each
-question to 20 x 32,768, np.corrcoef over the active non-constant columns, percentile) on a
-subsample, printing the speed-up ratio and the projected full-size time of both.
+Builds a question lake of 14,267 questions x 20 samples x k=50 TopK codes over 32,768
+features (Zipf-popular features, first-word entropy spread over [0, 1]) and measures, in a
+child process each (so peak RSS is the step's own):
 
-Two code distributions: ``uniform`` (each sample's 50 features drawn from all 32,768: almost
-every feature is active in one sample only) and ``pooled`` (drawn from a 150-feature pool
-per question: most features recur across samples, the hard case for the sparse method).
+1. ``run_rivalry`` with the paper defaults and 1,000 label permutations on one layer
+   (read, groups, p5, feature-marginal null, MWU, calibrated test, write, figures);
+2. the baseline in the same run: the paper's dense method (the group's question x 32,768
+   matrix, mean filter, cap, ``np.corrcoef``), timed on the observed statistic and on a few
+   permutations, projected to 1,000 permutations; the ratio is printed;
+3. no feature cap (every feature active in >= 5 questions): the exact p5 of all pairs in
+   bounded memory, against the F x F matrix the dense method would need.
 
-    .venv/bin/python benchmarks/bench_rivalry.py [--questions 14267] [--subsample 40]
+``--calibration`` also measures, over many seeds, the rejection rate at 0.05 of the
+calibrated tests on the two confounds (firing frequency only; answer diversity only).
+
+    .venv/bin/python benchmarks/bench_rivalry.py [--questions 14267] [--calibration]
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
+import resource
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from synthetic_lake import D_SAE, K, S, build_code_lake
+from synthetic_lake import D_SAE, K, S, build_prompt_lake
 
-from qsae.analysis.rivalry import dense_question_score, question_score
-from qsae.jobs.rivalry import RivalryConfig, run_rivalry
-from qsae.lake.store import QuestionLake
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _peak_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _paper_default(url: str, q: mp.Queue) -> None:
+    from qsae.jobs.rivalry import RivalryConfig, run_rivalry
+
+    t = time.perf_counter()
+    res = run_rivalry(RivalryConfig(store=url, correctness=False))
+    s = time.perf_counter() - t
+    r = res.summary["by_layer"][20]
+    q.put({"seconds": s, "peak_gb": _peak_gb(), "p_cal": r["calibrated"]["p_less"], "p_paper": r["paper"]["p_less"],
+           "amb": r["ambiguous"], "unamb": r["unambiguous"], "groups": res.summary["groups"]})
+
+
+def _dense_baseline(url: str, n_perm: int, q: mp.Queue) -> None:
+    """The paper's way: dense group matrices, np.corrcoef; timed per evaluation of both groups."""
+    import xarray as xr
+
+    from qsae.analysis.rivalry import entropy_groups, first_word_entropy
+
+    ds = xr.open_zarr(url)
+    H = first_word_entropy(ds.completion.values)
+    g = entropy_groups(H)
+    idx = ds.prompt_codes_idx.values[0].astype(np.int64)
+    val = ds.prompt_codes_val.values[0].astype(np.float64)
+    pooled = np.flatnonzero(g.labels != "")
+    amb = g.labels[pooled] == "ambiguous"
+
+    def p5(rows):
+        m = np.zeros((rows.size, D_SAE))
+        np.put_along_axis(m, idx[rows], val[rows], axis=1)
+        active = np.where(m.mean(axis=0) > 0.01)[0]
+        if active.size > 300:
+            active = np.random.RandomState(42).choice(active, 300, replace=False)
+        c = np.corrcoef(m[:, active].T)
+        return np.percentile(c[np.triu_indices_from(c, 1)], 5)
+
+    t = time.perf_counter()
+    obs = (p5(pooled[amb]), p5(pooled[~amb]))
+    one = time.perf_counter() - t
+    rng = np.random.default_rng(0)
+    t = time.perf_counter()
+    for _ in range(n_perm):
+        lab = rng.permutation(amb)
+        p5(pooled[lab]), p5(pooled[~lab])
+    per_perm = (time.perf_counter() - t) / max(n_perm, 1)
+    # the paper's method has no null; the calibrated test needs two evaluations per group
+    q.put({"observed_s": one, "per_perm_s": 2 * per_perm, "p5": obs, "peak_gb": _peak_gb()})
+
+
+def _uncapped(url: str, q: mp.Queue) -> None:
+    from qsae.jobs.rivalry import RivalryConfig, run_rivalry
+
+    t = time.perf_counter()
+    res = run_rivalry(RivalryConfig(store=url, correctness=False, max_features=None, min_mean=0.0, min_questions=5,
+                                    n_perm=0))
+    r = res.summary["by_layer"][20]
+    q.put({"seconds": time.perf_counter() - t, "peak_gb": _peak_gb(), "amb": r["ambiguous"], "unamb": r["unambiguous"]})
+
+
+def _child(fn, *args):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=fn, args=(*args, q))
+    p.start()
+    out = q.get()
+    p.join()
+    return out
+
+
+def calibration(seeds: int) -> None:
+    import scipy.sparse as sp
+
+    from qsae.analysis.rivalry import (
+        PaperParams,
+        distinct_rows,
+        entropy_groups,
+        first_word_entropy,
+        rivalry_test,
+        score_questions,
+        stratified_permutation_test,
+    )
+    from tests.test_rivalry import diversity_confound, independent_codes  # the generators the tests use
+
+    t = time.perf_counter()
+    ps = []
+    for seed in range(seeds):
+        rng = np.random.default_rng(10_000 + seed)
+        X = np.vstack([independent_codes(rng, 120, 80, 0.12), independent_codes(rng, 120, 80, 0.025)])
+        lab = np.r_[np.ones(120, bool), np.zeros(120, bool)]
+        ps.append(rivalry_test(sp.csr_matrix(X), lab, PaperParams(report_draws=1), n_perm=199, seed=seed).p_perm)
+    ps = np.array(ps)
+    print(f"frequency-only confound (12% vs 2.5% firing, independent features), {seeds} seeds, 199 permutations: "
+          f"calibrated p > 0.05 in {np.mean(ps > 0.05):.1%} ({time.perf_counter() - t:.0f} s)")
+    t = time.perf_counter()
+    ps = []
+    for seed in range(seeds):
+        rng = np.random.default_rng(20_000 + seed)
+        idx, val, ids, words = diversity_confound(rng)
+        g = entropy_groups(first_word_entropy(words), "median")
+        D, first = distinct_rows(ids)
+        score = score_questions(idx, val, keep=first)["score"]
+        ps.append(stratified_permutation_test(np.where(g.labels != "", score, np.nan), g.labels == "ambiguous", D,
+                                              999, seed)["p_less"])
+    ps = np.array(ps)
+    print(f"answer-diversity confound (the issue's Dirichlet simulation, 240 questions), {seeds} seeds: "
+          f"D-stratified p > 0.05 in {np.mean(ps > 0.05):.1%} ({time.perf_counter() - t:.0f} s)")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--questions", type=int, default=14267)
-    ap.add_argument("--subsample", type=int, default=40)
+    ap.add_argument("--dense-perms", type=int, default=3)
+    ap.add_argument("--calibration", action="store_true")
+    ap.add_argument("--seeds", type=int, default=200)
     ap.add_argument("--dir", default=None)
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(dir=args.dir, prefix="qsae-riv-"))
     try:
-        for kind in ("uniform", "pooled"):
-            t = time.perf_counter()
-            url = build_code_lake(root, args.questions, kind)
-            build_s = time.perf_counter() - t
-            t = time.perf_counter()
-            res = run_rivalry(RivalryConfig(store=url, layer=20, n_boot=1000, block_questions=1024), log_fn=lambda m: None)
-            fast_s = time.perf_counter() - t
-            lake = QuestionLake.open(url)
-            sub = np.random.default_rng(1).choice(args.questions, args.subsample, replace=False)
-            idx = lake.arrays["codes_idx"].get_orthogonal_selection((0, np.sort(sub)))
-            val = lake.arrays["codes_val"].get_orthogonal_selection((0, np.sort(sub)))
-            t = time.perf_counter()
-            dense = [dense_question_score(idx[i], val[i], D_SAE) for i in range(len(sub))]
-            dense_s = (time.perf_counter() - t) / len(sub)
-            t = time.perf_counter()
-            for i in range(len(sub)):
-                question_score(idx[i], val[i])
-            sparse_s = (time.perf_counter() - t) / len(sub)
-            fast_scores = res.per_question.score.values[np.sort(sub)]
-            agree = np.nanmax(np.abs(np.array(dense) - fast_scores))
-            dense_full = dense_s * args.questions
-            print(f"[{kind}] lake of {args.questions} x {S} x k={K} over {D_SAE} features (built in {build_s:.0f} s)")
-            print(f"  sparse method, whole lake (read + scores + MWU + bootstrap + write): {fast_s:.1f} s "
-                  f"({fast_s / args.questions * 1e3:.2f} ms/question)")
-            print(f"  scoring only, same {args.subsample} questions: sparse {sparse_s * 1e3:.2f} ms/question, naive dense "
-                  f"{dense_s * 1e3:.2f} ms/question (RATIO dense/sparse = {dense_s / sparse_s:.1f}x)")
-            print(f"  projected whole lake: naive dense scoring alone {dense_full:.0f} s vs the sparse study end to end "
-                  f"{fast_s:.0f} s (RATIO {dense_full / fast_s:.1f}x); max |score difference| = {agree:.2e}")
+        t = time.perf_counter()
+        url = build_prompt_lake(root, args.questions)
+        print(f"lake: {args.questions} questions x {S} samples x k={K} over {D_SAE} features "
+              f"(built in {time.perf_counter() - t:.0f} s)")
+        fast = _child(_paper_default, url)
+        g = fast["groups"]
+        print(f"groups: {g['ambiguous']['n']} ambiguous, {g['unambiguous']['n']} unambiguous, {g['left_out']} left out")
+        print(f"paper default + calibrated test (1,000 permutations), one layer: {fast['seconds']:.1f} s, "
+              f"peak RSS {fast['peak_gb']:.2f} GB; p5 amb {fast['amb']['p5']:.4f} (null {fast['amb']['null_p5']:.4f}), "
+              f"unamb {fast['unamb']['p5']:.4f} (null {fast['unamb']['null_p5']:.4f}); calibrated p {fast['p_cal']:.3f}, "
+              f"paper MWU p {fast['p_paper']:.3g}")
+        dense = _child(_dense_baseline, url, args.dense_perms)
+        proj = dense["observed_s"] + 1000 * dense["per_perm_s"]
+        print(f"baseline, the paper's dense method: observed p5 of both groups {dense['observed_s']:.2f} s "
+              f"(p5 {dense['p5'][0]:.4f} / {dense['p5'][1]:.4f}: equal to qsae's), one permutation with its null "
+              f"{dense['per_perm_s']:.2f} s, projected 1,000 permutations {proj:.0f} s, peak RSS {dense['peak_gb']:.2f} GB")
+        print(f"RATIO dense / qsae, 1,000-permutation study: {proj / fast['seconds']:.1f}x")
+        unc = _child(_uncapped, url)
+        F = unc["amb"]["n_features"]
+        print(f"no cap (features active in >= 5 questions): {unc['amb']['n_features']} / {unc['unamb']['n_features']} "
+              f"features, {unc['amb']['n_pairs'] + unc['unamb']['n_pairs']:,} pairs, exact p5 "
+              f"{unc['amb']['p5']:.4f} / {unc['unamb']['p5']:.4f} with one null draw each, {unc['seconds']:.0f} s, "
+              f"peak RSS {unc['peak_gb']:.2f} GB (a dense F x F float64 matrix: {F * F * 8 / 2**30:.1f} GB per group)")
+        if args.calibration:
+            calibration(args.seeds)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -369,3 +369,14 @@ def test_every_layer_holm_results_and_figures_in_the_store(tmp_path):
     # per-question protocol on the same lake (completion ids distinct per sample)
     res2 = run_rivalry(RivalryConfig(store=url, protocol="per_question", layers=[9], n_perm=19, n_boot=50))
     assert res2.group == "rivalry/per_question" and "n_informative_questions" in res2.summary["by_layer"][9]["calibrated"]
+
+
+def test_constant_features_are_found_exactly_in_float64_input():
+    """0.1 in every row is constant, though its float64 standard deviation is 1.4e-17, not 0."""
+    X = np.array([[0.1, 1.0, 2.0], [0.1, 2.0, 1.0], [0.1, 3.0, 5.0]])
+    assert np.std(X[:, 0]) > 0  # what a `sd > 0` test would have used
+    c, n_const = pair_correlations(sp.csr_matrix(X))
+    assert n_const == 1 and c.size == 1 and c[0] == pytest.approx(np.corrcoef(X[:, 1], X[:, 2])[0, 1])
+    out = question_score(np.array([[3, 7, 9]] * 3), X)
+    assert out.n_constant == 1 and out.n_pairs == 1
+    assert out.score == pytest.approx(np.corrcoef(X[:, 1], X[:, 2])[0, 1])

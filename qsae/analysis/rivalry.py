@@ -70,26 +70,43 @@ def first_word_entropy(completions: np.ndarray) -> np.ndarray:
     """(Q, S) completion texts -> (Q,) Shannon entropy of their first words / log S."""
     completions = np.asarray(completions)
     Q, S = completions.shape
-    out = np.zeros(Q)
-    if S < 2:
-        return out
-    for q in range(Q):
-        _, counts = np.unique([first_word(t) for t in completions[q]], return_counts=True)
-        out[q] = scipy.stats.entropy(counts) / np.log(S)
-    return out
+    if S < 2 or Q == 0:
+        return np.zeros(Q)
+    words = np.array([first_word(t) for t in completions.ravel()], dtype=object)
+    _, code = np.unique(words, return_inverse=True)
+    return _row_entropy(code.reshape(Q, S)) / np.log(S)
+
+
+def _row_entropy(codes: np.ndarray) -> np.ndarray:
+    """Shannon entropy (nats) of the empirical distribution of each row's integer codes."""
+    Q, S = codes.shape
+    srt = np.sort(codes, axis=1)
+    new = np.ones((Q, S), bool)
+    new[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    starts = np.flatnonzero(new.ravel())
+    counts = np.diff(np.r_[starts, Q * S])
+    p = counts / S
+    return np.bincount(starts // S, weights=-p * np.log(p), minlength=Q)
 
 
 def distinct_rows(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(Q, S, T) completion ids -> (D per question, (Q, S) mask of each completion's first copy)."""
+    """(Q, S, T) completion ids -> (D per question, (Q, S) mask of each completion's first copy).
+
+    Rows are compared exactly: sorted lexicographically within each question."""
     Q, S = ids.shape[:2]
     flat = np.ascontiguousarray(ids.reshape(Q, S, -1))
-    D = np.zeros(Q, np.int32)
+    T = flat.shape[2]
+    # lexicographic order of each question's rows (stable: the first copy comes first)
+    order = np.broadcast_to(np.arange(S), (Q, S)).copy()
+    for t in range(T - 1, -1, -1):
+        col = np.take_along_axis(flat[:, :, t], order, axis=1)
+        order = np.take_along_axis(order, np.argsort(col, axis=1, kind="stable"), axis=1)
+    rows = np.take_along_axis(flat, order[:, :, None], axis=1)
+    new = np.ones((Q, S), bool)
+    new[:, 1:] = (rows[:, 1:] != rows[:, :-1]).any(axis=2)
     first = np.zeros((Q, S), bool)
-    for q in range(Q):
-        _, idx = np.unique(flat[q], axis=0, return_index=True)
-        D[q] = idx.size
-        first[q, idx] = True
-    return D, first
+    np.put_along_axis(first, order, new, axis=1)
+    return new.sum(axis=1).astype(np.int32), first
 
 
 # ------------------------------------------------------------------------ groups
@@ -183,12 +200,33 @@ def select_features(X: sp.spmatrix, min_mean: float = 0.01, max_features: int | 
     return active, n_active
 
 
+def constant_columns(X: sp.spmatrix) -> np.ndarray:
+    """Columns whose values are all equal, decided exactly (not by a variance threshold, which
+    rounding makes non-zero for float64 input): all-zero columns, and columns non-zero in
+    every row with one value."""
+    X = sp.csc_matrix(X)
+    Q, F = X.shape
+    nnz = np.diff(X.indptr)
+    const = nnz == 0
+    nz = np.flatnonzero(nnz > 0)
+    if nz.size:  # segments of consecutive non-empty columns are exactly their own values
+        lo = np.minimum.reduceat(X.data, X.indptr[nz])
+        hi = np.maximum.reduceat(X.data, X.indptr[nz])
+        const[nz] = (nnz[nz] == Q) & (lo == hi)
+    return const
+
+
 def _moments(X: sp.spmatrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     Q = X.shape[0]
+    X = sp.csc_matrix(X)
+    X.sum_duplicates()
+    X.eliminate_zeros()
+    F = X.shape[1]
+    nnz = np.diff(X.indptr)
     mu = np.asarray(X.sum(axis=0)).ravel() / Q
-    ex2 = np.asarray(X.multiply(X).sum(axis=0)).ravel() / Q
-    var = ex2 - mu**2
-    return mu, var, var > 1e-12 * np.maximum(ex2, 1e-300)
+    dev = X.data - np.repeat(mu, nnz)  # centred, not E[x^2] - mu^2 (cancellation)
+    var = (np.bincount(np.repeat(np.arange(F), nnz), weights=dev * dev, minlength=F) + (Q - nnz) * mu**2) / Q
+    return mu, var, ~constant_columns(X)
 
 
 def pair_correlations(X: sp.spmatrix) -> tuple[np.ndarray, int]:
@@ -235,7 +273,10 @@ def permute_columns(X: sp.spmatrix, rng: np.random.Generator) -> sp.csc_matrix:
         again = np.zeros(F, bool)
         again[cols[dup]] = True
         sel = sel[again[cols[sel]]]
-    return sp.csc_matrix((X.data.copy(), (rows, cols)), shape=(Q, F))
+    # Same column pointers and values, new row indices (distinct per column, not sorted).
+    out = sp.csc_matrix((X.data.copy(), rows.astype(X.indices.dtype), X.indptr.copy()), shape=(Q, F))
+    out.has_sorted_indices = False
+    return out
 
 
 def percentile(values: np.ndarray, pct: float) -> float:
@@ -468,7 +509,7 @@ def question_score(idx: np.ndarray, val: np.ndarray, pct: float = 5.0) -> Questi
     so those collapse into one pattern per row, carried with multiplicities: O(S * u^2).
     """
     S = idx.shape[0]
-    active = val > 0
+    active = val != 0  # Qwen-Scope TopK keeps negative top-k values: active too
     feats, inverse = np.unique(idx[active], return_inverse=True)
     m = feats.size
     if S < 2 or m == 0:
@@ -477,7 +518,7 @@ def question_score(idx: np.ndarray, val: np.ndarray, pct: float = 5.0) -> Questi
     X = np.zeros((S, m))
     X[rows, inverse] = val[active]
     sd = X.std(axis=0)
-    usable = sd > 1e-12 * np.maximum(np.abs(X).max(axis=0), 1e-300)
+    usable = ~(X == X[:1]).all(axis=0)  # exact: a variance threshold fails for float64 input
     n_const = int((~usable).sum())
     X, sd = X[:, usable], sd[usable]
     support = (X != 0).sum(axis=0)

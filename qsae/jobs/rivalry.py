@@ -196,6 +196,9 @@ def _correctness(plan: RivalryPlan, layer: int, idx: np.ndarray, val: np.ndarray
     y = plan.correct[keep]
     out: dict[str, Any] = {"label": "majority of the question's samples correct",
                            "n_correct": int(y.sum()), "n": int(y.size)}
+    if min(int(y.sum()), int((~y).sum())) < 10:
+        out["caution"] = (f"only {int(y.sum())} correct and {int((~y).sum())} incorrect questions: "
+                          "the AUROCs and their CIs say little")
     rocs = {}
     predictors = {"-rivalry score (decoder-cosine p5)": -score, **plan.baselines}
     for i, (name, s) in enumerate(predictors.items()):

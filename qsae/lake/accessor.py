@@ -159,7 +159,7 @@ class QsaeAccessor:
         """Questions by entropy range, correctness of their samples, rivalry group or dataset id.
 
         ``group`` ('ambiguous'/'unambiguous') reads the rivalry result group ``rivalry``
-        (e.g. 'rivalry/layer_15/per_question') of ``store``. ``dataset_ids`` are the dataset's
+        (e.g. 'rivalry/layer_15/paper') of ``store``. ``dataset_ids`` are the dataset's
         own ids (``dataset_id`` for string ids, else the ``question`` coordinate); unknown
         ones raise a KeyError naming them.
         """
@@ -183,7 +183,7 @@ class QsaeAccessor:
             keep &= {"any": c.any(1), "all": c.all(1), "none": ~c.any(1)}[correct]
         if group is not None:
             if rivalry is None or store is None:
-                raise ValueError("select(group=...) needs rivalry='rivalry/layer_<L>/<mode>' and store=")
+                raise ValueError("select(group=...) needs rivalry='rivalry/layer_<L>/<protocol>' and store=")
             from qsae.lake.store import open_lake
 
             g = open_lake(store, storage_options=storage_options, group=rivalry).group.values

@@ -1,6 +1,6 @@
 """Result groups and figures written beside the data, inside the lake's store.
 
-A study writes an xarray Dataset as a zarr group of the store (``rivalry/layer_20/per_question``,
+A study writes an xarray Dataset as a zarr group of the store (``rivalry/layer_20/paper``,
 ``reconstruction/...``) with its parameters and the lake's lineage as attributes, and its
 figures as PNG files beside the store (``<store>.figures/<group>/figure.png``), reachable by
 the same URL scheme as the store.

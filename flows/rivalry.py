@@ -48,19 +48,26 @@ def summary_markdown(result: RivalryResult, store: str) -> str:
     lines += [f"\n{g['left_out']} questions left out ({g['rule']} rule on {g['entropy']} entropy).", ""]
     p = f"p{s['params']['percentile']:g}"
     if s["protocol"] == "paper":
-        lines += [f"| layer | {p} amb | null {p} amb | {p} unamb | null {p} unamb | T | **p calibrated** | Holm | "
-                  "p paper MWU (not calibrated) | AUROC rivalry [95% CI] |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| layer | {p} amb (null) | {p} unamb (null) | T = excess amb - excess unamb |", "|---|---|---|---|"]
         for layer, r in s["by_layer"].items():
-            a, u, c = r["ambiguous"], r["unambiguous"], r["calibrated"]
+            a, u = r["ambiguous"], r["unambiguous"]
+            lines.append(f"| {layer} | {_fmt(a[p])} ({_fmt(a['null_' + p])}) | {_fmt(u[p])} ({_fmt(u['null_' + p])}) | "
+                         f"{_fmt(r['calibrated']['statistic'])} |")
+        lines += ["", "| layer | **p calibrated** | Holm | p paper MWU (not calibrated) | AUROC for correct [95% CI] |",
+                  "|---|---|---|---|---|"]
+        cautions = set()
+        for layer, r in s["by_layer"].items():
+            c = r["calibrated"]
             corr = r.get("correctness") or {}
             roc = corr.get("-rivalry score (decoder-cosine p5)") or {}
             ci = roc.get("ci") or [None, None]
-            lines.append(f"| {layer} | {_fmt(a[p])} | {_fmt(a['null_' + p])} | {_fmt(u[p])} | {_fmt(u['null_' + p])} | "
-                         f"{_fmt(c['statistic'])} | **{_fmt(c['p_less'])}** | {_fmt(c.get('p_less_holm'))} | "
+            cautions.update(x for x in (corr.get("caution"), corr.get("skipped")) if x)
+            lines.append(f"| {layer} | **{_fmt(c['p_less'])}** | {_fmt(c.get('p_less_holm'))} | "
                          f"{_fmt(r['paper'].get('p_less'))} | {_fmt(roc.get('auroc'))} [{_fmt(ci[0])}, {_fmt(ci[1])}] |")
         lines += ["", "The calibrated p-value permutes the ambiguous/unambiguous labels and compares the excess "
                       "co-activation structure (p5 minus its feature-marginal null); the paper's MWU treats "
                       "feature pairs as independent and is shown for comparison only."]
+        lines += [f"\nAUROC: {c}" for c in sorted(cautions)]
     else:
         lines += ["| layer | statistic | **p calibrated (D-stratified)** | Holm | informative questions | "
                   "p unconditional MWU (confounded) |", "|---|---|---|---|---|---|"]

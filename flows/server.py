@@ -89,6 +89,9 @@ class TemporaryServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
         env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        # The UI asks its server where the API is; without this it points at the default port
+        # 4200 and a user opening the printed address sees "Can't connect to Server API".
+        env["PREFECT_UI_API_URL"] = self.api_url
         exe = Path(sys.executable).parent / "prefect"
         cmd = [str(exe) if exe.exists() else "prefect", "server", "start", "--host", "127.0.0.1",
                "--port", str(self.port)] + ([] if self.ui else ["--no-ui"])

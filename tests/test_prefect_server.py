@@ -126,3 +126,23 @@ def test_the_cli_prints_a_server_failure_as_a_short_error(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert lines[0].startswith("qsae: error: the temporary Prefect API server did not answer")
     assert "Traceback" not in out.stderr
+
+
+def test_the_temporary_servers_ui_talks_to_its_own_api(tmp_path, monkeypatch):
+    """The UI reads its API address from /ui-settings; on a free port that must be this
+    server's, not the default 127.0.0.1:4200 (the UI then shows "Can't connect")."""
+    import json
+    import urllib.request
+
+    from flows.server import TemporaryServer
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "home"))
+    server = TemporaryServer(log_path=tmp_path / "server.log")
+    try:
+        server.start()
+        base = server.api_url.removesuffix("/api")
+        with urllib.request.urlopen(f"{base}/ui-settings", timeout=30) as r:
+            settings = json.load(r)
+        assert settings["api_url"] == server.api_url and server.port != 4200
+    finally:
+        server.stop()

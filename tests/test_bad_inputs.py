@@ -83,6 +83,28 @@ def _corrupt_copy(tmp, cfg, name, edit):
     return str(dst)
 
 
+def test_qwen_scope_codes_keep_negative_values_and_verify_counts_them(tmp_path, tiny_qwen_dir):
+    """A Qwen-Scope SAE whose top-k pre-activations are all negative: the lake stores exactly
+    k non-zero (negative) values per row as the official code does, records that in its
+    lineage, and the verifier accepts and counts them (it refuses negatives in ReLU'd codes)."""
+    sae = write_sae_folder(tmp_path / "sae", 64, 128, [1])
+    d = torch.load(sae / "layer1.sae.pt", weights_only=True)
+    d["b_enc"] = torch.full((128,), -100.0)
+    torch.save(d, sae / "layer1.sae.pt")
+    cfg = tiny_capture(tiny_qwen_dir, sae, tmp_path / "neg.zarr", layers=[1], sae_k=5, limit=2, resid_dtype="float32")
+    run_capture(cfg)
+    ds = open_lake(cfg.store).load()
+    assert ds.attrs["sae_topk_relu"] == {"1": False}
+    assert (ds.codes_val.values < 0).all() and (ds.prompt_codes_val.values < 0).all()
+    report = verify(cfg.store, reencode=4)
+    assert report.ok, report.text()
+    assert report.checks["codes_val_rows_with_negative_values"] == 2 * 3
+    assert report.checks["prompt_codes_val_rows_with_negative_values"] == 2
+    g = zarr.open_group(cfg.store, mode="r+")
+    g.attrs["sae_topk_relu"] = {"1": True}  # claim ReLU'd codes: the negatives are now errors
+    assert any("negative or non-finite" in p for p in verify(cfg.store).problems)
+
+
 def test_verifier_passes_a_good_lake_and_reencodes_it(good_lake):
     _, cfg = good_lake
     report = verify(cfg.store, reencode=12)

@@ -17,10 +17,11 @@ from .helpers import qwen_scope_dict
 
 
 def numpy_topk_codes(x, W_enc, b_enc, k):
-    """Independent reference: the published Qwen-Scope recipe in numpy."""
+    """Independent reference: the published Qwen-Scope recipe in numpy (topk of the
+    pre-activations, scattered as they are: no ReLU)."""
     pre = x @ W_enc.T + b_enc
     idx = np.argsort(-pre, axis=-1, kind="stable")[..., :k]
-    vals = np.maximum(np.take_along_axis(pre, idx, -1), 0)
+    vals = np.take_along_axis(pre, idx, -1)
     order = np.argsort(idx, axis=-1)
     return np.take_along_axis(idx, order, -1), np.take_along_axis(vals, order, -1)
 
@@ -50,6 +51,23 @@ def test_qwen_scope_encode_matches_numpy_reference(qwen_scope_repo):
     ref_xhat = z.double().numpy() @ d["W_dec"].double().numpy().T + d["b_dec"].double().numpy()
     np.testing.assert_allclose(sae.decode(z).numpy(), ref_xhat, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(sae.decode_sparse(idx, vals).numpy(), ref_xhat, rtol=1e-5, atol=1e-4)
+
+
+def test_qwen_scope_topk_keeps_negative_values_as_the_official_code(tmp_path):
+    """Exactly k non-zero features, even when every pre-activation is negative (no ReLU)."""
+    d = qwen_scope_dict(seed=4)
+    d["b_enc"] = torch.full((64,), -50.0)
+    torch.save(d, tmp_path / "layer2.sae.pt")
+    sae = load_sae(tmp_path / "layer2.sae.pt", k=5, layer=2)
+    assert sae.info.topk_relu is False
+    x = torch.randn(9, 16, generator=torch.Generator().manual_seed(2))
+    idx, vals = sae.encode_topk(x)
+    pre = x.double().numpy() @ d["W_enc"].double().numpy().T + d["b_enc"].double().numpy()
+    official = np.zeros_like(pre)
+    top = np.argsort(-pre, axis=-1)[:, :5]
+    np.put_along_axis(official, top, np.take_along_axis(pre, top, -1), axis=-1)  # topk, scatter, no ReLU
+    np.testing.assert_allclose(sae.encode(x).double().numpy(), official, rtol=1e-5, atol=1e-4)
+    assert (vals < 0).all() and ((sae.encode(x) != 0).sum(-1) == 5).all()
 
 
 def test_qwen_scope_folder_errors(qwen_scope_repo, tmp_path):

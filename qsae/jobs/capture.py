@@ -102,6 +102,9 @@ class CaptureConfig(BaseModel):
             "hook": "resid_post",
             "sae_source": self.sae,
             "sae_sha256": {str(layer): sae.info.sha256 for layer, sae in saes.items()},
+            # per layer: are the top-k values ReLU'd (SAELens, OpenAI-style) or kept as they are (Qwen-Scope)
+            "sae_topk_relu": {str(layer): sae.info.activation == "relu" or sae.info.topk_relu
+                              for layer, sae in saes.items()},
             "dataset": qs.name,
             "dataset_revision": qs.revision,
             "sampling": {
@@ -413,7 +416,10 @@ def capture_shards(
                 writer.submit(shard, {k: (v.astype(str) if v.dtype == object else v) for k, v in buf.items()})
                 stats.questions += len(shard_qs)
                 stats.samples += len(shard_qs) * cfg.n_samples
-                log_fn(f"shard {shard}: {len(shard_qs)} questions captured (questions {region.start}..{region.stop - 1})")
+                negative = int((buf["codes_val"] < 0).any(-1).sum()) if "codes_val" in buf else 0
+                log_fn(f"shard {shard}: {len(shard_qs)} questions captured (questions {region.start}..{region.stop - 1})"
+                       + (f"; {negative} code rows with negative top-k values (kept, as Qwen-Scope's TopK does)"
+                          if negative else ""))
     stats.write_seconds = writer.write_seconds
     stats.bytes_written = writer.bytes_written
     stats.wall_seconds = time.perf_counter() - t0

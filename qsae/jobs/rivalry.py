@@ -405,7 +405,8 @@ def groups_figure(plan: RivalryPlan, results: list[LayerResult], cfg: RivalryCon
                          alpha=1.0 if null else 0.45, color=colors[g], ls="--" if null else "-", label=f"{g} (n={v.size})")
     ax2.set_xlabel("pairwise feature correlation across questions" if cfg.protocol == "paper"
                    else "per-question score (p5 over distinct completions)")
-    ax2.legend(fontsize=7)
+    if values:
+        ax2.legend(fontsize=7)
     ax2.set_title(f"layer {best.layer}: calibrated p={_p_less(best, 'calibrated'):.3g}", fontsize=9)
     return fig
 

@@ -200,6 +200,9 @@ class LakeSpec(_Spec):
         if self.dataset_ids is not None:  # absent for integer ids: older lakes keep their identity
             ident["dataset_ids_sha256"] = hashlib.sha256("\n".join(self.dataset_ids).encode()).hexdigest()
         ident.update({key: _jsonable(self.lineage[key]) for key in IDENTITY_LINEAGE_KEYS})
+        raw = {layer: relu for layer, relu in (self.lineage.get("sae_topk_relu") or {}).items() if not relu}
+        if raw:  # codes without ReLU after the top-k (Qwen-Scope): not the same run as ReLU'd codes
+            ident["sae_topk_raw_layers"] = sorted(raw)
         return ident
 
     def extra_attrs(self) -> dict[str, Any]:

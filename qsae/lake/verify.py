@@ -89,8 +89,16 @@ def _check_block(ds, b: slice, report: Report, attrs: dict, vocab_log: float | N
             unsorted = (np.diff(idx, axis=-1) <= 0).any(-1)
             if unsorted.any():
                 report.fail(f"{idx_name}: rows not strictly ascending (duplicates or unsorted) in {_where(qids, qfirst(unsorted))}")
-            if not np.isfinite(val).all() or (val < 0).any():
-                report.fail(f"{val_name}: negative or non-finite code values in {_where(qids, qfirst(~(np.isfinite(val) & (val >= 0)).all(-1)))}")
+            # Qwen-Scope keeps its top-k values as they are: negative values are legitimate there
+            # (counted), never for ReLU'd codes.
+            relu = attrs.get("sae_topk_relu") or {}
+            raw = np.array([relu.get(str(int(layer)), True) is False for layer in d.layer.values])
+            neg = (val < 0).any(-1)  # (layer, question[, sample])
+            key = f"{val_name}_rows_with_negative_values"
+            report.checks[key] = report.checks.get(key, 0) + int(neg.sum())
+            bad = ~np.isfinite(val).all(-1) | (neg & ~raw.reshape((-1,) + (1,) * (neg.ndim - 1)))
+            if bad.any():
+                report.fail(f"{val_name}: negative or non-finite code values in {_where(qids, qfirst(bad))}")
     lens = d.completion_len.values
     ids = d.completion_ids.values
     T = ids.shape[-1]

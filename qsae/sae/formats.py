@@ -94,7 +94,7 @@ def from_qwen_scope_dict(
     k = k if k is not None else k_from_name(source)
     if k is None:
         raise SAEFormatError(f"{source}: a Qwen-Scope TopK SAE needs k (pass k=, or a repo name with L0_<k>)")
-    info = SAEInfo(d_model, d_sae, "topk", k, "resid_post", layer, source, sha256, "qwen-scope")
+    info = SAEInfo(d_model, d_sae, "topk", k, "resid_post", layer, source, sha256, "qwen-scope", topk_relu=False)
     return SAE(W_enc.T, b_enc, W_dec.T, b_dec, info)
 
 

@@ -2,7 +2,8 @@
 
 Orientation follows SAELens: ``W_enc (d_model, d_sae)``, ``W_dec (d_sae, d_model)``.
 Encoding is ``pre = (x - b_pre) @ W_enc + b_enc``; TopK keeps the k largest pre-activations
-(then ReLU, as SAELens does), ReLU keeps all positive ones. Decoding is
+(then ReLU as SAELens does, or as they are for Qwen-Scope, whose official code applies
+no nonlinearity after the top-k), ReLU keeps all positive ones. Decoding is
 ``x_hat = z @ W_dec + b_dec``. ``b_pre`` is the 9B release's ``bias`` or SAELens'
 ``b_dec`` when ``apply_b_dec_to_input``; zero for Qwen-Scope.
 """
@@ -36,6 +37,10 @@ class SAEInfo:
     source: str
     sha256: str
     format: str
+    # TopK formats differ after the top-k: SAELens and OpenAI-style TopK apply ReLU to the kept
+    # values; Qwen-Scope's official code keeps them as they are (exactly k non-zero, some may be
+    # negative).
+    topk_relu: bool = True
 
 
 class SAE(torch.nn.Module):
@@ -109,16 +114,18 @@ class SAE(torch.nn.Module):
     def encode_topk(self, x: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Sparse codes ``(indices, values)`` of shape ``(..., k)``, sorted by index ascending.
 
-        For a TopK SAE this is exactly its code (k defaults to the SAE's). For a ReLU SAE it
-        is the k largest activations (k required), which is lossless when L0 <= k.
-        Entries beyond the active features carry value 0.
+        For a TopK SAE this is exactly its code (k defaults to the SAE's), ReLU'd after the
+        top-k or not as its format says (``info.topk_relu``). For a ReLU SAE it is the k largest
+        activations (k required), which is lossless when L0 <= k. Entries beyond the active
+        features carry value 0.
         """
         k = k or self.info.k
         if k is None:
             raise ValueError("encode_topk on a ReLU SAE needs k")
         pre = self.pre_activations(x)
         vals, idx = pre.topk(k, dim=-1, sorted=False)
-        vals = vals.relu()
+        if self.info.activation == "relu" or self.info.topk_relu:
+            vals = vals.relu()
         order = idx.argsort(dim=-1)
         return idx.gather(-1, order), vals.gather(-1, order)
 

@@ -152,7 +152,7 @@ def firing_stats(ds, layer: int, which: str = "completion") -> tuple[np.ndarray,
     done = ds.done.values
     idx = ds[idx_name].sel(layer=layer).values[done]
     val = ds[val_name].sel(layer=layer).values[done]
-    active = val > 0
+    active = val != 0  # raw (Qwen-Scope) TopK codes may be negative: still active
     counts = np.bincount(idx[active].astype(np.int64), minlength=d_sae)
     sums = np.bincount(idx[active].astype(np.int64), weights=val[active].astype(np.float64), minlength=d_sae)
     tokens = int(np.prod(idx.shape[:-1]))

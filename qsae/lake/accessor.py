@@ -58,7 +58,7 @@ def _block_counts(idx: np.ndarray, val: np.ndarray, d_sae: int) -> np.ndarray:
     """Per-layer firing counts of one (layer, question[, sample], k) block -> (layer, 1, d_sae)."""
     out = np.zeros((idx.shape[0], 1, d_sae), dtype=np.int64)
     for li in range(idx.shape[0]):
-        active = val[li] > 0
+        active = val[li] != 0  # Qwen-Scope TopK keeps negative values: active too
         out[li, 0] = np.bincount(idx[li][active].astype(np.int64), minlength=d_sae)
     return out
 

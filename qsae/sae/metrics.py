@@ -77,7 +77,7 @@ class ReconAccumulator:
         self.l2_ratio += float((nxh / safe_nx).sum())
         self.xhat_sq += float((nxh**2).sum())
         self.dot += float((x * x_hat).sum())
-        active = val > 0
+        active = val != 0  # raw (Qwen-Scope) TopK codes may be negative: still active
         self.l0 += float(active.sum())
         self.l1 += float(np.abs(val).sum())
         np.add.at(self.fired, idx[active].astype(np.int64), 1)

@@ -35,8 +35,12 @@ def random_shard(lake: QuestionLake, shard: int, seed: int = 0) -> dict[str, np.
     region = lake.shard_region(shard)
     n = region.stop - region.start
     data = {}
-    for var in lake.variables:
+    extra = np.random.default_rng(seed + 1000 * shard + 1)  # optional variables: their own stream, so the
+    for var in lake.variables:                              # others equal what older code drew
         if var.name == "done":
+            continue
+        if var.optional:
+            data[var.name] = extra.standard_normal(lake.expected_shape(var, n)).astype(lake.group[var.name].dtype)
             continue
         shape = lake.expected_shape(var, n)
         dtype = lake.group[var.name].dtype

@@ -116,6 +116,11 @@ def test_entropy_and_first_logprob_equal_hand_computation(smol_run):
             logits = lm.model(torch.tensor([lm.tokenizer(prompt).input_ids])).logits[0, -1].double().numpy()
         p = scipy.special.softmax(logits / cfg.temperature)
         np.testing.assert_allclose(ds.entropy.values[q], scipy.stats.entropy(p), rtol=1e-5)
+        # the nucleus the samples come from: most likely tokens while the mass before them < top_p
+        srt = np.sort(p)[::-1]
+        nucleus = srt[(np.cumsum(srt) - srt) < cfg.top_p]
+        np.testing.assert_allclose(ds.nucleus_entropy.values[q], scipy.stats.entropy(nucleus / nucleus.sum()), rtol=1e-4)
+        assert ds.nucleus_entropy.values[q] <= ds.entropy.values[q] + 1e-9
         for s in range(3):
             tok = int(ds.first_token[q, s])
             np.testing.assert_allclose(ds.first_logprob.values[q, s], np.log(p[tok]), rtol=1e-4, atol=1e-4)

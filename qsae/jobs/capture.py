@@ -295,6 +295,7 @@ def capture_batch(
     arrays.update(
         entropy=sampler.first_entropy.numpy().reshape(B, S)[:, 0].astype(np.float64),
         sample_entropy=np.array([empirical_entropy(first_token[i]) for i in range(B)]),
+        nucleus_entropy=sampler.first_nucleus_entropy.numpy().reshape(B, S)[:, 0].astype(np.float64),
         first_token=first_token,
         first_logprob=sampler.first_logprob.numpy().reshape(B, S).astype(np.float32),
         completion=texts.reshape(B, S).astype(str),
@@ -404,6 +405,8 @@ def capture_shards(
                     result = capture_batch(lm, saes, batch, cfg, budget)
                     stats.compute_seconds += time.perf_counter() - t
                     for name, value in result.arrays.items():
+                        if name not in buf:  # an optional variable this (older) lake lacks
+                            continue
                         qaxis = 1 if lake.arrays[name].metadata.dimension_names[0] == "layer" else 0
                         index = [slice(None)] * buf[name].ndim
                         index[qaxis] = slice(start, start + len(batch))

@@ -49,6 +49,7 @@ class Variable:
     sharded: bool = False
     compress: bool = False
     needs_sae: bool = False
+    optional: bool = False  # added after lakes were written without it: absent there, present in new lakes
 
 
 VARIABLES: tuple[Variable, ...] = (
@@ -83,6 +84,10 @@ VARIABLES: tuple[Variable, ...] = (
              "exact first-token entropy (nats) of softmax(logits / temperature) at the prompt's end"),
     Variable("sample_entropy", (QUESTION,), "float64", np.nan,
              "entropy (nats) of the empirical distribution of the S sampled first tokens"),
+    Variable("nucleus_entropy", (QUESTION,), "float64", np.nan,
+             "entropy (nats) of the distribution the first tokens were sampled from: softmax(logits / "
+             "temperature) restricted to the top-p nucleus and renormalised (`entropy` is over the full "
+             "vocabulary)", optional=True),
     Variable("first_token", (QUESTION, SAMPLE), "int32", -1, "first sampled token id"),
     Variable("first_logprob", (QUESTION, SAMPLE), "float32", np.nan,
              "log-probability of `first_token` under softmax(logits / temperature)"),

@@ -303,7 +303,9 @@ class Lake:
         self.storage_options = storage_options
         self.attrs = dict(group.attrs)
         self.schema = SCHEMAS[self.attrs["kind"]]
-        self.variables = self.schema.variables_for(self.attrs.get("d_sae") is not None)
+        present = set(group.array_keys())
+        self.variables = tuple(v for v in self.schema.variables_for(self.attrs.get("d_sae") is not None)
+                               if not v.optional or v.name in present)  # older lakes lack optional ones
         # Array handles opened once: each group lookup costs a metadata read.
         self.arrays: dict[str, zarr.Array] = {v.name: group[v.name] for v in self.variables}
 
@@ -641,6 +643,8 @@ def validate_group(group: zarr.Group, url: str = "", expect: LakeSchema | None =
         if tuple(arr.metadata.dimension_names or ()) != DATASET_ID.dims or arr.dtype.kind not in "TUO":
             raise SchemaError(f"{url}: {DATASET_ID.name} must be strings along {DATASET_ID.dims}")
     for var in schema.variables_for(attrs.get("d_sae") is not None):
+        if var.optional and var.name not in names:
+            continue
         if var.name not in names:
             raise SchemaError(f"{url} lacks the variable {var.name!r} {var.dims}")
         arr = group[var.name]

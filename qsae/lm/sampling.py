@@ -42,6 +42,12 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float) -> torch.Tenso
     return -(logp.exp() * logp).sum(-1)
 
 
+def nucleus_entropy(kept: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of each row of kept probabilities (zeros outside the nucleus), renormalised."""
+    p = kept.double() / kept.double().sum(-1, keepdim=True)
+    return -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(-1)
+
+
 def empirical_entropy(tokens: np.ndarray) -> float:
     """Entropy in nats of the empirical distribution of a 1-D array of token ids."""
     _, counts = np.unique(tokens, return_counts=True)
@@ -63,6 +69,7 @@ class SeededTopPSampler(LogitsProcessor):
         self.temperature = temperature
         self.top_p = top_p
         self.first_entropy: torch.Tensor | None = None
+        self.first_nucleus_entropy: torch.Tensor | None = None
         self.first_logprob: torch.Tensor | None = None
         self.first_token: torch.Tensor | None = None
 
@@ -83,6 +90,7 @@ class SeededTopPSampler(LogitsProcessor):
         token = order.gather(-1, pos)
         if step == 0:
             self.first_entropy = entropy_from_logits(scores, self.temperature).cpu()
+            self.first_nucleus_entropy = nucleus_entropy(kept).cpu()
             self.first_logprob = logp.gather(-1, token).squeeze(-1).cpu()
             self.first_token = token.squeeze(-1).cpu()
         out = torch.full_like(scores, float("-inf"))

@@ -120,7 +120,6 @@ def test_entropy_and_first_logprob_equal_hand_computation(smol_run):
         srt = np.sort(p)[::-1]
         nucleus = srt[(np.cumsum(srt) - srt) < cfg.top_p]
         np.testing.assert_allclose(ds.nucleus_entropy.values[q], scipy.stats.entropy(nucleus / nucleus.sum()), rtol=1e-4)
-        assert ds.nucleus_entropy.values[q] <= ds.entropy.values[q] + 1e-9
         for s in range(3):
             tok = int(ds.first_token[q, s])
             np.testing.assert_allclose(ds.first_logprob.values[q, s], np.log(p[tok]), rtol=1e-4, atol=1e-4)

@@ -148,3 +148,18 @@ def test_splice_replaces_the_residual(tiny_qwen):
     assert not torch.allclose(halved, clean) and not torch.allclose(shifted, clean)
     with torch.inference_mode():  # the hook is gone afterwards
         torch.testing.assert_close(model(ids).logits, clean)
+
+
+def test_fve_legacy_is_never_nan_when_a_token_equals_the_mean():
+    """One token exactly at the mean has no per-token ratio: it is left out and counted, the
+    layer's fve_legacy stays the mean over the others (it was NaN for the whole layer)."""
+    from qsae.sae.metrics import ReconAccumulator
+
+    x = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 0.0]])  # mean (0, 0): the third token equals it
+    x_hat = np.array([[0.5, 0.0], [-1.0, 0.5], [0.1, 0.0]])
+    acc = ReconAccumulator(4, x.mean(0))
+    acc.add(x, x_hat, np.array([[0], [1], [2]]), np.array([[1.0], [1.0], [1.0]]))
+    m = acc.metrics(2)
+    assert m["fve_legacy"] == pytest.approx(((1 - 0.25 / 1) + (1 - 0.25 / 1)) / 2)
+    assert m["fve_legacy_tokens_left_out"] == 1
+    assert m["fve"] == pytest.approx(1 - (0.25 + 0.25 + 0.01) / 2)

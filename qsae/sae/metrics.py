@@ -7,7 +7,9 @@ with the SAE file the lake's lineage names, its sha256 checked), accumulated in 
 * ``mse_per_token``  mean over tokens of ||x - x_hat||^2 (SAELens' corrected "mse", PR #711)
 * ``fve``            1 - sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - mean(x)||^2, the mean taken over the
                      evaluated tokens (the centred, conventional form; SAELens #659 / PR #665)
-* ``fve_legacy``     mean_t [1 - ||x_t - x_hat_t||^2 / ||x_t - mean(x)||^2]: the per-token ratio that
+* ``fve_legacy``     mean_t [1 - ||x_t - x_hat_t||^2 / ||x_t - mean(x)||^2] over tokens not equal to the
+                     mean (those have no ratio; counted in ``fve_legacy_tokens_left_out``, never a
+                     NaN for the whole layer): the per-token ratio that
                      SAEBench's paper used (SAEBench #76); SAEBench centred on each batch's mean,
                      we centre on the mean over all evaluated tokens so the number does not depend
                      on batching
@@ -51,6 +53,7 @@ class ReconAccumulator:
     sse: float = 0.0
     total_ss: float = 0.0
     legacy: float = 0.0
+    legacy_n: int = 0  # tokens with a defined per-token ratio (||x_t - mean|| > 0)
     cos: float = 0.0
     l2_ratio: float = 0.0
     xhat_sq: float = 0.0
@@ -72,7 +75,9 @@ class ReconAccumulator:
         self.n += x.shape[0]
         self.sse += float(err.sum())
         self.total_ss += float(centred.sum())
-        self.legacy += float((1 - err / np.where(centred > 0, centred, np.nan)).sum())
+        ok = centred > 0  # a token equal to the mean has no per-token ratio: left out and counted
+        self.legacy += float((1 - err[ok] / centred[ok]).sum())
+        self.legacy_n += int(ok.sum())
         self.cos += float(((x * x_hat).sum(-1) / (safe_nx * np.where(nxh > 0, nxh, 1.0))).sum())
         self.l2_ratio += float((nxh / safe_nx).sum())
         self.xhat_sq += float((nxh**2).sum())
@@ -90,7 +95,8 @@ class ReconAccumulator:
             "mse": self.sse / (n * d_model),
             "mse_per_token": self.sse / n,
             "fve": 1 - self.sse / self.total_ss if self.total_ss > 0 else float("nan"),
-            "fve_legacy": self.legacy / n,
+            "fve_legacy": self.legacy / self.legacy_n if self.legacy_n else float("nan"),
+            "fve_legacy_tokens_left_out": self.n - self.legacy_n,
             "cossim": self.cos / n,
             "l2_ratio": self.l2_ratio / n,
             "relative_reconstruction_bias": self.xhat_sq / self.dot if self.dot else float("nan"),

@@ -546,21 +546,6 @@ def question_score(idx: np.ndarray, val: np.ndarray, pct: float = 5.0) -> Questi
     return QuestionScore(weighted_percentile(values[keep], w[keep], pct), m, n_const, n_pairs)
 
 
-def dense_question_score(idx: np.ndarray, val: np.ndarray, d_sae: int, pct: float = 5.0) -> float:
-    """The naive reference: densify to (S, d_sae), np.corrcoef over non-constant active
-    features, percentile of the upper triangle. For tests and the benchmark baseline."""
-    S = idx.shape[0]
-    dense = np.zeros((S, d_sae))
-    np.put_along_axis(dense, idx.astype(np.int64), val, axis=1)
-    active = (dense > 0).any(0)
-    cols = dense[:, active]
-    cols = cols[:, cols.std(0) > 0]
-    if S < 2 or cols.shape[1] < 2:
-        return float("nan")
-    C = np.corrcoef(cols, rowvar=False)
-    return float(np.percentile(C[np.triu_indices_from(C, k=1)], pct))
-
-
 def score_questions(codes_idx: np.ndarray, codes_val: np.ndarray, pct: float = 5.0,
                     keep: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Per-question scores for a block of (Q, S, k) codes; ``keep`` (Q, S) selects the rows
@@ -602,7 +587,7 @@ def stratified_permutation_test(score: np.ndarray, is_ambiguous: np.ndarray, str
         total = x.sum()
         obs += w * (x[a].sum() / na - (total - x[a].sum()) / (n - na))
         keys = rng.random((n_perm, n))
-        pick = np.argpartition(keys, na - 1, axis=1)[:, :na] if na < n else np.tile(np.arange(n), (n_perm, 1))
+        pick = np.argpartition(keys, na - 1, axis=1)[:, :na]  # na ambiguous of n, at random
         sa = x[pick].sum(axis=1)
         perm_sum += w * (sa / na - (total - sa) / (n - na))
         wsum += w

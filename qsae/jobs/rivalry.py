@@ -10,7 +10,6 @@ in-process for a notebook. Definitions: ``qsae.analysis.rivalry``.
 from __future__ import annotations
 
 import base64
-import io
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -38,7 +37,7 @@ from qsae.analysis.rivalry import (
     stratified_permutation_test,
 )
 from qsae.errors import LayerError, SchemaError
-from qsae.lake.results import lineage_of, save_figure, write_result_group
+from qsae.lake.results import figure_png, lineage_of, save_png, write_result_group
 from qsae.lake.store import open_lake
 
 log = logging.getLogger("qsae.jobs.rivalry")
@@ -317,13 +316,9 @@ def finish_rivalry(plan: RivalryPlan, results: list[LayerResult]) -> RivalryResu
         fig = make()
         if fig is None:
             continue
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-        images[key] = buf.getvalue()
-        figures[key] = save_figure(fig, cfg.store, f"{group}/{key}.png", cfg.storage_options)
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
+        images[key] = figure_png(fig)  # rendered once: written beside the store and inlined in artifacts
+        figures[key] = save_png(images[key], cfg.store, f"{group}/{key}.png", cfg.storage_options)
+        _plt().close(fig)
     log.info("rivalry (%s) over layers %s: calibrated p %s, Holm %s", cfg.protocol, layers,
              np.round(p_cal, 4).tolist(), np.round(p_holm, 4).tolist())
     return RivalryResult(group, summary, by_layer, {r.layer: r for r in results}, figures, images)

@@ -66,17 +66,27 @@ def figure_url(url: str, key: str) -> str:
     return f"{url.rstrip('/')}.figures/{key}"
 
 
-def save_figure(fig, url: str, key: str, storage_options: dict | None = None) -> str:
-    """Save a matplotlib figure as PNG at ``<store>.figures/<key>``; returns where it went."""
+def figure_png(fig) -> bytes:
+    """A matplotlib figure rendered as PNG bytes."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def save_png(png: bytes, url: str, key: str, storage_options: dict | None = None) -> str:
+    """Write PNG bytes at ``<store>.figures/<key>``; returns where they went."""
     dest = figure_url(url, key)
     opts = {} if local_path(url) is not None else resolve_storage_options(url, storage_options)
     fs, path = fsspec.core.url_to_fs(dest, **opts)
     fs.makedirs(fs._parent(path), exist_ok=True)
     with fs.open(path, "wb") as f:
-        f.write(buf.getvalue())
+        f.write(png)
     return dest
+
+
+def save_figure(fig, url: str, key: str, storage_options: dict | None = None) -> str:
+    """Save a matplotlib figure as PNG at ``<store>.figures/<key>``; returns where it went."""
+    return save_png(figure_png(fig), url, key, storage_options)
 
 
 def summary_json(summary: dict[str, Any]) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
+import yaml
 
 from .helpers import write_sae_folder
 
@@ -92,11 +93,24 @@ def test_pipeline_deployment_on_two_workers_with_s3_lake(tmp_path, s3_server, ti
         else:
             pytest.fail("Prefect server did not start:\n" + procs.tail("server"))
         prefect = str(BIN / "prefect")
-        _run([prefect, "work-pool", "create", "qsae-e2e", "--type", "process"], env)
-        for q in ("gpu-0", "gpu-1"):
-            _run([prefect, "work-queue", "create", q, "--pool", "qsae-e2e", "--limit", "1"], env)
-        for name in ("capture", "pipeline"):  # one at a time: with several, prefect ignores --pool
-            _run([prefect, "--no-prompt", "deploy", "--name", name, "--pool", "qsae-e2e"], env)
+        # Pool and queues through the Python client (each CLI call is a cold import on a busy
+        # machine); the deployments through `prefect deploy` from prefect.yaml's own definitions,
+        # both in one call, with their pools renamed to the test's pool.
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.actions import WorkPoolCreate
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: api}):
+            with get_client(sync_client=True) as client:
+                client.create_work_pool(WorkPoolCreate(name="qsae-e2e", type="process"))
+                for q in ("gpu-0", "gpu-1"):
+                    client.create_work_queue(name=q, work_pool_name="qsae-e2e", concurrency_limit=1)
+        spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+        spec["deployments"] = [d for d in spec["deployments"] if d["name"] in ("capture", "pipeline")]
+        for d in spec["deployments"]:
+            d["work_pool"] = {**d["work_pool"], "name": "qsae-e2e"}
+        (tmp_path / "prefect.yaml").write_text(yaml.safe_dump(spec))
+        _run([prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(tmp_path / "prefect.yaml")], env)
         procs.start("worker-1", [prefect, "worker", "start", "--pool", "qsae-e2e", "--work-queue", "default",
                                  "--work-queue", "gpu-0", "--name", "w1"], env)
         procs.start("worker-2", [prefect, "worker", "start", "--pool", "qsae-e2e", "--work-queue", "gpu-1",
@@ -115,9 +129,7 @@ def test_pipeline_deployment_on_two_workers_with_s3_lake(tmp_path, s3_server, ti
         assert out.returncode == 0 and "Completed" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:] + logs
 
         # Both workers took shards: the capture runs carry the worker's name label.
-        from prefect.client.orchestration import get_client
         from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter
-        from prefect.settings import PREFECT_API_URL, temporary_settings
 
         with temporary_settings({PREFECT_API_URL: api}):
             with get_client(sync_client=True) as client:

@@ -75,3 +75,18 @@ def test_train_flow_trains_and_reports(tmp_path):
                                         lr=2e-3, out=str(tmp_path / "sae"), log_every=5))
     assert out["steps"] == 6000 // 256 and (tmp_path / "sae" / "cfg.json").exists()
     assert "| topk | 64 |" in prefect_artifacts("qsae-train")[0].data
+
+
+def test_every_deployment_in_prefect_yaml_validates_against_its_flow():
+    """A scheduled run must not fail on its own parameters (the rivalry deployment once passed `layer`)."""
+    import importlib
+    from pathlib import Path
+
+    import yaml
+
+    spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "prefect.yaml").read_text())
+    assert {d["name"] for d in spec["deployments"]} >= {"capture", "rivalry", "reconstruction-nightly", "pipeline"}
+    for dep in spec["deployments"]:
+        path, name = dep["entrypoint"].split(":")
+        flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), name)
+        flow.validate_parameters(dep.get("parameters", {}))  # raises ParameterTypeError on a bad field

@@ -277,16 +277,18 @@ def rivalry(
 
 @app.command()
 def reconstruct(
-    store: str = typer.Argument(..., help="question lake URL"),
+    store: str = typer.Argument(..., help="question lake or token lake URL"),
     config: Path | None = ConfigOpt,
     layers: str | None = typer.Option(None),
-    model_in_loop: bool | None = typer.Option(None, "--model-in-loop/--offline", help="also CE loss recovered"),
-    sae: str | None = typer.Option(None, help="SAE source if it moved (hash checked)"),
+    model_in_loop: bool | None = typer.Option(None, "--model-in-loop/--offline", help="also CE loss recovered and "
+                                                                                   "kl_div_score"),
+    sae: str | None = typer.Option(None, help="question lake: SAE source if it moved (hash checked); "
+                                              "token lake: the SAE to evaluate"),
     prefect: bool = PrefectOpt,
     set_: list[str] | None = SetOpt,
 ) -> None:
-    """SAEBench-style reconstruction metrics per layer (offline; optionally with the model)."""
-    from qsae.jobs.reconstruction import ReconstructionConfig, run_reconstruction
+    """SAEBench-style reconstruction metrics per layer and position (offline; optionally with the model)."""
+    from qsae.jobs.reconstruction import ReconstructionConfig, run_reconstruction, table_rows
 
     cfg = build_config(ReconstructionConfig, config, set_, store=store, layers=parse_layers(layers),
                        model_in_loop=model_in_loop, sae=sae)
@@ -297,10 +299,10 @@ def reconstruct(
             out = reconstruction_flow(config=cfg)
         rows, figure = out["rows"], out["figure"]
     else:
-        res = run_reconstruction(cfg, typer.echo)
-        rows = [{k: float(res.table[k].sel(layer=layer)) for k in res.table.data_vars if k != "feature_density"}
-                for layer in res.table.layer.values]
-        figure = res.figure
+        res = run_reconstruction(cfg)
+        rows, figure = table_rows(res.table), res.figure
+        for label, what in res.table.attrs["positions"].items():
+            typer.echo(f"{label}: {what}")
     for row in rows:
         typer.echo(json.dumps(row))
     typer.echo(f"results: {store} group 'reconstruction'; figure: {figure}")

@@ -1,10 +1,10 @@
-"""The reconstruction flow: one mapped task per layer, then the metrics table, artifact, figure."""
+"""The reconstruction flow: plan once, a mapped task per layer (offline; the model in the loop
+on the GPU pool when asked), then the table, artifact and figure."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -12,47 +12,47 @@ from prefect.cache_policies import NO_CACHE
 from flows.policies import retry_unless_bad_input
 from flows.storage_blocks import resolve_secret_blocks
 from qsae.jobs.reconstruction import (
+    LayerMetrics,
     ReconstructionConfig,
-    model_layer_metrics,
-    offline_layer_metrics,
-    run_reconstruction,
+    ReconstructionPlan,
+    finish_reconstruction,
+    model_layer,
+    offline_layer,
+    plan_reconstruction,
+    table_rows,
 )
-from qsae.lake.store import open_lake
-
-TABLE_COLUMNS = ("layer", "n_tokens", "fve", "fve_legacy", "mse", "cossim", "l2_ratio", "relative_reconstruction_bias",
-                 "l0", "l1", "dead_features", "dense_features", "loss_recovered", "ce_clean", "ce_sae", "ce_zero",
-                 "kl_sae", "kl_zero")
 
 
 @task(name="reconstruction-offline", cache_policy=NO_CACHE, retries=1, retry_condition_fn=retry_unless_bad_input)
-def offline_task(config: ReconstructionConfig, layer: int) -> tuple[dict[str, float], np.ndarray]:
-    return offline_layer_metrics(config, layer)
+def offline_task(plan: ReconstructionPlan, layer: int) -> LayerMetrics:
+    return offline_layer(plan, layer)
 
 
-@task(name="reconstruction-model-in-loop", tags=["gpu"], cache_policy=NO_CACHE, retries=1, retry_condition_fn=retry_unless_bad_input)
-def model_task(config: ReconstructionConfig, layer: int, attrs: dict[str, Any]) -> dict[str, float]:
-    return model_layer_metrics(config, layer, attrs)
+@task(name="reconstruction-model-in-loop", tags=["gpu"], cache_policy=NO_CACHE, retries=1,
+      retry_condition_fn=retry_unless_bad_input)
+def model_task(plan: ReconstructionPlan, layer: int) -> dict[str, float]:
+    return model_layer(plan, layer)
 
 
 @flow(name="qsae-reconstruction", log_prints=True)
 def reconstruction_flow(config: ReconstructionConfig = ReconstructionConfig()) -> dict[str, Any]:
+    """Plan, a task per layer, finish; the artifact labels each position."""
     logger = get_run_logger()
     config = config.model_copy(update={"storage_options": resolve_secret_blocks(config.storage_options)})
-    ds = open_lake(config.store, storage_options=config.storage_options)
-    layers = config.layers or [int(x) for x in ds.layer.values]
-    offline = offline_task.map(unmapped(config), layers)
-    computed = {}
-    model_futures = model_task.map(unmapped(config), layers, unmapped(dict(ds.attrs))) if config.model_in_loop else None
-    for i, (layer, fut) in enumerate(zip(layers, offline)):
-        metrics, density = fut.result()
-        if model_futures is not None:
-            metrics = {**metrics, **model_futures[i].result()}
-        computed[layer] = (metrics, density)
-    result = run_reconstruction(config, logger.info, computed=computed)
-    t = result.table
-    rows = [{c: (round(float(t[c].sel(layer=layer)), 5) if c != "layer" else int(layer)) for c in TABLE_COLUMNS
-             if c == "layer" or c in t} for layer in t.layer.values]
+    plan = plan_reconstruction(config)
+    offline = offline_task.map(unmapped(plan), plan.layers)
+    model = model_task.map(unmapped(plan), plan.layers) if config.model_in_loop else None
+    result = finish_reconstruction(plan, [f.result() for f in offline], [f.result() for f in model] if model else None)
+    rows = table_rows(result.table)
+    for row in rows:
+        logger.info("layer %s %s: fve=%s cossim=%s l0=%s", row["layer"], row["position"], row["fve"], row["cossim"],
+                    row["l0"])
+    labels = result.table.attrs.get("positions") or {}
     create_table_artifact(key="qsae-reconstruction", table=rows, description=f"SAE reconstruction metrics, {config.store}")
-    create_markdown_artifact(key="qsae-reconstruction-figure", markdown=(
-        f"# Reconstruction metrics\n\nstore `{config.store}`, group `reconstruction`\n\nfigure: `{result.figure}`"))
-    return {"rows": rows, "figure": result.figure}
+    create_markdown_artifact(key="qsae-reconstruction-figure", markdown="\n".join(
+        [f"# Reconstruction metrics\n\nstore `{config.store}`, group `reconstruction`, figure `{result.figure}`", ""]
+        + [f"- **{k}**: {v}" for k, v in labels.items()]
+        + ["", "Comparable with SAEBench's core metrics: " + ("yes (text tokens)" if plan.kind == "tokens" else
+                                                               "no (question-lake positions)")]))
+    return {"rows": rows, "figure": result.figure, "positions": list(labels)}
+

@@ -137,3 +137,23 @@ def prefect_artifacts(key: str):
     with get_client(sync_client=True) as client:
         return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
                                      sort=ArtifactSort.CREATED_DESC)
+
+
+def write_relu_checkpoint(path, d_model, d_sae, seed=0, identity=False):
+    """A ReLU SAE in the 9B release's checkpoint format (pre-encoder bias, MLP output). With
+    ``identity`` its features are [x, -x] and x_hat == x exactly (d_sae = 2 d_model)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    if identity:
+        eye = torch.eye(d_model)
+        sd = {"bias": torch.zeros(d_model), "encoder.weight": torch.cat([eye, -eye]),
+              "encoder.bias": torch.zeros(2 * d_model), "decoder.weight": torch.cat([eye, -eye], 1)}
+    else:
+        sd = {"bias": torch.randn(d_model, generator=g) * 0.05,
+              "encoder.weight": torch.randn(d_sae, d_model, generator=g) / d_model**0.5,
+              "encoder.bias": torch.randn(d_sae, generator=g) * 0.1 - 0.2,
+              "decoder.weight": torch.randn(d_model, d_sae, generator=g) / d_sae**0.5}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model_state_dict": sd}, path)
+    return path

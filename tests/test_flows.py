@@ -61,9 +61,12 @@ def test_rivalry_and_reconstruction_flows_write_results_and_artifacts(flow_lake)
     assert "| ambiguous |" in art and "**p calibrated**" in art and "not calibrated" in art
     assert art.count("](data:image/png;base64,") >= 2  # the figures travel inside the artifact
     rec = reconstruction_flow(config=ReconstructionConfig(store=cfg.store))
-    assert [r["layer"] for r in rec["rows"]] == [1, 2]
+    assert [(r["layer"], r["position"]) for r in rec["rows"]] == [
+        (1, "prompt_end"), (1, "completion_end"), (2, "prompt_end"), (2, "completion_end")]
     table = prefect_artifacts("qsae-reconstruction")[0]
-    assert table.type == "table" and "fve_legacy" in str(table.data)
+    assert table.type == "table" and "fve_legacy" in str(table.data) and "completion_end" in str(table.data)
+    labels = prefect_artifacts("qsae-reconstruction-figure")[0].data
+    assert "near-duplicates" in labels and "SAEBench's core metrics: no" in labels
 
 
 def test_train_flow_trains_and_reports(tmp_path):

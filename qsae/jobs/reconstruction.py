@@ -1,10 +1,16 @@
-"""Run the reconstruction study on a question lake; write a metrics table and figure into it."""
+"""The reconstruction study: plan -> a step per layer -> finish, written into the lake.
+
+On a question lake the stored codes are evaluated at each stored position separately (the
+prompt's end: one row per question; the completions' ends: n_samples near-duplicate rows per
+question), never pooled, and labelled as such: neither is SAEBench's setting. On a token lake
+of text (``qsae collect``) the named SAE encodes every non-special token: SAEBench's core
+metrics, comparable with its numbers (``comparable_to_saebench`` in the result's attrs).
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -12,80 +18,204 @@ import torch
 import xarray as xr
 from pydantic import BaseModel, ConfigDict, Field
 
-from qsae.errors import LayerError
+from qsae.errors import LayerError, SAEFormatError
 from qsae.lake.results import lineage_of, save_figure, write_result_group
+from qsae.lake.schema import KIND_QUESTIONS, KIND_TOKENS
 from qsae.lake.store import open_lake
+from qsae.sae.formats import load_sae
 from qsae.sae.metrics import ReconAccumulator, decode_codes, loss_recovered, sae_for_lake_layer
+from qsae.sae.model import SAE
 
 log = logging.getLogger("qsae.sae.metrics")
 RESULT_GROUP = "reconstruction"
 
 
 class ReconstructionConfig(BaseModel):
+    """What to evaluate: a question lake's stored codes per position, or a token lake of text."""
+
     model_config = ConfigDict(extra="forbid")
 
-    store: str = "storage/lakes/demo.zarr"
-    storage_options: dict[str, Any] | None = None
-    layers: list[int] | None = Field(None, description="default: every captured layer")
-    sae: str | None = Field(None, description="SAE source if it moved since capture (hash still checked)")
-    positions: Literal["completion", "prompt", "both"] = "both"
-    block_questions: int = Field(256, ge=1)
+    store: str = Field("storage/lakes/demo.zarr", description="a question lake or a token lake (path or URL)")
+    storage_options: dict[str, Any] | None = Field(None, description="fsspec options for a remote store")
+    layers: list[int] | None = Field(None, description="layers to evaluate; default: every captured layer")
+    sae: str | None = Field(None, description="question lake: the SAE source if it moved since capture (hash still "
+                                              "checked); token lake: the SAE to evaluate (required)")
+    sae_k: int | None = Field(None, ge=1, description="token lake: k of a TopK SAE whose files do not record it "
+                                                      "(Qwen-Scope)")
+    positions: Literal["completion", "prompt", "both"] = Field(
+        "both", description="question lake: which stored positions to evaluate, each reported separately")
+    block_questions: int = Field(256, ge=1, description="question lake: questions read per block")
+    block_tokens: int = Field(4096, ge=1, description="token lake: tokens read per block")
+    include_special: bool = Field(False, description="token lake: also evaluate BOS/EOS/pad positions "
+                                                     "(SAEBench leaves them out)")
     model_in_loop: bool = Field(False, description="also CE loss recovered and KL with the model")
     model: str | None = Field(None, description="default: the lake's model_path")
     text_dataset: str = Field("wiki-demo", description="documents for the model-in-the-loop metrics")
-    context_length: int = Field(128, ge=2)
+    context_length: int = Field(128, ge=2, description="model in the loop: tokens per window")
     max_tokens: int = Field(8192, ge=1, description="tokens scored with the model in the loop")
-    batch_windows: int = Field(8, ge=1)
-    device: str = "cpu"
-    dtype: str = "float32"
-    dask_address: str | None = Field(None, description="offline layers on dask: 'local' or a scheduler address")
+    batch_windows: int = Field(8, ge=1, description="model in the loop: windows per forward pass")
+    device: str = Field("cpu", description="torch device for encoding/decoding and the model")
+    dtype: str = Field("float32", description="the model's dtype in the loop")
 
 
-def _rows(ds: xr.Dataset, layer: int, block: slice, positions: str):
-    """(x, idx, val) rows of one question block: done questions, finite residuals only."""
+# Each position a lake offers, labelled: only a token lake's is comparable with SAEBench's core metrics.
+POSITION_LABELS = {
+    "prompt": ("prompt_end", "the last prompt token of each finished question (one row per question)"),
+    "completion": ("completion_end", "the last token of each sampled completion (n_samples rows per question, "
+                                     "near-duplicates of each other)"),
+    "token": ("token", "every token of the text corpus (BOS/EOS/pad left out unless include_special): "
+                       "comparable with SAEBench's core metrics"),
+}
+
+
+@dataclass
+class ReconstructionPlan:
+    """What every layer shares: the lake's kind and lineage, the layers and the positions."""
+
+    cfg: ReconstructionConfig
+    kind: str
+    layers: list[int]
+    positions: list[str]  # keys of POSITION_LABELS
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def labels(self) -> list[str]:
+        return [POSITION_LABELS[p][0] for p in self.positions]
+
+
+@dataclass
+class LayerMetrics:
+    """One layer's offline metrics and feature densities, per position label."""
+
+    layer: int
+    metrics: dict[str, dict[str, float]]
+    density: dict[str, np.ndarray] = field(repr=False)
+    sae_sha256: str = ""
+
+
+@dataclass
+class ReconstructionResult:
+    table: xr.Dataset
+    figure: str | None
+
+
+def plan_reconstruction(cfg: ReconstructionConfig) -> ReconstructionPlan:
+    """Open the lake once: its kind, the layers (all captured by default) and the positions."""
+    ds = open_lake(cfg.store, storage_options=cfg.storage_options)
+    attrs = dict(ds.attrs)
+    captured = [int(x) for x in ds.layer.values]
+    layers = cfg.layers or captured
+    missing = [layer for layer in layers if layer not in captured]
+    if missing:
+        raise LayerError(f"layers {missing} are not in the lake (layers {captured})")
+    kind = attrs.get("kind", KIND_QUESTIONS)
+    if kind == KIND_TOKENS:
+        if not cfg.sae:
+            raise SAEFormatError(f"{cfg.store} is a token lake: it holds no codes, so name the SAE to evaluate (sae=)")
+        positions = ["token"]
+    else:
+        if "codes_idx" not in ds:
+            raise SAEFormatError(f"{cfg.store} holds no SAE codes (captured without an SAE)")
+        positions = ["prompt", "completion"] if cfg.positions == "both" else [cfg.positions]
+    return ReconstructionPlan(cfg, kind, layers, positions, attrs)
+
+
+def _question_rows(ds: xr.Dataset, layer: int, block: slice, position: str):
+    """(x, idx, val, left_out) of one question block at one position: done, finite rows only."""
     sel = ds.isel(question=block)
     done = sel.done.values
-    parts = []
-    if positions in ("completion", "both"):
+    if position == "completion":
         v = sel[["resid", "codes_idx", "codes_val", "resid_nonfinite"]].sel(layer=layer).load()
         ok = done[:, None] & (v.resid_nonfinite.values == 0)
-        parts.append((v.resid.values[ok], v.codes_idx.values[ok], v.codes_val.values[ok], int((done[:, None] & ~ok).sum())))
-    if positions in ("prompt", "both"):
-        v = sel[["resid_prompt", "prompt_codes_idx", "prompt_codes_val", "resid_prompt_nonfinite"]].sel(layer=layer).load()
-        ok = done & (v.resid_prompt_nonfinite.values == 0)
-        parts.append((v.resid_prompt.values[ok], v.prompt_codes_idx.values[ok], v.prompt_codes_val.values[ok],
-                      int((done & ~ok).sum())))
-    x = np.concatenate([p[0] for p in parts]).astype(np.float64)
-    return x, np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts]), sum(p[3] for p in parts)
+        return v.resid.values[ok], v.codes_idx.values[ok], v.codes_val.values[ok], int((done[:, None] & ~ok).sum())
+    v = sel[["resid_prompt", "prompt_codes_idx", "prompt_codes_val", "resid_prompt_nonfinite"]].sel(layer=layer).load()
+    ok = done & (v.resid_prompt_nonfinite.values == 0)
+    return v.resid_prompt.values[ok], v.prompt_codes_idx.values[ok], v.prompt_codes_val.values[ok], int((done & ~ok).sum())
+
+
+def _token_rows(ds: xr.Dataset, layer: int, block: slice, include_special: bool):
+    """(x, left_out) of one token block: done, finite, and (by default) not special."""
+    sel = ds.isel(token=block)
+    v = sel[["acts", "nonfinite"]].sel(layer=layer).load()
+    keep = sel.done.values & (include_special | ~sel.special.values)
+    ok = keep & (v.nonfinite.values == 0)
+    return v.acts.values[ok], int((keep & ~ok).sum())
+
+
+def encode_rows(sae: SAE, x: np.ndarray, device: str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(x_hat, idx, val) of rows through the SAE as its format says: exactly its k codes for a
+    TopK SAE, every active feature for a ReLU SAE (dense, then the non-zero ones kept)."""
+    with torch.inference_mode():
+        xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
+        if sae.info.activation == "topk":
+            idx, val = sae.encode_topk(xt)
+            x_hat = sae.decode_sparse(idx, val)
+            return x_hat.float().cpu().numpy(), idx.cpu().numpy(), val.float().cpu().numpy()
+        z = sae.encode(xt)
+        x_hat = sae.decode(z).float().cpu().numpy()
+        width = max(int((z != 0).sum(-1).max()) if z.numel() else 0, 1)
+        val, idx = z.abs().topk(width, dim=-1)
+        return x_hat, idx.cpu().numpy(), z.gather(-1, idx).float().cpu().numpy()
+
+
+def _accumulate(rows, d_sae: int, d_model: int, encode) -> tuple[dict[str, float], np.ndarray]:
+    """Two passes over ``rows()`` (a fresh iterator of (x, idx, val, left_out) each call):
+    the mean first, then every metric (``encode`` fills in x_hat, or idx/val when None)."""
+    total, n, left_out = np.zeros(d_model), 0, 0
+    for x, _, _, bad in rows():
+        total += x.astype(np.float64).sum(0)
+        n += x.shape[0]
+        left_out += bad
+    if n == 0:
+        raise ValueError("no rows to evaluate (no finished, finite rows at this position)")
+    acc = ReconAccumulator(d_sae, total / n)
+    for x, idx, val, _ in rows():
+        x_hat, idx, val = encode(x, idx, val)
+        acc.add(x, x_hat, idx, val)
+    out = acc.metrics(d_model)
+    out["nonfinite_rows_left_out"] = left_out
+    return out, acc.density.astype(np.float32)
+
+
+def offline_layer(plan: ReconstructionPlan, layer: int) -> LayerMetrics:
+    """One layer's offline metrics at each position (the mapped step; reads only this layer)."""
+    cfg = plan.cfg
+    ds = open_lake(cfg.store, storage_options=cfg.storage_options)
+    d_model = ds.sizes["d_model"]
+    metrics, density = {}, {}
+    if plan.kind == KIND_TOKENS:
+        sae = load_sae(cfg.sae, layer=layer, k=cfg.sae_k, device=cfg.device)
+        if sae.info.hook != plan.attrs.get("hook"):
+            raise SAEFormatError(f"the SAE at {sae.info.source} reads {sae.info.hook}, the token lake holds "
+                                 f"{plan.attrs.get('hook')} activations")
+        if sae.d_model != d_model:
+            raise SAEFormatError(f"the SAE's d_model={sae.d_model} differs from the lake's d_model={d_model}")
+        blocks = blocks_of(ds.sizes["token"], cfg.block_tokens)
+
+        def rows():
+            for b in blocks:
+                x, bad = _token_rows(ds, layer, b, cfg.include_special)
+                yield x, None, None, bad
+
+        m, dens = _accumulate(rows, sae.d_sae, d_model, lambda x, i, v: encode_rows(sae, x, cfg.device))
+        label = POSITION_LABELS["token"][0]
+        metrics[label], density[label] = m, dens
+        return LayerMetrics(layer, metrics, density, sae.info.sha256)
+    sae = sae_for_lake_layer(plan.attrs, layer, cfg.sae, cfg.device)
+    blocks = blocks_of(ds.sizes["question"], cfg.block_questions)
+    for position in plan.positions:
+        def rows(position: str = position):
+            for b in blocks:
+                yield _question_rows(ds, layer, b, position)
+
+        m, dens = _accumulate(rows, sae.d_sae, d_model, lambda x, i, v: (decode_codes(sae, i, v), i, v))
+        label = POSITION_LABELS[position][0]
+        metrics[label], density[label] = m, dens
+    return LayerMetrics(layer, metrics, density, sae.info.sha256)
 
 
 def blocks_of(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-
-def offline_layer_metrics(cfg: ReconstructionConfig, layer: int) -> tuple[dict[str, float], np.ndarray]:
-    """Offline metrics and feature density for one layer (two passes over the lake)."""
-    ds = open_lake(cfg.store, storage_options=cfg.storage_options)
-    if "codes_idx" not in ds:
-        raise ValueError(f"{cfg.store} holds no SAE codes")
-    sae = sae_for_lake_layer(dict(ds.attrs), layer, cfg.sae, cfg.device)
-    blocks = blocks_of(ds.sizes["question"], cfg.block_questions)
-    total, n, skipped = np.zeros(ds.sizes["d_model"]), 0, 0
-    for b in blocks:  # pass 1: the mean over evaluated tokens
-        x, _, _, bad = _rows(ds, layer, b, cfg.positions)
-        total += x.sum(0)
-        n += x.shape[0]
-        skipped += bad
-    if n == 0:
-        raise ValueError(f"layer {layer}: no finished questions with finite residuals to evaluate")
-    acc = ReconAccumulator(sae.d_sae, total / n)
-    for b in blocks:  # pass 2: everything else
-        x, idx, val, _ = _rows(ds, layer, b, cfg.positions)
-        acc.add(x, decode_codes(sae, idx, val), idx, val)
-    out = acc.metrics(ds.sizes["d_model"])
-    out["nonfinite_rows_left_out"] = skipped
-    out["layer"] = layer
-    return out, acc.density.astype(np.float32)
 
 
 def text_windows(model_lm, cfg: ReconstructionConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,62 +230,94 @@ def text_windows(model_lm, cfg: ReconstructionConfig) -> tuple[torch.Tensor, tor
     return torch.from_numpy(win.inputs), torch.from_numpy(keep)
 
 
-def model_layer_metrics(cfg: ReconstructionConfig, layer: int, attrs: dict[str, Any], lm=None) -> dict[str, float]:
-    """CE loss recovered and KL for one layer with the model in the loop."""
+def _load_lm(plan: ReconstructionPlan):
     from qsae.lm.models import load_model
 
-    lm = lm or load_model(cfg.model or attrs.get("model_path") or attrs["model"], device=cfg.device, dtype=cfg.dtype)
-    sae = sae_for_lake_layer(attrs, layer, cfg.sae, str(lm.device))
+    cfg, attrs = plan.cfg, plan.attrs
+    return load_model(cfg.model or attrs.get("model_path") or attrs["model"], device=cfg.device, dtype=cfg.dtype)
+
+
+def model_layer(plan: ReconstructionPlan, layer: int, lm=None) -> dict[str, float]:
+    """CE loss recovered and KL for one layer with the model in the loop (the SAE spliced in at
+    its hook: the residual after the layer, or the layer's MLP output)."""
+    cfg = plan.cfg
+    lm = lm or _load_lm(plan)
+    if plan.kind == KIND_TOKENS:
+        sae = load_sae(cfg.sae, layer=layer, k=cfg.sae_k, device=str(lm.device))
+    else:
+        sae = sae_for_lake_layer(plan.attrs, layer, cfg.sae, str(lm.device))
     windows, keep = text_windows(lm, cfg)
-    res = loss_recovered(lm.model, sae, layer, windows, keep, batch=cfg.batch_windows)
-    return res.as_dict()
+    return loss_recovered(lm.model, sae, layer, windows, keep, batch=cfg.batch_windows).as_dict()
 
 
-@dataclass
-class ReconstructionResult:
-    table: xr.Dataset
-    figure: str | None
-
-
-def run_reconstruction(cfg: ReconstructionConfig, log_fn: Callable[[str], None] = log.info,
-                       computed: dict[int, tuple[dict[str, float], np.ndarray]] | None = None) -> ReconstructionResult:
-    """Metrics for every requested layer; ``computed`` takes results of mapped tasks."""
-    ds = open_lake(cfg.store, storage_options=cfg.storage_options)
-    attrs = dict(ds.attrs)
-    layers = cfg.layers or [int(x) for x in ds.layer.values]
-    missing = [layer for layer in layers if layer not in set(int(x) for x in ds.layer.values)]
-    if missing:
-        raise LayerError(f"layers {missing} are not in the lake (layers {list(ds.layer.values)})")
-    from qsae.jobs.dask_compute import map_blocks
-
-    todo = [layer for layer in layers if layer not in (computed or {})]
-    offline = dict(zip(todo, map_blocks(offline_layer_metrics, [(cfg, layer) for layer in todo], cfg.dask_address)))
-    rows, densities = [], []
-    lm = None
-    for layer in layers:
-        metrics, density = (computed or {}).get(layer) or offline[layer]
-        if cfg.model_in_loop and "loss_recovered" not in metrics:
-            if lm is None:
-                from qsae.lm.models import load_model
-
-                lm = load_model(cfg.model or attrs.get("model_path") or attrs["model"], device=cfg.device, dtype=cfg.dtype)
-            metrics = {**metrics, **model_layer_metrics(cfg, layer, attrs, lm)}
-        log_fn(f"layer {layer}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                                                if k in ("fve", "fve_legacy", "cossim", "l0", "dead_features", "loss_recovered")))
-        rows.append(metrics)
-        densities.append(density)
-    names = [k for k in rows[0] if k != "layer"]
-    table = xr.Dataset({k: ("layer", np.array([r.get(k, np.nan) for r in rows], dtype=float)) for k in names},
-                       coords={"layer": layers})
-    table["feature_density"] = (("layer", "feature"), np.stack(densities))
-    write_result_group(cfg.store, RESULT_GROUP, table,
-                       {"kind": "reconstruction", "params": cfg.model_dump(), "lineage": lineage_of(attrs),
-                        "definitions": "see qsae.sae.metrics module docstring"}, cfg.storage_options)
+def finish_reconstruction(plan: ReconstructionPlan, offline: list[LayerMetrics],
+                          model: list[dict[str, float]] | None = None) -> ReconstructionResult:
+    """The table (layer x position; model-in-the-loop metrics by layer), written with its figure."""
+    cfg, labels = plan.cfg, plan.labels
+    by_layer = {r.layer: r for r in offline}
+    rows = [by_layer[layer] for layer in plan.layers]
+    names = list(rows[0].metrics[labels[0]])
+    table = xr.Dataset(
+        {k: (("layer", "position"), np.array([[r.metrics[p][k] for p in labels] for r in rows], dtype=float))
+         for k in names},
+        coords={"layer": plan.layers, "position": labels})
+    table["feature_density"] = (("layer", "position", "feature"),
+                                np.stack([np.stack([r.density[p] for p in labels]) for r in rows]))
+    if model:
+        for k in model[0]:
+            table[k] = ("layer", np.array([m[k] for m in model], dtype=float))
+    for r in rows:
+        for p in labels:
+            m = r.metrics[p]
+            log.info("layer %d %s: %s", r.layer, p, ", ".join(f"{k}={m[k]:.4g}" for k in SUMMARY if k in m))
+    for layer, m in zip(plan.layers, model or []):
+        log.info("layer %d (model in the loop): loss_recovered=%.4g kl_div_score=%.4g", layer, m["loss_recovered"],
+                 m["kl_div_score"])
+    lineage = lineage_of(plan.attrs)
+    if plan.kind == KIND_TOKENS:
+        lineage = {**lineage, "sae_source": cfg.sae, "sae_sha256": {str(r.layer): r.sae_sha256 for r in rows}}
+    table.attrs = {"kind": "reconstruction", "params": cfg.model_dump(), "lineage": lineage, "lake_kind": plan.kind,
+                   "positions": {POSITION_LABELS[p][0]: POSITION_LABELS[p][1] for p in plan.positions},
+                   "comparable_to_saebench": plan.kind == KIND_TOKENS,
+                   "definitions": "see qsae.sae.metrics module docstring"}
+    write_result_group(cfg.store, RESULT_GROUP, table, table.attrs, cfg.storage_options)
     fig_url = save_figure(reconstruction_figure(table), cfg.store, f"{RESULT_GROUP}/figure.png", cfg.storage_options)
     return ReconstructionResult(table, fig_url)
 
 
+TABLE_COLUMNS = ("n_tokens", "fve", "fve_legacy", "mse", "cossim", "l2_ratio", "relative_reconstruction_bias",
+                 "l0", "l1", "dead_features", "dense_features")
+MODEL_COLUMNS = ("loss_recovered", "kl_div_score", "ce_clean", "ce_sae", "ce_zero", "kl_sae", "kl_zero")
+
+
+def table_rows(table: xr.Dataset) -> list[dict[str, Any]]:
+    """One row per (layer, position), the model-in-the-loop columns on each of the layer's rows."""
+    rows = []
+    for layer in table.layer.values:
+        for p in table.position.values:
+            row: dict[str, Any] = {"layer": int(layer), "position": str(p)}
+            row.update({c: round(float(table[c].sel(layer=layer, position=p)), 5) for c in TABLE_COLUMNS})
+            row.update({c: round(float(table[c].sel(layer=layer)), 5) for c in MODEL_COLUMNS if c in table})
+            rows.append(row)
+    return rows
+
+
+SUMMARY = ("n_tokens", "fve", "fve_legacy", "cossim", "l0", "dead_features")
+
+
+def run_reconstruction(cfg: ReconstructionConfig) -> ReconstructionResult:
+    """Plan, every layer, finish: the whole study in-process (what a notebook and the CLI call)."""
+    plan = plan_reconstruction(cfg)
+    offline = [offline_layer(plan, layer) for layer in plan.layers]
+    model = None
+    if cfg.model_in_loop:
+        lm = _load_lm(plan)
+        model = [model_layer(plan, layer, lm) for layer in plan.layers]
+    return finish_reconstruction(plan, offline, model)
+
+
 def reconstruction_figure(table: xr.Dataset):
+    """Fidelity by layer (one line per metric and position) and the feature-density histograms."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -163,24 +325,32 @@ def reconstruction_figure(table: xr.Dataset):
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
     layers = table.layer.values
-    for name in ("fve", "fve_legacy", "cossim", "loss_recovered"):
+    positions = [str(p) for p in table.position.values]
+    for name in ("fve", "fve_legacy", "cossim"):
+        for p, style in zip(positions, ("o-", "s--", "x:")):
+            ax1.plot(layers, table[name].sel(position=p).values, style, label=f"{name} ({p})")
+    for name in ("loss_recovered", "kl_div_score"):
         if name in table and np.isfinite(table[name].values).any():
-            ax1.plot(layers, table[name].values, marker="o", label=name)
+            ax1.plot(layers, table[name].values, "d-.", label=f"{name} (text, model in the loop)")
     ax1.set_xlabel("layer")
     ax1.set_xticks(layers)
     ax1.set_xlim(layers.min() - 1, layers.max() + 1)
-    low = float(np.nanmin([table[n].values.min() for n in ("fve", "cossim") if n in table]))
+    low = float(np.nanmin([table[n].values.min() for n in ("fve", "cossim")]))
     ax1.set_ylim(min(0.0, low) - 0.02, 1.02)
-    ax1.legend(fontsize=8, loc="lower left")
-    ax1.set_title("L0 by layer: " + ", ".join(f"{int(la)}: {v:.0f}" for la, v in zip(layers, table.l0.values)), fontsize=9)
+    ax1.legend(fontsize=7, loc="lower left")
+    l0 = "; ".join(f"{p}: " + ", ".join(f"{int(la)}: {v:.0f}" for la, v in zip(layers, table.l0.sel(position=p).values))
+                   for p in positions)
+    ax1.set_title(f"L0 by layer ({l0})", fontsize=8)
     for layer in layers:
-        d = table.feature_density.sel(layer=layer).values
-        live = d[d > 0]
-        if live.size:
-            ax2.hist(np.log10(live), bins=40, histtype="step", label=f"layer {layer} ({int((d == 0).sum())} dead)")
+        for p in positions:
+            d = table.feature_density.sel(layer=layer, position=p).values
+            live = d[d > 0]
+            if live.size:
+                ax2.hist(np.log10(live), bins=40, histtype="step",
+                         label=f"layer {layer} {p} ({int((d == 0).sum())} dead)")
     ax2.axvline(np.log10(0.1), color="crimson", ls="--", lw=1, label="dense (10%)")
-    ax2.set_xlabel("log10 feature density (fraction of tokens)")
+    ax2.set_xlabel("log10 feature density (fraction of rows)")
     ax2.set_ylabel("features")
-    ax2.legend(fontsize=8)
+    ax2.legend(fontsize=7)
     fig.suptitle("SAE reconstruction metrics", fontsize=10)
     return fig

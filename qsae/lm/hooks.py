@@ -159,11 +159,18 @@ def run_with_capture(
 
 
 @contextmanager
-def splice(model: torch.nn.Module, layer: int, fn) -> Iterator[None]:
-    """Replace the residual stream after ``layer`` by ``fn(residual)`` for the duration of a
-    ``with`` block (the rest of the model then runs on the replacement). Always removed."""
+def splice(model: torch.nn.Module, layer: int, fn, hook: str = RESID) -> Iterator[None]:
+    """Replace the residual stream after ``layer`` (or, with ``hook="mlp_out"``, that layer's MLP
+    output) by ``fn(activation)`` for the duration of a ``with`` block (the rest of the model
+    then runs on the replacement). Always removed."""
     check_layers(model, [layer])
     block = decoder_layers(model)[layer]
+    if hook == MLP:
+        block = getattr(block, "mlp", None)
+        if block is None:
+            raise LayerError(f"layer {layer} of {type(model).__name__} has no .mlp module to splice")
+    elif hook != RESID:
+        raise ValueError(f"unknown hook {hook!r} (resid_post or mlp_out)")
 
     def hook(module, inputs, output):
         if isinstance(output, torch.Tensor):

@@ -22,8 +22,10 @@ with the SAE file the lake's lineage names, its sha256 checked), accumulated in 
 Rows whose residual is not finite (``resid_nonfinite`` > 0) are left out and counted.
 With the model in the loop: next-token cross-entropy clean, with the layer's residual
 replaced by its SAE reconstruction, and zero-ablated; loss recovered = (CE_zero - CE_sae) /
-(CE_zero - CE_clean); KL(clean || spliced) for both. BOS and padding positions are neither
-spliced nor scored.
+(CE_zero - CE_clean) (SAEBench's ``ce_loss_score``); KL(clean || spliced) for both and
+SAEBench's ``kl_div_score`` = (KL_zero - KL_sae) / KL_zero. The SAE is spliced in at its own
+hook (the residual after the layer, or the layer's MLP output: zero-ablating an MLP-output
+SAE ablates the MLP). BOS and padding positions are neither spliced nor scored.
 """
 
 from __future__ import annotations
@@ -157,8 +159,13 @@ class LossRecovered:
         denom = self.ce_zero - self.ce_clean
         return (self.ce_zero - self.ce_sae) / denom if denom else float("nan")
 
+    @property
+    def kl_div_score(self) -> float:
+        """SAEBench's ``kl_div_score``: (KL_zero - KL_sae) / KL_zero (1 = the SAE changes nothing)."""
+        return (self.kl_zero - self.kl_sae) / self.kl_zero if self.kl_zero else float("nan")
+
     def as_dict(self) -> dict[str, float]:
-        return {**self.__dict__, "loss_recovered": self.loss_recovered}
+        return {**self.__dict__, "loss_recovered": self.loss_recovered, "kl_div_score": self.kl_div_score}
 
 
 def _token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -193,9 +200,9 @@ def loss_recovered(
             def with_zero(x: torch.Tensor, mask: torch.Tensor = mask) -> torch.Tensor:
                 return torch.where(mask[..., None], torch.zeros_like(x), x)
 
-            with splice(model, layer, with_sae):
+            with splice(model, layer, with_sae, hook=sae.info.hook):
                 spliced = model(input_ids=ids, use_cache=False).logits[:, :-1]
-            with splice(model, layer, with_zero):
+            with splice(model, layer, with_zero, hook=sae.info.hook):
                 zeroed = model(input_ids=ids, use_cache=False).logits[:, :-1]
         lp_clean = torch.log_softmax(clean.float(), -1)
         for name, logits in (("sae", spliced), ("zero", zeroed)):

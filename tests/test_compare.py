@@ -78,6 +78,8 @@ def _code_lake(url, d_sae, seed, sae_file=None):
     rng = np.random.default_rng(seed)
     for shard in range(lake.n_shards - 1):  # the last shard stays undone and must be ignored
         data = random_shard(lake, shard, seed)
+        r = lake.shard_region(shard)
+        data["question_text"] = np.array([f"question {i}?" for i in range(r.start, r.stop)], dtype=object)
         rows = int(np.prod(data["codes_idx"].shape[:-1]))
         data["codes_idx"] = np.sort(np.stack([rng.choice(d_sae, 3, replace=False) for _ in range(rows)]), 1) \
             .reshape(data["codes_idx"].shape).astype(np.uint8)
@@ -99,17 +101,28 @@ def test_firing_shifts_equal_a_direct_count(tmp_path):
         run_compare(CompareConfig(base_sae=base, finetuned_sae=base, layer=3, base_lake=lake_a, finetuned_lake=lake_b))
     with pytest.raises(LineageError, match="the base lake"):
         run_compare(CompareConfig(base_sae=ft, finetuned_sae=ft, layer=3, base_lake=lake_a, finetuned_lake=lake_b))
+    # Default: prompt-end codes, the same prompts through both models.
     res = run_compare(CompareConfig(base_sae=base, finetuned_sae=ft, layer=3, base_lake=lake_a, finetuned_lake=lake_b,
                                     threshold=0.9))
     t = res.table
 
-    def direct(url):
+    def direct(url, idx_name="codes_idx", val_name="codes_val"):
         ds = xr.open_zarr(url).load()
         done = ds.done.values
-        idx, val = ds.codes_idx.values[0][done], ds.codes_val.values[0][done]
-        n_tok = idx.shape[0] * idx.shape[1]
-        return np.array([((idx == f) & (val > 0)).sum() / n_tok for f in range(40)])
+        idx, val = ds[idx_name].values[0][done], ds[val_name].values[0][done]
+        rows = idx.reshape(-1, idx.shape[-1]).shape[0]
+        return np.array([((idx == f) & (val != 0)).sum() / rows for f in range(40)])
 
+    fa, fb = direct(lake_a, "prompt_codes_idx", "prompt_codes_val"), direct(lake_b, "prompt_codes_idx", "prompt_codes_val")
+    np.testing.assert_allclose(t.base_frequency.values, fa)
+    np.testing.assert_allclose(t.finetuned_frequency.values, fb)
+    assert res.summary["inputs"]["position"] == "prompt_end" and "same prompts" in res.summary["inputs"]["meaning"]
+    assert res.summary["tokens"] == {"base": 16, "finetuned": 16}  # one row per finished question
+    # Completion-end codes on request, labelled as different inputs.
+    res = run_compare(CompareConfig(base_sae=base, finetuned_sae=ft, layer=3, base_lake=lake_a, finetuned_lake=lake_b,
+                                    threshold=0.9, inputs="completion_end"))
+    t = res.table
+    assert "inputs differ" in res.summary["inputs"]["meaning"]
     fa, fb = direct(lake_a), direct(lake_b)
     np.testing.assert_allclose(t.base_frequency.values, fa)
     np.testing.assert_allclose(t.finetuned_frequency.values, fb)
@@ -136,3 +149,18 @@ def test_finetune_lowers_the_loss_and_saves_a_loadable_model(tiny_qwen_dir, tmp_
     with torch.no_grad():
         after = float(reloaded(enc, labels=enc).loss)
     assert after < before - 1.0 and (out / "qsae_revision.txt").read_text().startswith("finetune-")
+
+
+def test_prompt_end_shifts_need_the_same_prompts_in_both_lakes(tmp_path):
+    rng = np.random.default_rng(5)
+    W = rng.standard_normal((40, 8))
+    base = _sae_file(tmp_path / "base.pt", W)
+    lake_a = _code_lake(str(tmp_path / "a.zarr"), 40, 1, base)
+    lake_b = _code_lake(str(tmp_path / "b.zarr"), 40, 2, base)
+    lake = QuestionLake.open(lake_b, mode="r+")
+    lake.update_attrs(prompt_template="Question: {question}\nAnswer:")
+    with pytest.raises(LineageError, match="other prompt templates: prompt-end firing shifts need the same prompts"):
+        run_compare(CompareConfig(base_sae=base, finetuned_sae=base, layer=3, base_lake=lake_a, finetuned_lake=lake_b))
+    res = run_compare(CompareConfig(base_sae=base, finetuned_sae=base, layer=3, base_lake=lake_a, finetuned_lake=lake_b,
+                                    inputs="completion_end"))
+    assert res.summary["inputs"]["position"] == "completion_end"

@@ -145,11 +145,14 @@ def match_features(W_dec_a: np.ndarray, W_dec_b: np.ndarray, threshold: float = 
 
 
 # ------------------------------------------------------------------ firing in lakes
-def firing_stats(ds, layer: int, which: str = "completion") -> tuple[np.ndarray, np.ndarray, int]:
-    """(frequency, mean activation when firing, tokens) per feature from a lake's codes."""
+def firing_stats(ds, layer: int, which: str = "completion", questions: np.ndarray | None = None,
+                 ) -> tuple[np.ndarray, np.ndarray, int]:
+    """(frequency, mean activation when firing, rows) per feature from a lake's codes at the
+    completions' ends (``which="completion"``) or the prompts' ends (``"prompt"``), over the
+    finished questions (or the boolean mask ``questions``)."""
     idx_name, val_name = ("codes_idx", "codes_val") if which == "completion" else ("prompt_codes_idx", "prompt_codes_val")
     d_sae = int(ds.attrs["d_sae"])
-    done = ds.done.values
+    done = ds.done.values if questions is None else questions
     idx = ds[idx_name].sel(layer=layer).values[done]
     val = ds[val_name].sel(layer=layer).values[done]
     active = val != 0  # raw (Qwen-Scope) TopK codes may be negative: still active

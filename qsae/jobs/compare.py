@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import xarray as xr
@@ -27,8 +27,12 @@ class CompareConfig(BaseModel):
     threshold: float = Field(0.7, gt=0, le=1, description="no counterpart above this cosine: emerged/vanished")
     candidates: int = Field(8, ge=1, description="partners kept per feature for the assignment")
     block: int = Field(2048, ge=1)
-    base_lake: str | None = None
-    finetuned_lake: str | None = None
+    base_lake: str | None = Field(None, description="question lake captured with the base model and base SAE")
+    finetuned_lake: str | None = Field(None, description="question lake of the fine-tuned model and its SAE")
+    inputs: Literal["prompt_end", "completion_end"] = Field(
+        "prompt_end", description="firing shifts from prompt-end codes (the same prompts through both models: "
+                                  "a fair comparison) or completion-end codes (each model's own sampled "
+                                  "completions: different inputs, labelled so)")
     storage_options: dict[str, Any] | None = None
     out: str | None = Field(None, description="store for the results group (default: the fine-tuned lake)")
     top_n: int = Field(10, ge=1)
@@ -71,6 +75,33 @@ def check_codes_from(ds: xr.Dataset, url: str, layer: int, sae: dict[str, Any], 
             f"{sae['sha256']}: its feature indices would be another SAE's features")
 
 
+INPUTS = {
+    "prompt_end": "the same prompts through both models (codes at the prompt's last token): shifts are the "
+                  "models', not their inputs'",
+    "completion_end": "each model's own sampled completions (codes at the completion's last token): the inputs "
+                      "differ, so shifts mix what the models compute with what they wrote",
+}
+
+
+def same_prompts(ds_a: xr.Dataset, ds_b: xr.Dataset, url_a: str, url_b: str) -> np.ndarray:
+    """The questions finished in both lakes, after refusing lakes whose prompts differ
+    (questions, prompt template, or the texts of questions finished in both)."""
+    from qsae.errors import LineageError
+
+    why = None
+    if not np.array_equal(ds_a.question.values, ds_b.question.values):
+        why = "hold other questions"
+    elif ds_a.attrs.get("prompt_template") != ds_b.attrs.get("prompt_template"):
+        why = "use other prompt templates"
+    both = ds_a.done.values & ds_b.done.values if why is None else None
+    if why is None and not np.array_equal(ds_a.question_text.values[both], ds_b.question_text.values[both]):
+        why = "hold other question texts"
+    if why:
+        raise LineageError(f"{url_a} and {url_b} {why}: prompt-end firing shifts need the same prompts through both "
+                           "models (inputs='completion_end' compares each model's own completions instead)")
+    return both
+
+
 def run_compare(cfg: CompareConfig, log_fn: Callable[[str], None] = log.info) -> CompareResult:
     """Match features, then (with lakes) firing shifts; write ``<name>/layer_<L>`` into ``out``."""
     from qsae.lake.store import open_lake
@@ -96,8 +127,13 @@ def run_compare(cfg: CompareConfig, log_fn: Callable[[str], None] = log.info) ->
         layer = cfg.layer if cfg.layer is not None else int(ds_b.layer.values[0])
         for role, ds, url, info in (("base", ds_a, cfg.base_lake, info_a), ("fine-tuned", ds_b, cfg.finetuned_lake, info_b)):
             check_codes_from(ds, url, layer, info, role)
-        freq_a, act_a, n_a = firing_stats(ds_a, layer)
-        freq_b, act_b, n_b = firing_stats(ds_b, layer)
+        which, both = "completion", None
+        if cfg.inputs == "prompt_end":  # the same questions on both sides: those finished in both lakes
+            which, both = "prompt", same_prompts(ds_a, ds_b, cfg.base_lake, cfg.finetuned_lake)
+        freq_a, act_a, n_a = firing_stats(ds_a, layer, which, both)
+        freq_b, act_b, n_b = firing_stats(ds_b, layer, which, both)
+        summary["inputs"] = {"position": cfg.inputs, "meaning": INPUTS[cfg.inputs]}
+        log_fn(f"firing shifts from {cfg.inputs} codes: {INPUTS[cfg.inputs]}")
         table["base_frequency"] = ("base", freq_a)
         table["finetuned_frequency"] = ("finetuned", freq_b)
         table["base_mean_activation"] = ("base", act_a)
@@ -119,7 +155,7 @@ def run_compare(cfg: CompareConfig, log_fn: Callable[[str], None] = log.info) ->
             summary["emerged_examples"].append({"feature": int(f), "frequency": float(freq_b[f]),
                                                 "top": top[["question", "question_text", "completion", "activation"]]
                                                 .to_dict("records")})
-        summary["tokens"] = {"base": n_a, "finetuned": n_b}
+        summary["tokens"] = {"base": n_a, "finetuned": n_b}  # rows: questions (prompt_end) or samples
         lineage = {"base": lineage_of(dict(ds_a.attrs)), "finetuned": lineage_of(dict(ds_b.attrs))}
     out = cfg.out or cfg.finetuned_lake
     group = f"{cfg.name}/layer_{cfg.layer if cfg.layer is not None else 'all'}"

@@ -214,3 +214,39 @@ def load_model_for_test(folder):
     from qsae.lm.models import load_model
 
     return load_model(str(folder), device="cpu", dtype="float32")
+
+
+def test_mlp_output_capture_with_a_relu_sae(tmp_path, smollm2):
+    """The 9B study's setting on SmolLM2: a ReLU SAE (the release's checkpoint format) reading
+    layer 4's MLP output. The lake records the hook; the stored activations are the MLP output
+    (not the residual) of a fresh forward pass, the codes the SAE's top-k of them."""
+    from qsae.errors import SAEFormatError
+
+    from .helpers import write_relu_checkpoint
+
+    path = write_relu_checkpoint(tmp_path / "relu" / "layer4.pt", 576, 1152, seed=1)
+    cfg = small_cfg(tmp_path, "smollm2", path, [4], sae_k=64, limit=2, n_samples=2, max_new_tokens=4)
+    run_capture(cfg)
+    ds = open_lake(cfg.store).load()
+    assert ds.attrs["hook"] == "mlp_out" and "MLP" in ds.resid.attrs["description"]
+    lm = _lm(cfg)
+    sae = load_sae(str(path), layer=4, k=64)
+    for q in range(2):
+        prompt_len, n = int(ds.prompt_len[q]), int(ds.completion_len[q, 1])
+        prompt = lm.tokenizer(cfg.prompt_template.format(question=str(ds.question_text[q].values))).input_ids
+        ids = prompt + ds.completion_ids[q, 1, :n].values.tolist()
+        _, cap = run_with_capture(lm.model, torch.tensor([ids]), layers=[4], mlp_layers=[4], stop_early=False)
+        mlp_prompt, mlp_end = cap.mlp[4][0, prompt_len - 1], cap.mlp[4][0, len(ids) - 1]
+        torch.testing.assert_close(torch.from_numpy(ds.resid_prompt.values[0, q]), mlp_prompt, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(torch.from_numpy(ds.resid.values[0, q, 1]), mlp_end, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(torch.from_numpy(ds.resid_prompt.values[0, q]), cap.resid[4][0, prompt_len - 1])
+        idx, val = sae.encode_topk(torch.from_numpy(ds.resid_prompt.values[0, q]), k=64)
+        np.testing.assert_array_equal(ds.prompt_codes_idx.values[0, q], idx.numpy())
+        np.testing.assert_allclose(ds.prompt_codes_val.values[0, q], val.numpy(), rtol=1e-5, atol=1e-6)
+    assert (ds.codes_val.values >= 0).all()  # a ReLU SAE's codes
+    # A residual-stream SAE cannot be asked to read the MLP output, nor the MLP SAE the residual.
+    resid_sae = write_sae_folder(tmp_path / "resid", 576, 64, [4])
+    with pytest.raises(SAEFormatError, match="reads resid_post, but capture was asked for hook=mlp_out"):
+        plan_capture(cfg.model_copy(update={"sae": str(resid_sae), "hook": "mlp_out", "store": str(tmp_path / "y.zarr")}))
+    with pytest.raises(SAEFormatError, match="reads mlp_out, but capture was asked for hook=resid_post"):
+        plan_capture(cfg.model_copy(update={"hook": "resid_post", "store": str(tmp_path / "z.zarr")}))

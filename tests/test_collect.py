@@ -36,6 +36,7 @@ def test_collected_activations_equal_fresh_forward(tmp_path, smollm2):
     eos = smollm2.tokenizer.eos_token_id
     assert (ds.special.values == (ds.token_id.values == eos)).all()
     assert ds.attrs["hook"] == "resid_post" and ds.attrs["bos"] == "prepend"
+    assert ds.attrs["model_path"] == "smollm2"  # what reconstruction's model in the loop loads
     np.testing.assert_allclose(ds.norm.values, np.linalg.norm(ds.acts.values, axis=-1), rtol=1e-5)
 
 

@@ -16,6 +16,7 @@ from qsae.jobs.reconstruction import (
     offline_layer,
     plan_reconstruction,
     run_reconstruction,
+    table_rows,
     text_windows,
 )
 from qsae.lake.store import QuestionLake, open_lake
@@ -229,6 +230,9 @@ def test_token_lake_gives_saebench_core_metrics_with_a_relu_mlp_sae(mlp_token_la
     assert float(row.l0) > 1  # a ReLU SAE's L0 is whatever fires, not a fixed k
     kl_sae, kl_zero = float(res.table.kl_sae.sel(layer=4)), float(res.table.kl_zero.sel(layer=4))
     assert kl_zero > 0 and float(res.table.kl_div_score.sel(layer=4)) == pytest.approx((kl_zero - kl_sae) / kl_zero)
+    assert int(row.n_tokens) == keep.sum() and int(res.table.model_tokens_scored.sel(layer=4)) > 0  # both kept
+    rows = table_rows(res.table)
+    assert rows[0]["position"] == "token" and rows[0]["n_tokens"] == keep.sum() and "kl_div_score" in rows[0]
     stored = open_lake(store, group="reconstruction")
     assert stored.attrs["comparable_to_saebench"] is True and stored.attrs["lake_kind"] == "tokens"
     assert stored.attrs["lineage"]["sae_sha256"]["4"] == file_sha256(path)

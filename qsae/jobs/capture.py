@@ -1,5 +1,9 @@
 """Capture: sampled completions, entropies, residuals and TopK SAE codes into a question lake.
 
+The stored activation is the lake's ``hook``: the residual after each layer (``resid_post``),
+or that layer's MLP output (``mlp_out``, what the 9B release's SAE reads); the variables keep
+the names ``resid``/``resid_prompt`` either way and the lake's ``hook`` attribute says which.
+
 For each batch of questions: S seeded samples per question through ``generate``
 (``qsae.lm.sampling``), then ONE hooked forward pass over prompt + completion that stops after
 the deepest requested layer and keeps two positions per row: the prompt's last token and
@@ -62,6 +66,10 @@ class CaptureConfig(BaseModel):
     trust_remote_code: bool = False
     sae: str | None = Field(None, description="SAE folder/file/repo id (per layer), or None for residuals only")
     sae_k: int | None = Field(None, description="k for the stored codes (default: the SAE's)")
+    hook: Literal["resid_post", "mlp_out"] | None = Field(
+        None, description="what `resid`/`resid_prompt` hold and the SAE encodes: the residual after each layer "
+                          "(resid_post) or that layer's MLP output (mlp_out); default: the SAE's hook, "
+                          "resid_post without an SAE")
     layers: list[int] = Field(default_factory=lambda: [15])
     dataset: str = "popqa-demo"
     dataset_split: str = "test"
@@ -94,12 +102,22 @@ class CaptureConfig(BaseModel):
             raise ValueError(f"layers must be non-empty and unique, got {v}")
         return v
 
+    def resolved_hook(self, saes: dict[int, SAE]) -> str:
+        """The hook point captured: the configured one, else the SAE's (they must agree)."""
+        sae_hooks = {sae.info.hook for sae in saes.values()}
+        if len(sae_hooks) > 1:
+            raise SAEFormatError(f"the layers' SAEs read different hook points {sorted(sae_hooks)}")
+        sae_hook = next(iter(sae_hooks), None)
+        if self.hook and sae_hook and self.hook != sae_hook:
+            raise SAEFormatError(f"SAE {self.sae} reads {sae_hook}, but capture was asked for hook={self.hook}")
+        return self.hook or sae_hook or "resid_post"
+
     def lineage(self, lm_name: str, lm_revision: str, qs: QuestionSet, saes: dict[int, SAE]) -> dict[str, Any]:
         return {
             "model": lm_name,
             "model_path": self.model,
             "model_revision": lm_revision,
-            "hook": "resid_post",
+            "hook": self.resolved_hook(saes),
             "sae_source": self.sae,
             "sae_sha256": {str(layer): sae.info.sha256 for layer, sae in saes.items()},
             # per layer: are the top-k values ReLU'd (SAELens, OpenAI-style) or kept as they are (Qwen-Scope)
@@ -147,8 +165,7 @@ def get_saes(cfg: CaptureConfig, lm: LoadedModel) -> dict[int, SAE]:
     saes = _saes(cfg.sae, tuple(cfg.layers), cfg.sae_k, str(lm.device))
     for sae in saes.values():
         check_sae_matches_model(sae, lm.d_model, lm.name)
-        if sae.info.hook != "resid_post":
-            raise SAEFormatError(f"SAE {sae.info.source} reads {sae.info.hook}; capture stores the residual stream")
+    cfg.resolved_hook(saes)  # one hook point for every layer, agreeing with the config
     widths = {(s.d_sae, cfg.sae_k or s.k) for s in saes.values()}
     if len(widths) != 1 or None in next(iter(widths)):
         raise SAEFormatError(f"all layers' SAEs need one d_sae and a k for the codes, got (d_sae, k) {sorted(widths, key=str)}")
@@ -286,10 +303,11 @@ def capture_batch(
         fwd_ids[r, : len(seq)] = torch.tensor(seq)
         fwd_mask[r, : len(seq)] = 1
         positions[r] = torch.tensor([len(p) - 1, len(seq) - 1])
-    _, cap = run_with_capture(model, fwd_ids.to(dev), fwd_mask.to(dev), layers=cfg.layers,
-                              positions=positions.to(dev), stop_early=True)
+    mlp = cfg.resolved_hook(saes) == "mlp_out"
+    _, cap = run_with_capture(model, fwd_ids.to(dev), fwd_mask.to(dev), layers=[] if mlp else cfg.layers,
+                              mlp_layers=cfg.layers if mlp else [], positions=positions.to(dev), stop_early=True)
     t_fwd = time.perf_counter()
-    arrays = _layer_arrays(cap.resid, saes, cfg, B, S)
+    arrays = _layer_arrays(cap.mlp if mlp else cap.resid, saes, cfg, B, S)
     first_token = sampler.first_token.numpy().reshape(B, S).astype(np.int32)
     correct = np.array([is_correct(texts[r], questions[r // S].answers) for r in range(R)]).reshape(B, S)
     arrays.update(

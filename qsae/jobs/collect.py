@@ -112,7 +112,8 @@ def collect(cfg: CollectConfig, log_fn: Callable[[str], None] = log.info, progre
     spec = TokenLakeSpec(
         n_tokens=n_windows * per, layers=cfg.layers, d_model=lm.d_model, block_tokens=cfg.windows_per_batch * per,
         resid_dtype=cfg.resid_dtype,
-        lineage={"model": lm.name, "model_revision": lm.revision, "hook": cfg.hook, "dataset": corpus.name,
+        lineage={"model": lm.name, "model_path": cfg.model, "model_revision": lm.revision, "hook": cfg.hook,
+                 "dataset": corpus.name,
                  "dataset_revision": corpus.revision, "context_length": cfg.context_length, "bos": cfg.bos,
                  "tokens_per_window": per},
     )

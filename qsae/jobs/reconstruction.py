@@ -263,9 +263,10 @@ def finish_reconstruction(plan: ReconstructionPlan, offline: list[LayerMetrics],
         coords={"layer": plan.layers, "position": labels})
     table["feature_density"] = (("layer", "position", "feature"),
                                 np.stack([np.stack([r.density[p] for p in labels]) for r in rows]))
-    if model:
+    if model:  # by layer: scored on the text windows, whatever the positions above
         for k in model[0]:
-            table[k] = ("layer", np.array([m[k] for m in model], dtype=float))
+            name = "model_tokens_scored" if k == "n_tokens" else k  # not the offline rows' n_tokens
+            table[name] = ("layer", np.array([m[k] for m in model], dtype=float))
     for r in rows:
         for p in labels:
             m = r.metrics[p]
@@ -287,7 +288,8 @@ def finish_reconstruction(plan: ReconstructionPlan, offline: list[LayerMetrics],
 
 TABLE_COLUMNS = ("n_tokens", "fve", "fve_legacy", "mse", "cossim", "l2_ratio", "relative_reconstruction_bias",
                  "l0", "l1", "dead_features", "dense_features")
-MODEL_COLUMNS = ("loss_recovered", "kl_div_score", "ce_clean", "ce_sae", "ce_zero", "kl_sae", "kl_zero")
+MODEL_COLUMNS = ("loss_recovered", "kl_div_score", "ce_clean", "ce_sae", "ce_zero", "kl_sae", "kl_zero",
+                 "model_tokens_scored")
 
 
 def table_rows(table: xr.Dataset) -> list[dict[str, Any]]:

@@ -54,9 +54,10 @@ class Variable:
 
 VARIABLES: tuple[Variable, ...] = (
     Variable("resid", (LAYER, QUESTION, SAMPLE, D_MODEL), "resid", np.nan,
-             "residual after `layer` at the last token of each sampled completion", sharded=True),
+             "activation at the lake's `hook` (resid_post: the residual after `layer`; mlp_out: that layer's MLP "
+             "output) at the last token of each sampled completion", sharded=True),
     Variable("resid_prompt", (LAYER, QUESTION, D_MODEL), "resid", np.nan,
-             "residual after `layer` at the last token of the prompt"),
+             "activation at the lake's `hook` at the last token of the prompt"),
     Variable("resid_norm", (LAYER, QUESTION, SAMPLE), "float32", np.nan,
              "L2 norm of `resid` before the cast to the on-disk dtype (flags massive activations)"),
     Variable("resid_prompt_norm", (LAYER, QUESTION), "float32", np.nan,

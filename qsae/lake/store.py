@@ -247,7 +247,10 @@ class TokenLakeSpec(_Spec):
         return ident
 
     def extra_attrs(self) -> dict[str, Any]:
-        return {"tokens_per_window": self.lineage.get("tokens_per_window")}
+        extra = {"tokens_per_window": self.lineage.get("tokens_per_window")}
+        if "model_path" in self.lineage:  # what to load the model from again (not identity: paths move)
+            extra["model_path"] = self.lineage["model_path"]
+        return extra
 
 
 def fingerprint(identity: Mapping[str, Any]) -> str:

@@ -183,3 +183,88 @@ def test_init_from_continues_an_exported_sae(synthetic):
     with torch.no_grad():
         torch.testing.assert_close(b.encode(batch), a.encode(batch), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(b(batch), a(batch), rtol=1e-4, atol=1e-3)
+
+
+def test_auxk_is_normalised_by_the_variance_of_the_residual_error():
+    """Gao et al. / sparsify: ||e - e_hat||^2 / ||e - mean(e)||^2 over the batch, so scaling the
+    error (and the decoder with it) leaves it unchanged; a plain mean would scale with c^2."""
+    from qsae.jobs.train import auxk_loss
+
+    g = torch.Generator().manual_seed(0)
+    err, pre, W_dec = torch.randn(64, 8, generator=g), torch.randn(64, 20, generator=g), torch.randn(20, 8, generator=g)
+    dead = torch.zeros(20, dtype=torch.bool)
+    dead[[1, 4, 7, 9, 15]] = True
+    got = auxk_loss(err, pre, dead, W_dec, aux_k=3)
+    z = torch.zeros_like(pre)
+    for r in range(64):  # by hand: each row's 3 largest dead pre-activations, ReLU'd
+        cand = [(float(pre[r, j]), j) for j in range(20) if dead[j]]
+        for v, j in sorted(cand, reverse=True)[:3]:
+            z[r, j] = max(v, 0.0)
+    e_hat = z @ W_dec
+    ref = ((err - e_hat) ** 2).sum() / ((err - err.mean(0)) ** 2).sum()
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(auxk_loss(10 * err, pre, dead, 10 * W_dec, aux_k=3), ref)
+    assert auxk_loss(err, pre, dead, W_dec, aux_k=5) < auxk_loss(err, pre, dead, W_dec, aux_k=1) * 10  # defined
+
+
+def test_init_from_folds_the_source_pre_encoder_bias_into_b_enc():
+    """A Qwen-Scope SAE encodes x @ W_enc + b_enc (b_pre = 0, b_dec != 0): the trainer starts
+    from the same pre-activations; a 9B-release ReLU SAE (free decoder norms) from the same
+    function."""
+    from qsae.jobs.train import _init_from
+    from qsae.sae.formats import load_sae_file
+
+    from .helpers import qwen_scope_dict, write_relu_checkpoint
+
+    x = torch.randn(50, 16, generator=torch.Generator().manual_seed(3)) * 4
+    scale = 2.5
+    src = load_sae_file_from_dict(qwen_scope_dict(d_model=16, d_sae=64), k=8)
+    assert float(src.b_dec.abs().sum()) > 0 and float(src.b_pre.abs().sum()) == 0
+    sae = TrainableSAE(16, 64, "topk", 8, torch.Generator().manual_seed(0))
+    _init_from(sae, src, scale)
+    with torch.no_grad():
+        torch.testing.assert_close(sae.pre(x / scale), src.pre_activations(x), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(sae.codes(sae.pre(x / scale)), src.encode(x), rtol=1e-5, atol=1e-4)
+
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        path = write_relu_checkpoint(Path(d) / "relu.pt", 16, 64, seed=2)
+        relu = load_sae_file(path, layer=None)
+    relu.W_dec.data *= torch.linspace(0.5, 2.0, 64)[:, None]  # free decoder norms, as the release trains
+    sae = TrainableSAE(16, 64, "relu", 8, torch.Generator().manual_seed(0))
+    _init_from(sae, relu, scale)
+    with torch.no_grad():
+        torch.testing.assert_close(sae(x / scale)[0] * scale, relu(x), rtol=1e-5, atol=1e-4)
+
+
+def load_sae_file_from_dict(d, k):
+    import tempfile
+    from pathlib import Path
+
+    from qsae.sae.formats import load_sae_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "layer0.sae.pt"
+        torch.save(d, path)
+        return load_sae_file(path, k=k)
+
+
+def test_l1_in_raw_units_is_the_releases_trade_off(tmp_path):
+    """With l1_units="scaled" training does not depend on the data's scale; with "raw" it does,
+    as the 9B release's loss on raw activations does; loss_raw is that loss on the window."""
+    x, _ = sparse_dictionary_data(n_tokens=4096, d_model=16, n_atoms=24)
+    runs = {}
+    for c in (1.0, 30.0):
+        store = str(tmp_path / f"x{c:g}.zarr")
+        write_token_lake(store, x * c)
+        for units in ("scaled", "raw"):
+            cfg = TrainConfig(store=store, architecture="relu", d_sae=48, batch_size=512, epochs=6, lr=5e-3,
+                              l1_coefficient=0.5, l1_units=units, out=str(tmp_path / f"{units}{c:g}"), resume=False,
+                              log_every=4)
+            runs[units, c] = train_sae(cfg).final
+    assert runs["scaled", 1.0]["l0"] == pytest.approx(runs["scaled", 30.0]["l0"], rel=1e-3)
+    assert runs["raw", 30.0]["l0"] > 1.5 * runs["raw", 1.0]["l0"]  # λ weighs less against a 900x MSE
+    for f in runs.values():
+        assert f["loss_raw"] == pytest.approx(f["mse"] + 0.5 * f["l1"])

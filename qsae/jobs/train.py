@@ -12,10 +12,20 @@ unit norm (the gradient component along them is removed before each step). Input
 scaled by one scalar so that E||x||^2 = d_model; the scale is folded into the exported
 weights, so the saved SAE reads raw activations.
 
-TopK loss: MSE + aux_coefficient * AuxK, where AuxK reconstructs the residual error from
-the top ``aux_k`` pre-activations of latents dead for ``dead_tokens`` tokens (Gao et al.
-2024). ReLU loss: MSE + l1_coefficient * mean_batch(sum_features |z|). MSE is the mean over
-elements of the scaled activations.
+TopK loss: MSE + aux_coefficient * AuxK (Gao et al. 2024, as sparsify): AuxK reconstructs the
+residual error e = x - x_hat from the top ``aux_k`` pre-activations of latents dead for
+``dead_tokens`` tokens, ``||e - e_hat||^2 / ||e - mean(e)||^2`` over the batch (normalised by
+the variance of the residual error, so its weight does not drift as the error shrinks), scaled
+by min(n_dead / aux_k, 1). The paper's defaults are aux_k = 512, dead after 10M tokens,
+coefficient 1/32; qsae keeps 1/32 but defaults to aux_k = 256 and 250k tokens, because its
+CPU-sized runs see ~1M tokens (a latent could never be declared dead after 10M).
+
+ReLU loss: MSE + l1_coefficient * mean_batch(sum_features |z|). MSE is the mean over elements
+of the scaled activations, and decoder rows are unit-norm, so with ``l1_units="scaled"`` λ is
+not the 9B release's penalty (raw activations, free decoder). ``l1_units="raw"`` makes the
+trade-off the release's in raw units (the scaled λ becomes λ / scale^2; only the decoder
+constraint still differs), and every log line reports ``loss_raw`` = raw-unit MSE + λ * L1,
+the release's formula on its units (its final loss: 0.0062 at λ = 0.005).
 """
 
 from __future__ import annotations
@@ -55,14 +65,18 @@ class TrainConfig(BaseModel):
     d_sae: int | None = Field(None, description="default: expansion * d_model")
     k: int = Field(32, ge=1)
     l1_coefficient: float = Field(0.005, ge=0, description="ReLU only (the 9B release's value)")
+    l1_units: Literal["scaled", "raw"] = Field(
+        "scaled", description="ReLU: the L1 trade-off on the rescaled inputs (scale-free), or in raw activation "
+                              "units as the 9B release (λ / scale^2 on the scaled inputs)")
     lr: float | None = Field(None, gt=0, description="default: 5e-4 TopK, 5e-5 ReLU (the 9B release)")
     batch_size: int = Field(4096, ge=1, description="the 9B release's value")
     epochs: float = Field(1.0, gt=0)
     total_tokens: int | None = Field(None, description="overrides epochs")
     buffer_blocks: int = Field(8, ge=1, description="lake blocks shuffled together (bounded memory)")
-    dead_tokens: int = Field(250_000, ge=1, description="a latent is dead after this many tokens without firing")
-    aux_k: int = Field(256, ge=1)
-    aux_coefficient: float = Field(1 / 32, ge=0)
+    dead_tokens: int = Field(250_000, ge=1, description="a latent is dead after this many tokens without firing "
+                                                        "(Gao et al.: 10M; smaller for CPU-sized runs)")
+    aux_k: int = Field(256, ge=1, description="AuxK: dead latents used to model the error (Gao et al.: 512)")
+    aux_coefficient: float = Field(1 / 32, ge=0, description="AuxK weight (Gao et al.: 1/32)")
     include_special: bool = Field(False, description="train on BOS/EOS/window-start tokens too")
     seed: int = 0
     checkpoint_every: int = Field(200, ge=1, description="steps")
@@ -245,6 +259,7 @@ class Metrics:
     sum_sq: float = 0.0
     sum_x: torch.Tensor | None = None
     l0: float = 0.0
+    l1: float = 0.0
     loss: float = 0.0
     steps: int = 0
 
@@ -256,17 +271,35 @@ class Metrics:
         s = x64.sum(0)
         self.sum_x = s if self.sum_x is None else self.sum_x + s
         self.l0 += float((z > 0).sum())
+        self.l1 += float(z.double().abs().sum())
         self.loss += loss
         self.steps += 1
 
-    def summary(self, d_model: int) -> dict[str, float]:
+    def summary(self, d_model: int, l1_coefficient: float | None = None) -> dict[str, float]:
+        """Window means; with ``l1_coefficient`` also ``loss_raw``: raw-unit MSE + λ * L1 (the 9B
+        release's loss formula; codes are the same in raw and scaled units, see export)."""
         total_var = self.sum_sq - float(self.sum_x.pow(2).sum()) / self.n
-        return {
+        out = {
             "loss": self.loss / self.steps,
             "mse": self.sse / (self.n * d_model),
             "fve": 1.0 - self.sse / total_var,
             "l0": self.l0 / self.n,
+            "l1": self.l1 / self.n,
         }
+        if l1_coefficient is not None:
+            out["loss_raw"] = out["mse"] + l1_coefficient * out["l1"]
+        return out
+
+
+def auxk_loss(err: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor, W_dec: torch.Tensor, aux_k: int) -> torch.Tensor:
+    """Gao et al.'s AuxK: the error ``err`` modelled by the top ``aux_k`` dead latents' codes
+    (through the decoder, no bias), its squared error over the batch divided by the error's
+    own total variance ``||err - mean(err)||^2`` (as sparsify does)."""
+    kk = min(aux_k, int(dead.sum()))
+    vals, idx = pre.masked_fill(~dead, float("-inf")).topk(kk, dim=-1)
+    e_hat = torch.zeros_like(pre).scatter(-1, idx, vals.relu()) @ W_dec
+    total_var = (err - err.mean(0)).pow(2).sum()
+    return (e_hat - err).pow(2).sum() / total_var.clamp_min(torch.finfo(err.dtype).tiny)
 
 
 @dataclass
@@ -283,16 +316,26 @@ class TrainResult:
 def _init_from(sae: TrainableSAE, src, scale: float) -> None:
     """Load an SAE (raw-activation units) into the trainer's scaled parametrisation.
 
-    Decoder rows are renormalised to unit length (a training invariant); the encoder is
-    rescaled to the new input scale, so the function is unchanged up to that renormalisation.
+    The source encodes ``(x - b_pre) @ W_enc + b_enc``; the trainer subtracts ``b_dec`` instead,
+    so ``(b_dec - b_pre) @ W_enc`` is folded into ``b_enc`` (a Qwen-Scope SAE has b_pre = 0 and
+    b_dec != 0): the pre-activations are the source's exactly. Decoder rows are renormalised to
+    unit length (a training invariant); for a ReLU SAE each latent's encoder column and bias
+    are multiplied by its scaled decoder row's norm, so the function is unchanged; a TopK SAE's
+    ranking would change under that, so there the codes stay the source's and x_hat changes
+    by the renormalisation only.
     """
     if (src.d_model, src.d_sae) != tuple(sae.W_enc.shape):
         raise ValueError(f"{src.info.source} is {src.d_model} x {src.d_sae}, the trainer needs {tuple(sae.W_enc.shape)}")
     W_dec = src.W_dec.float()
-    sae.W_dec.copy_(W_dec / W_dec.norm(dim=-1, keepdim=True))
-    sae.W_enc.copy_(src.W_enc.float() * scale)
-    sae.b_enc.copy_(src.b_enc.float())
-    sae.b_dec.copy_(src.b_dec.float() / scale)
+    norms = W_dec.norm(dim=-1)  # the scaled decoder W_dec / scale has row norms norms / scale
+    W_enc, b_dec = src.W_enc.float(), src.b_dec.float()
+    b_enc = src.b_enc.float() + (b_dec - src.b_pre.float()) @ W_enc
+    if sae.architecture == "relu":
+        W_enc, b_enc = W_enc * (norms / scale), b_enc * (norms / scale)
+    sae.W_dec.copy_(W_dec / norms[:, None])
+    sae.W_enc.copy_(W_enc * scale)
+    sae.b_enc.copy_(b_enc)
+    sae.b_dec.copy_(b_dec / scale)
 
 
 def _checkpoint_path(cfg: TrainConfig) -> Path:
@@ -364,6 +407,10 @@ def train_sae(cfg: TrainConfig, log_fn: Callable[[dict[str, Any]], None] | None 
             if isinstance(val, torch.Tensor) and val.dim() > 0:
                 state[key] = val.to(dev)
 
+    # The L1 weight on the scaled inputs: λ itself, or λ / scale^2 for the raw-unit trade-off
+    # (raw loss = scale^2 * MSE_scaled + λ * L1, and the codes are the same in both units).
+    l1 = cfg.l1_coefficient / scale**2 if cfg.l1_units == "raw" else cfg.l1_coefficient
+    relu_l1 = cfg.l1_coefficient if cfg.architecture == "relu" else None
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -381,15 +428,12 @@ def train_sae(cfg: TrainConfig, log_fn: Callable[[dict[str, Any]], None] | None 
             err = x - x_hat
             loss = err.pow(2).mean()
             if cfg.architecture == "relu":
-                loss = loss + cfg.l1_coefficient * z.abs().sum(-1).mean()
+                loss = loss + l1 * z.abs().sum(-1).mean()
             else:
                 dead = tracker.dead_mask().to(dev)
                 n_dead = int(dead.sum())
                 if n_dead and cfg.aux_coefficient:
-                    kk = min(cfg.aux_k, n_dead)
-                    vals, idx = pre.masked_fill(~dead, float("-inf")).topk(kk, dim=-1)
-                    z_aux = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
-                    aux = (err.detach() - z_aux @ sae.W_dec).pow(2).mean()
+                    aux = auxk_loss(err.detach(), pre, dead, sae.W_dec, cfg.aux_k)
                     loss = loss + cfg.aux_coefficient * min(n_dead / cfg.aux_k, 1.0) * aux
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -403,7 +447,8 @@ def train_sae(cfg: TrainConfig, log_fn: Callable[[dict[str, Any]], None] | None 
             with torch.no_grad():
                 window.add(xb, x_hat * scale, z, float(loss))
             if step % cfg.log_every == 0 or step == total_steps:
-                entry = {"step": step, "tokens": step * cfg.batch_size, **window.summary(d_model), "dead": tracker.n_dead}
+                entry = {"step": step, "tokens": step * cfg.batch_size, **window.summary(d_model, relu_l1),
+                         "dead": tracker.n_dead}
                 history.append(entry)
                 window = Metrics()
                 if log_fn:
@@ -453,7 +498,10 @@ def export_saelens(sae: TrainableSAE, scale: float, cfg: TrainConfig, out: Path,
             "context_size": lineage.get("context_length"),
             "dataset_path": lineage.get("store"),
         },
-        "qsae_training": {"config": json.loads(cfg.model_dump_json()), "input_scale": scale, "final": final},
+        "qsae_training": {"config": json.loads(cfg.model_dump_json()), "input_scale": scale, "final": final,
+                          **({"l1_coefficient_on_scaled_inputs": cfg.l1_coefficient / scale**2
+                              if cfg.l1_units == "raw" else cfg.l1_coefficient}
+                             if cfg.architecture == "relu" else {})},
     }
     if cfg.architecture == "topk":
         cfg_json["k"] = cfg.k

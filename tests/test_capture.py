@@ -244,6 +244,13 @@ def test_mlp_output_capture_with_a_relu_sae(tmp_path, smollm2):
         np.testing.assert_array_equal(ds.prompt_codes_idx.values[0, q], idx.numpy())
         np.testing.assert_allclose(ds.prompt_codes_val.values[0, q], val.numpy(), rtol=1e-5, atol=1e-6)
     assert (ds.codes_val.values >= 0).all()  # a ReLU SAE's codes
+    # The 9B study's comparison runs on MLP-output lakes (here a lake against itself: no shifts).
+    from qsae.jobs.compare import CompareConfig, run_compare
+
+    res = run_compare(CompareConfig(base_sae=str(path), finetuned_sae=str(path), layer=4, base_lake=cfg.store,
+                                    finetuned_lake=cfg.store, out=str(tmp_path / "cmp.zarr")))
+    assert res.summary["matched"] == 1152 and res.summary["inputs"]["position"] == "prompt_end"
+    assert float(np.abs(res.table.frequency_shift.values).max()) == 0.0 and res.table.base_frequency.values.sum() > 0
     # A residual-stream SAE cannot be asked to read the MLP output, nor the MLP SAE the residual.
     resid_sae = write_sae_folder(tmp_path / "resid", 576, 64, [4])
     with pytest.raises(SAEFormatError, match="reads resid_post, but capture was asked for hook=mlp_out"):

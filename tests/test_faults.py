@@ -22,6 +22,11 @@ from .helpers import tiny_capture, write_sae_folder
 
 REPO = Path(__file__).resolve().parents[1]
 QSAE = str(Path(sys.executable).parent / "qsae")
+
+
+def qsae_with_fault(spec: str) -> list[str]:
+    """The qsae CLI in a process with a fault hook installed (see tests/fault_inject.py)."""
+    return [sys.executable, "-m", "tests.fault_inject", spec, "--"]
 pytestmark = pytest.mark.slow
 
 
@@ -69,8 +74,8 @@ def test_sigkill_mid_shard_then_resume_equals_uninterrupted(fault_setup):
     conf = _config_file(tmp, cfg, "killed", store=store)
     marker = tmp / "kill.marker"
     # Pause on the 2nd shard after its data is written and before it is marked done; kill there.
-    proc = subprocess.Popen([QSAE, "capture", "--no-prefect", "-c", str(conf)], cwd=REPO, text=True,
-                            env=_env(QSAE_FAULT_INJECT=f"pause:{marker}:1"), stdout=subprocess.PIPE,
+    proc = subprocess.Popen([*qsae_with_fault(f"pause:{marker}:1"), "capture", "--no-prefect", "-c", str(conf)],
+                            cwd=REPO, text=True, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_lines(marker, 2, proc)
@@ -94,7 +99,7 @@ def test_sigkill_mid_shard_then_resume_equals_uninterrupted(fault_setup):
     assert_same_lake(store, ref)
 
 
-def test_task_failing_once_is_retried_to_the_same_lake(fault_setup, prefect_server, monkeypatch):
+def test_task_failing_once_is_retried_to_the_same_lake(fault_setup, prefect_server):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
 
@@ -102,9 +107,16 @@ def test_task_failing_once_is_retried_to_the_same_lake(fault_setup, prefect_serv
 
     tmp, cfg, ref = fault_setup
     marker = tmp / "raise.marker"
-    monkeypatch.setenv("QSAE_FAULT_INJECT", f"raise-once:{marker}")
+    from qsae.lake.store import BEFORE_DONE
+
+    from .fault_inject import raise_once
+
     store = str(tmp / "retried.zarr")
-    result = capture_flow(config=cfg.model_copy(update={"store": store}), shards_per_task=4)
+    remove = BEFORE_DONE.install(raise_once(str(marker)))
+    try:
+        result = capture_flow(config=cfg.model_copy(update={"store": store}), shards_per_task=4)
+    finally:
+        remove()
     assert marker.exists() and result["done"] == 8
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="capture-shards")))
@@ -142,8 +154,8 @@ def test_s3_outage_fails_clearly_and_resumes(fault_setup, tmp_path):
         conf = _config_file(tmp_path, cfg, "outage", store=store, storage_options=opts)
         marker = tmp_path / "outage.marker"
         # The writer pauses 5 s between shard 1's data and its done flag; S3 goes down then.
-        proc = subprocess.Popen([QSAE, "capture", "--no-prefect", "-c", str(conf)], cwd=REPO, text=True,
-                                env=_env(QSAE_FAULT_INJECT=f"pause:{marker}:1:5", QSAE_WRITE_TIMEOUT_S="10"),
+        proc = subprocess.Popen([*qsae_with_fault(f"pause:{marker}:1:5"), "capture", "--no-prefect", "-c", str(conf)],
+                                cwd=REPO, text=True, env=_env(QSAE_WRITE_TIMEOUT_S="10"),
                                 stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -178,8 +190,8 @@ def test_two_workers_on_overlapping_shards_are_harmless(fault_setup):
     # Create the store first (a run that fails after shard 0's data), so that the two
     # concurrent workers below both resume it rather than race to create it.
     conf = _config_file(tmp, cfg, "overlap", store=store)
-    first = subprocess.run([QSAE, "capture", "--no-prefect", "-c", str(conf), "--set", "limit=8",
-                            "--set", "questions_per_batch=2"], cwd=REPO, env=_env(QSAE_FAULT_INJECT=f"raise-once:{tmp / 'o.marker'}"),
+    first = subprocess.run([*qsae_with_fault(f"raise-once:{tmp / 'o.marker'}"), "capture", "--no-prefect", "-c",
+                            str(conf), "--set", "limit=8", "--set", "questions_per_batch=2"], cwd=REPO, env=_env(),
                            capture_output=True, text=True, timeout=300)
     assert first.returncode != 0  # leaves the store created with shard 0 written, nothing done
     procs = [subprocess.Popen([QSAE, "capture", "--no-prefect", "-c", str(conf)], cwd=REPO, env=_env(),

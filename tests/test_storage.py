@@ -35,3 +35,27 @@ def test_secret_blocks_are_resolved_at_run_time(prefect_server):
     assert resolve_secret_blocks(opts) == {"key": "AKIA-test", "secret": "s3cr3t", "endpoint_url": "http://x"}
     assert resolve_secret_blocks({"endpoint_url": "http://x"}) == {"endpoint_url": "http://x"}
     assert resolve_secret_blocks(None) is None
+
+
+def test_profiles_ship_with_the_package_and_a_project_file_overrides(tmp_path, monkeypatch):
+    """Found inside the installed package (not only beside a source checkout), from any directory."""
+    import fnmatch
+    from pathlib import Path
+
+    import tomllib
+
+    import qsae
+    from qsae.lake.storage import profiles_path
+
+    monkeypatch.delenv("QSAE_PROFILES", raising=False)
+    monkeypatch.chdir(tmp_path)
+    shipped = profiles_path()
+    assert shipped.is_relative_to(Path(qsae.__file__).parent) and load_profile("local")[0] == "storage/lakes"
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"]["qsae"]
+    assert any(fnmatch.fnmatch(str(shipped.relative_to(Path(qsae.__file__).parent)), g) for g in globs)
+    (tmp_path / "storage").mkdir()
+    (tmp_path / "storage" / "profiles.yaml").write_text("local:\n  root: /data/lakes\n")
+    assert load_profile("local") == ("/data/lakes", {})
+    monkeypatch.setenv("QSAE_PROFILES", str(tmp_path / "none.yaml"))
+    assert profiles_path() == tmp_path / "none.yaml"

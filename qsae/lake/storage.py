@@ -2,7 +2,9 @@
 
 A URL without a scheme is a local path. S3 settings come from the caller's
 ``storage_options`` or, when none are given, from the environment (see
-``storage/profiles.yaml``); credentials never come from the repository.
+``qsae/data/profiles.yaml``, shipped with the package; ``$QSAE_PROFILES`` or a project's own
+``storage/profiles.yaml`` in the working directory take precedence); credentials never come
+from the repository.
 """
 
 from __future__ import annotations
@@ -84,15 +86,27 @@ def _expand(value: Any) -> Any:
     return value
 
 
+def profiles_path() -> Path:
+    """Where the storage profiles are read: ``$QSAE_PROFILES``, else ``storage/profiles.yaml`` in
+    the working directory if there is one, else the package's own ``qsae/data/profiles.yaml``
+    (so an installed qsae finds them as a source checkout does)."""
+    if os.environ.get("QSAE_PROFILES"):
+        return Path(os.environ["QSAE_PROFILES"])
+    local = Path("storage") / "profiles.yaml"
+    if local.is_file():
+        return local
+    return Path(__file__).resolve().parents[1] / "data" / "profiles.yaml"
+
+
 def load_profile(name: str, path: str | Path | None = None) -> tuple[str, dict[str, Any]]:
-    """(root URL, storage_options) of a profile in ``storage/profiles.yaml``.
+    """(root URL, storage_options) of a profile in the profiles file (``profiles_path()``).
 
     ``${VAR}`` values come from the environment at call time; unset ones are dropped, so an
     unset endpoint falls back to AWS's default and unset credentials to botocore's chain.
     """
     import yaml
 
-    path = Path(path or os.environ.get("QSAE_PROFILES", Path(__file__).resolve().parents[2] / "storage" / "profiles.yaml"))
+    path = Path(path) if path else profiles_path()
     profiles = yaml.safe_load(Path(path).read_text()) or {}
     if name not in profiles:
         raise KeyError(f"no storage profile {name!r} in {path} (profiles: {sorted(profiles)})")

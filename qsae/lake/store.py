@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -481,7 +481,7 @@ class Lake:
         _run_concurrently(writes, what)
         if durable:
             self._sync_region(region, wanted.values())
-        _fault_point(region)
+        BEFORE_DONE(self.url, region)
         _run_concurrently([done.setitem(region, True)], what)
         if durable:
             self._sync_region(region, [v for v in self.variables if v.name == "done"])
@@ -545,33 +545,26 @@ class TokenLake(Lake):
 
 
 # ----------------------------------------------------------------- module helpers
-def _fault_point(region: slice) -> None:
-    """Test-only fault injection between a region's data and its done flag.
+class RegionHooks:
+    """Callables run between a region's data and its done flag, with the store's URL and the
+    region: empty in normal use. Tests install fault injection here (``tests/fault_inject.py``:
+    pause there so a process or the storage can be killed, or raise once) instead of the
+    durability path parsing an environment variable."""
 
-    ``QSAE_FAULT_INJECT=pause:<marker>[:<skip>[:<seconds>]]`` appends a line to <marker> on
-    every region and, after the first <skip> regions, sleeps <seconds> (default 120) there so
-    a test can kill the process or the storage; ``raise-once:<marker>`` raises the first time
-    (creating <marker>). Inert when the variable is unset.
-    """
-    spec = os.environ.get("QSAE_FAULT_INJECT")
-    if not spec:
-        return
-    action, _, rest = spec.partition(":")
-    if action == "pause":
-        parts = rest.split(":")
-        marker, skip, seconds = parts[0], (parts[1:2] or ["0"])[0], (parts[2:3] or ["120"])[0]
-        with open(marker, "a") as f:
-            f.write(f"{region.start}:{region.stop}\n")
-        with open(marker) as f:
-            seen = len(f.read().splitlines())
-        if seen > int(skip):
-            import time
+    def __init__(self) -> None:
+        self._hooks: list[Callable[[str, slice], None]] = []
 
-            time.sleep(float(seconds))
-    elif action == "raise-once" and not os.path.exists(rest):
-        with open(rest, "w") as f:
-            f.write(f"{region.start}:{region.stop}\n")
-        raise OSError(f"injected fault after writing region {region.start}:{region.stop} (before done)")
+    def install(self, hook: Callable[[str, slice], None]) -> Callable[[], None]:
+        """Add ``hook``; returns the function that removes it again."""
+        self._hooks.append(hook)
+        return lambda: self._hooks.remove(hook)
+
+    def __call__(self, url: str, region: slice) -> None:
+        for hook in list(self._hooks):
+            hook(url, region)
+
+
+BEFORE_DONE = RegionHooks()
 
 
 @functools.lru_cache(maxsize=1)

@@ -17,6 +17,8 @@ from typing import Any
 import typer
 import yaml
 
+from qsae.jobs import configs as C  # torch-free: the options' help comes from the fields' descriptions
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="qsae: an activation data lake for SAE interpretability research.")
 
@@ -25,6 +27,20 @@ SetOpt = typer.Option(None, "--set", help="override any field: --set key=value (
 TIMES: dict[str, float] = {}  # stage -> seconds, printed at the end of the demo
 
 PrefectOpt = typer.Option(True, "--prefect/--no-prefect", help="run as a Prefect flow (default) or in-process")
+
+
+def field_help(cls, field: str, note: str = "") -> str:
+    """A config field's description (the one source of truth for the CLI and Prefect), with the
+    config's default when it has one."""
+    info = cls.model_fields[field]
+    default = info.get_default(call_default_factory=True)
+    text = info.description + (f" {note}" if note else "")
+    return text + (f" (default: {default})" if default not in (None, "", [], {}) else "")
+
+
+def field_opt(cls, field: str, *decls: str, note: str = "", **kw: Any) -> Any:
+    """A ``typer.Option`` for a config field, its help generated from the field's description."""
+    return typer.Option(None, *decls, help=field_help(cls, field, note), **kw)
 
 
 def build_config(model_cls, config_file: Path | None, sets: list[str] | None, **options: Any):
@@ -75,17 +91,18 @@ def _echo_open(store: str) -> None:
 @app.command()
 def capture(
     config: Path | None = ConfigOpt,
-    model: str | None = typer.Option(None, help="model folder, cached HF repo id, or 'smollm2'"),
-    sae: str | None = typer.Option(None, help="SAE folder/file/cached repo id (one per layer)"),
-    sae_k: int | None = typer.Option(None, help="k of the stored codes (default: the SAE's)"),
-    layers: str | None = typer.Option(None, help="comma-separated layers, e.g. 20 or 10,20,30"),
-    dataset: str | None = typer.Option(None, help="'popqa-demo', a .jsonl/.json/.tsv/.txt file, or a cached HF dataset"),
-    store: str | None = typer.Option(None, help="lake URL: a path, s3://bucket/x.zarr, ..."),
-    samples: int | None = typer.Option(None, help="completions per question (default 20)"),
-    limit: int | None = typer.Option(None, help="only the first N questions"),
-    max_new_tokens: int | None = typer.Option(None),
-    device: str | None = typer.Option(None, help="auto, cpu, cuda, cuda:1 ..."),
-    mode: str | None = typer.Option(None, help="resume (default), overwrite, create"),
+    model: str | None = field_opt(C.CaptureConfig, "model"),
+    sae: str | None = field_opt(C.CaptureConfig, "sae"),
+    sae_k: int | None = field_opt(C.CaptureConfig, "sae_k"),
+    hook: str | None = field_opt(C.CaptureConfig, "hook"),
+    layers: str | None = field_opt(C.CaptureConfig, "layers", note="(comma-separated)"),
+    dataset: str | None = field_opt(C.CaptureConfig, "dataset"),
+    store: str | None = field_opt(C.CaptureConfig, "store"),
+    samples: int | None = field_opt(C.CaptureConfig, "n_samples", "--samples"),
+    limit: int | None = field_opt(C.CaptureConfig, "limit"),
+    max_new_tokens: int | None = field_opt(C.CaptureConfig, "max_new_tokens"),
+    device: str | None = field_opt(C.CaptureConfig, "device"),
+    mode: str | None = field_opt(C.CaptureConfig, "mode"),
     shards_per_task: int = typer.Option(4, help="shards per Prefect task"),
     prefect: bool = PrefectOpt,
     set_: list[str] | None = SetOpt,
@@ -93,7 +110,7 @@ def capture(
     """Sample completions and capture residuals + SAE codes into a question lake."""
     from qsae.jobs.capture import CaptureConfig, run_capture
 
-    cfg = build_config(CaptureConfig, config, set_, model=model, sae=sae, sae_k=sae_k, layers=parse_layers(layers),
+    cfg = build_config(CaptureConfig, config, set_, model=model, sae=sae, sae_k=sae_k, hook=hook, layers=parse_layers(layers),
                        dataset=dataset, store=store, n_samples=samples, limit=limit,
                        max_new_tokens=max_new_tokens, device=device, mode=mode)
     if prefect:
@@ -187,12 +204,12 @@ def _echo_times(command_seconds: float) -> None:
 @app.command()
 def collect(
     config: Path | None = ConfigOpt,
-    model: str | None = typer.Option(None),
-    dataset: str | None = typer.Option(None, help="'wiki-demo', a .txt/.jsonl file or a cached HF dataset"),
-    layers: str | None = typer.Option(None),
-    hook: str | None = typer.Option(None, help="resid_post or mlp_out"),
-    store: str | None = typer.Option(None),
-    max_tokens: int | None = typer.Option(None),
+    model: str | None = field_opt(C.CollectConfig, "model"),
+    dataset: str | None = field_opt(C.CollectConfig, "dataset"),
+    layers: str | None = field_opt(C.CollectConfig, "layers", note="(comma-separated)"),
+    hook: str | None = field_opt(C.CollectConfig, "hook"),
+    store: str | None = field_opt(C.CollectConfig, "store"),
+    max_tokens: int | None = field_opt(C.CollectConfig, "max_tokens"),
     prefect: bool = PrefectOpt,
     set_: list[str] | None = SetOpt,
 ) -> None:
@@ -215,12 +232,12 @@ def collect(
 @app.command()
 def train(
     config: Path | None = ConfigOpt,
-    store: str | None = typer.Option(None, help="token lake to train from"),
-    layer: int | None = typer.Option(None),
-    architecture: str | None = typer.Option(None, help="topk or relu"),
-    k: int | None = typer.Option(None),
-    out: str | None = typer.Option(None, help="output SAELens folder"),
-    epochs: float | None = typer.Option(None),
+    store: str | None = field_opt(C.TrainConfig, "store"),
+    layer: int | None = field_opt(C.TrainConfig, "layer"),
+    architecture: str | None = field_opt(C.TrainConfig, "architecture"),
+    k: int | None = field_opt(C.TrainConfig, "k"),
+    out: str | None = field_opt(C.TrainConfig, "out"),
+    epochs: float | None = field_opt(C.TrainConfig, "epochs"),
     prefect: bool = PrefectOpt,
     set_: list[str] | None = SetOpt,
 ) -> None:
@@ -241,13 +258,13 @@ def train(
 
 @app.command()
 def rivalry(
-    store: str = typer.Argument(..., help="question lake URL"),
+    store: str = typer.Argument(..., help=C.RivalryConfig.model_fields["store"].description),
     config: Path | None = ConfigOpt,
-    layer: list[int] | None = typer.Option(None, help="a layer to test (repeat it); default: every captured layer"),
-    protocol: str | None = typer.Option(None, help="paper (default) or per_question"),
-    rule: str | None = typer.Option(None, help="thresholds (default: > 0.7 / < 0.5), median, quantile, threshold"),
-    entropy: str | None = typer.Option(None, help="first_word (default), exact or sampled"),
-    n_perm: int | None = typer.Option(None, help="label permutations of the calibrated test (default 1000)"),
+    layer: list[int] | None = field_opt(C.RivalryConfig, "layers", "--layer", note="(repeat --layer N)"),
+    protocol: str | None = field_opt(C.RivalryConfig, "protocol"),
+    rule: str | None = field_opt(C.RivalryConfig, "rule"),
+    entropy: str | None = field_opt(C.RivalryConfig, "entropy"),
+    n_perm: int | None = field_opt(C.RivalryConfig, "n_perm"),
     prefect: bool = PrefectOpt,
     set_: list[str] | None = SetOpt,
 ) -> None:
@@ -277,13 +294,11 @@ def rivalry(
 
 @app.command()
 def reconstruct(
-    store: str = typer.Argument(..., help="question lake or token lake URL"),
+    store: str = typer.Argument(..., help=C.ReconstructionConfig.model_fields["store"].description),
     config: Path | None = ConfigOpt,
-    layers: str | None = typer.Option(None),
-    model_in_loop: bool | None = typer.Option(None, "--model-in-loop/--offline", help="also CE loss recovered and "
-                                                                                   "kl_div_score"),
-    sae: str | None = typer.Option(None, help="question lake: SAE source if it moved (hash checked); "
-                                              "token lake: the SAE to evaluate"),
+    layers: str | None = field_opt(C.ReconstructionConfig, "layers", note="(comma-separated)"),
+    model_in_loop: bool | None = field_opt(C.ReconstructionConfig, "model_in_loop", "--model-in-loop/--offline"),
+    sae: str | None = field_opt(C.ReconstructionConfig, "sae"),
     prefect: bool = PrefectOpt,
     set_: list[str] | None = SetOpt,
 ) -> None:
@@ -336,13 +351,14 @@ def inspect(
 
 @app.command()
 def compare(
-    base_sae: str = typer.Option(..., help="SAE of the base model"),
-    finetuned_sae: str = typer.Option(..., help="SAE of the fine-tuned model (may be the same SAE)"),
-    layer: int | None = typer.Option(None),
-    base_lake: str | None = typer.Option(None, help="question lake captured on the base model"),
-    finetuned_lake: str | None = typer.Option(None, help="question lake captured on the fine-tuned model"),
-    out: str | None = typer.Option(None, help="store for the results (default: the fine-tuned lake)"),
-    threshold: float | None = typer.Option(None, help="emerged/vanished below this cosine (default 0.7)"),
+    base_sae: str = typer.Option(..., help=field_help(C.CompareConfig, "base_sae")),
+    finetuned_sae: str = typer.Option(..., help=field_help(C.CompareConfig, "finetuned_sae")),
+    layer: int | None = field_opt(C.CompareConfig, "layer"),
+    base_lake: str | None = field_opt(C.CompareConfig, "base_lake"),
+    finetuned_lake: str | None = field_opt(C.CompareConfig, "finetuned_lake"),
+    inputs: str | None = field_opt(C.CompareConfig, "inputs"),
+    out: str | None = field_opt(C.CompareConfig, "out"),
+    threshold: float | None = field_opt(C.CompareConfig, "threshold"),
     prefect: bool = PrefectOpt,
     set_: list[str] | None = SetOpt,
 ) -> None:
@@ -351,7 +367,7 @@ def compare(
     from qsae.lake.results import summary_json
 
     cfg = build_config(CompareConfig, None, set_, base_sae=base_sae, finetuned_sae=finetuned_sae, layer=layer,
-                       base_lake=base_lake, finetuned_lake=finetuned_lake, out=out, threshold=threshold)
+                       base_lake=base_lake, finetuned_lake=finetuned_lake, inputs=inputs, out=out, threshold=threshold)
     if prefect:
         from flows.compare import compare_flow
 

@@ -26,13 +26,13 @@ _PUBLIC = {
     # the lake (torch-free)
     "open_lake": "qsae.lake.store", "QuestionLake": "qsae.lake.store", "TokenLake": "qsae.lake.store",
     "verify": "qsae.lake.verify", "inspect_store": "qsae.lake.inspect",
-    # jobs (each a config and a plain function a notebook can call; Prefect flows wrap them)
-    "CaptureConfig": "qsae.jobs.capture", "run_capture": "qsae.jobs.capture",
-    "CollectConfig": "qsae.jobs.collect", "collect": "qsae.jobs.collect",
-    "TrainConfig": "qsae.jobs.train", "train_sae": "qsae.jobs.train",
-    "RivalryConfig": "qsae.jobs.rivalry", "run_rivalry": "qsae.jobs.rivalry",
-    "ReconstructionConfig": "qsae.jobs.reconstruction", "run_reconstruction": "qsae.jobs.reconstruction",
-    "CompareConfig": "qsae.jobs.compare", "run_compare": "qsae.jobs.compare",
+    # jobs (each a config, torch-free, and a plain function a notebook can call; Prefect flows wrap them)
+    "CaptureConfig": "qsae.jobs.configs", "run_capture": "qsae.jobs.capture",
+    "CollectConfig": "qsae.jobs.configs", "collect": "qsae.jobs.collect",
+    "TrainConfig": "qsae.jobs.configs", "train_sae": "qsae.jobs.train",
+    "RivalryConfig": "qsae.jobs.configs", "run_rivalry": "qsae.jobs.rivalry",
+    "ReconstructionConfig": "qsae.jobs.configs", "run_reconstruction": "qsae.jobs.reconstruction",
+    "CompareConfig": "qsae.jobs.configs", "run_compare": "qsae.jobs.compare",
     # building blocks that need torch
     "load_model": "qsae.lm.models", "load_questions": "qsae.lm.datasets",
     "SAE": "qsae.sae.model", "load_sae": "qsae.sae.formats", "load_saes": "qsae.sae.formats",

@@ -14,7 +14,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 TORCH_FREE = ["qsae", "qsae.lake", "qsae.lake.schema", "qsae.lake.store", "qsae.lake.storage", "qsae.lake.writer",
               "qsae.lake.results", "qsae.lake.accessor", "qsae.lake.inspect", "qsae.lake.verify",
-              "qsae.analysis", "qsae.analysis.rivalry", "qsae.analysis.matching", "qsae.jobs.rivalry"]
+              "qsae.analysis", "qsae.analysis.rivalry", "qsae.analysis.matching", "qsae.jobs.rivalry",
+              "qsae.jobs.compare", "qsae.jobs.configs", "flows.cli"]
 
 
 def _loaded_after_import(module: str) -> set[str]:
@@ -54,3 +55,29 @@ def test_the_check_catches_a_stray_import(tmp_path):
     bad = tmp_path / "stray.py"
     bad.write_text("import os\nfrom prefect import flow\nimport flows.cli\n\ndef f():\n    import torch\n")
     assert {"prefect", "flows", "torch"} <= _imports(bad)
+
+
+def test_every_config_field_is_described_and_the_cli_help_is_that_description():
+    """One source of truth: the CLI's option help is generated from the config fields'
+    descriptions (it had drifted when written twice)."""
+    import typer.main
+
+    from flows.cli import app
+    from qsae.jobs import configs
+
+    classes = {"capture": configs.CaptureConfig, "collect": configs.CollectConfig, "train": configs.TrainConfig,
+               "rivalry": configs.RivalryConfig, "reconstruct": configs.ReconstructionConfig,
+               "compare": configs.CompareConfig}
+    for cls in classes.values():
+        assert [n for n, f in cls.model_fields.items() if not f.description] == [], cls.__name__
+    renamed = {"samples": "n_samples", "layer": "layers"}
+    group = typer.main.get_command(app)
+    checked = 0
+    for name, cls in classes.items():
+        for param in group.commands[name].params:
+            field = param.name if param.name in cls.model_fields else renamed.get(param.name)
+            if field in cls.model_fields:
+                help_text = getattr(param, "help", None) or ""
+                assert help_text.startswith(cls.model_fields[field].description), (name, param.name, help_text)
+                checked += 1
+    assert checked >= 30

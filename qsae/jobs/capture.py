@@ -26,15 +26,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
 from qsae.errors import DatasetError, SAEFormatError
+from qsae.jobs.configs import CaptureConfig
 from qsae.lake.store import LakeLayout, LakeSpec, QuestionLake
 from qsae.lake.writer import background_writer
 from qsae.lm.convert import to_lake_dtype
@@ -56,83 +56,31 @@ log = logging.getLogger("qsae.jobs.capture")
 Log = Callable[[str], None]
 
 
-class CaptureConfig(BaseModel):
-    """One capture run. Fields that fix the lake's identity are checked on resume."""
 
-    model_config = ConfigDict(extra="forbid")
 
-    model: str = Field("smollm2", description="local folder, cached HF repo id, or 'smollm2'")
-    model_revision: str | None = None
-    trust_remote_code: bool = False
-    sae: str | None = Field(None, description="SAE folder/file/repo id (per layer), or None for residuals only")
-    sae_k: int | None = Field(None, description="k for the stored codes (default: the SAE's)")
-    hook: Literal["resid_post", "mlp_out"] | None = Field(
-        None, description="what `resid`/`resid_prompt` hold and the SAE encodes: the residual after each layer "
-                          "(resid_post) or that layer's MLP output (mlp_out); default: the SAE's hook, "
-                          "resid_post without an SAE")
-    layers: list[int] = Field(default_factory=lambda: [15])
-    dataset: str = "popqa-demo"
-    dataset_split: str = "test"
-    limit: int | None = Field(None, description="use only the first N usable questions")
-    on_bad_row: Literal["skip", "raise"] = "skip"
-    n_samples: int = Field(20, ge=1)
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(0.9, gt=0, le=1)
-    max_new_tokens: int = Field(16, ge=1)
-    stop_at_newline: bool = True
-    seed: int = 0
-    prompt_template: str = "Q: {question}\nA:"
-    max_prompt_tokens: int | None = Field(None, description="default: model context - max_new_tokens")
-    on_long_prompt: Literal["truncate", "refuse"] = "truncate"
-    resid_dtype: Literal["float16", "float32"] = "float16"
-    questions_per_shard: int = Field(64, ge=1)
-    questions_per_chunk: int = Field(4, ge=1)
-    questions_per_batch: int = Field(8, ge=1)
-    device: str = "auto"
-    dtype: str = "auto"
-    store: str = "storage/lakes/demo.zarr"
-    storage_options: dict[str, Any] | None = None
-    mode: Literal["resume", "overwrite", "create"] = "resume"
-    writer_queue: int = Field(2, ge=1, description="shards buffered for the background writer")
-
-    @field_validator("layers")
-    @classmethod
-    def _layers_unique(cls, v: list[int]) -> list[int]:
-        if not v or len(set(v)) != len(v):
-            raise ValueError(f"layers must be non-empty and unique, got {v}")
-        return v
-
-    def resolved_hook(self, saes: dict[int, SAE]) -> str:
-        """The hook point captured: the configured one, else the SAE's (they must agree)."""
-        sae_hooks = {sae.info.hook for sae in saes.values()}
-        if len(sae_hooks) > 1:
-            raise SAEFormatError(f"the layers' SAEs read different hook points {sorted(sae_hooks)}")
-        sae_hook = next(iter(sae_hooks), None)
-        if self.hook and sae_hook and self.hook != sae_hook:
-            raise SAEFormatError(f"SAE {self.sae} reads {sae_hook}, but capture was asked for hook={self.hook}")
-        return self.hook or sae_hook or "resid_post"
-
-    def lineage(self, lm_name: str, lm_revision: str, qs: QuestionSet, saes: dict[int, SAE]) -> dict[str, Any]:
-        return {
-            "model": lm_name,
-            "model_path": self.model,
-            "model_revision": lm_revision,
-            "hook": self.resolved_hook(saes),
-            "sae_source": self.sae,
-            "sae_sha256": {str(layer): sae.info.sha256 for layer, sae in saes.items()},
-            # per layer: are the top-k values ReLU'd (SAELens, OpenAI-style) or kept as they are (Qwen-Scope)
-            "sae_topk_relu": {str(layer): sae.info.activation == "relu" or sae.info.topk_relu
-                              for layer, sae in saes.items()},
-            "dataset": qs.name,
-            "dataset_revision": qs.revision,
-            "sampling": {
-                "n_samples": self.n_samples, "temperature": self.temperature, "top_p": self.top_p,
-                "max_new_tokens": self.max_new_tokens, "stop_at_newline": self.stop_at_newline,
-                "sampler": SAMPLER_ID,
-            },
-            "seed": self.seed,
-            "prompt_template": self.prompt_template,
-        }
+def capture_lineage(cfg: CaptureConfig, lm_name: str, lm_revision: str, qs: QuestionSet,
+                    saes: dict[int, SAE]) -> dict[str, Any]:
+    """What the lake records of a capture run (its identity keys among them)."""
+    return {
+        "model": lm_name,
+        "model_path": cfg.model,
+        "model_revision": lm_revision,
+        "hook": cfg.resolved_hook(saes),
+        "sae_source": cfg.sae,
+        "sae_sha256": {str(layer): sae.info.sha256 for layer, sae in saes.items()},
+        # per layer: are the top-k values ReLU'd (SAELens, OpenAI-style) or kept as they are (Qwen-Scope)
+        "sae_topk_relu": {str(layer): sae.info.activation == "relu" or sae.info.topk_relu
+                          for layer, sae in saes.items()},
+        "dataset": qs.name,
+        "dataset_revision": qs.revision,
+        "sampling": {
+            "n_samples": cfg.n_samples, "temperature": cfg.temperature, "top_p": cfg.top_p,
+            "max_new_tokens": cfg.max_new_tokens, "stop_at_newline": cfg.stop_at_newline,
+            "sampler": SAMPLER_ID,
+        },
+        "seed": cfg.seed,
+        "prompt_template": cfg.prompt_template,
+    }
 
 
 # ------------------------------------------------------------------ shared resources
@@ -218,7 +166,7 @@ def plan_capture(cfg: CaptureConfig, log_fn: Log = log.info) -> CapturePlan:
         max_new_tokens=cfg.max_new_tokens,
         d_sae=any_sae.d_sae if any_sae else None, k=(cfg.sae_k or any_sae.k) if any_sae else None,
         resid_dtype=cfg.resid_dtype, layout=LakeLayout(cfg.questions_per_shard, cfg.questions_per_chunk),
-        lineage={**cfg.lineage(lm.name, lm.revision, qs, saes),
+        lineage={**capture_lineage(cfg, lm.name, lm.revision, qs, saes),
                  "vocab_size": int(lm.model.config.get_text_config().vocab_size)},
     )
     lake = QuestionLake.open_or_create(cfg.store, spec, mode=cfg.mode, storage_options=cfg.storage_options)

@@ -14,13 +14,12 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
+from qsae.jobs.configs import CollectConfig
 from qsae.lake.store import TokenLake, TokenLakeSpec
 from qsae.lake.writer import background_writer
 from qsae.lm.convert import to_lake_dtype
@@ -31,29 +30,6 @@ from qsae.lm.models import LoadedModel, load_model
 log = logging.getLogger("qsae.jobs.collect")
 
 
-class CollectConfig(BaseModel):
-    """One collection run; the fields that fix the store are checked on resume."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = "smollm2"
-    model_revision: str | None = None
-    trust_remote_code: bool = False
-    dataset: str = Field("wiki-demo", description="'wiki-demo', a .txt/.jsonl file or a cached HF dataset")
-    text_field: str = "text"
-    dataset_split: str = "train"
-    hook: Literal["resid_post", "mlp_out"] = "resid_post"
-    layers: list[int] = Field(default_factory=lambda: [15])
-    context_length: int = Field(128, ge=2)
-    windows_per_batch: int = Field(16, ge=1, description="context windows (rows) per forward pass and per block")
-    bos: Literal["prepend", "none"] = "prepend"
-    max_tokens: int | None = Field(None, description="stop after about this many stored tokens")
-    resid_dtype: Literal["float16", "float32"] = "float16"
-    device: str = "auto"
-    dtype: str = "auto"
-    store: str = "storage/lakes/tokens.zarr"
-    storage_options: dict[str, Any] | None = None
-    mode: Literal["resume", "overwrite", "create"] = "resume"
 
 
 @dataclass

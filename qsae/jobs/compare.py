@@ -6,37 +6,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import xarray as xr
-from pydantic import BaseModel, ConfigDict, Field
 
 from qsae.analysis.matching import FeatureMatch, firing_stats, match_features
+from qsae.jobs.configs import CompareConfig
 from qsae.lake.results import lineage_of, save_figure, write_result_group
 
 log = logging.getLogger("qsae.analysis.matching")
 
 
-class CompareConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    base_sae: str = Field(..., description="SAE of the base model (file, folder or cached repo id)")
-    finetuned_sae: str = Field(..., description="SAE of the fine-tuned model (may be the same SAE)")
-    layer: int | None = Field(None, description="layer, for per-layer SAE folders and the lakes")
-    threshold: float = Field(0.7, gt=0, le=1, description="no counterpart above this cosine: emerged/vanished")
-    candidates: int = Field(8, ge=1, description="partners kept per feature for the assignment")
-    block: int = Field(2048, ge=1)
-    base_lake: str | None = Field(None, description="question lake captured with the base model and base SAE")
-    finetuned_lake: str | None = Field(None, description="question lake of the fine-tuned model and its SAE")
-    inputs: Literal["prompt_end", "completion_end"] = Field(
-        "prompt_end", description="firing shifts from prompt-end codes (the same prompts through both models: "
-                                  "a fair comparison) or completion-end codes (each model's own sampled "
-                                  "completions: different inputs, labelled so)")
-    storage_options: dict[str, Any] | None = None
-    out: str | None = Field(None, description="store for the results group (default: the fine-tuned lake)")
-    top_n: int = Field(10, ge=1)
-    name: str = "compare"
 
 
 @dataclass

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 import xarray as xr
-from pydantic import BaseModel, ConfigDict, Field
 
 from qsae.errors import LayerError, SAEFormatError
+from qsae.jobs.configs import ReconstructionConfig
 from qsae.lake.results import lineage_of, save_figure, write_result_group
 from qsae.lake.schema import KIND_QUESTIONS, KIND_TOKENS
 from qsae.lake.store import open_lake
@@ -30,32 +30,6 @@ log = logging.getLogger("qsae.sae.metrics")
 RESULT_GROUP = "reconstruction"
 
 
-class ReconstructionConfig(BaseModel):
-    """What to evaluate: a question lake's stored codes per position, or a token lake of text."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    store: str = Field("storage/lakes/demo.zarr", description="a question lake or a token lake (path or URL)")
-    storage_options: dict[str, Any] | None = Field(None, description="fsspec options for a remote store")
-    layers: list[int] | None = Field(None, description="layers to evaluate; default: every captured layer")
-    sae: str | None = Field(None, description="question lake: the SAE source if it moved since capture (hash still "
-                                              "checked); token lake: the SAE to evaluate (required)")
-    sae_k: int | None = Field(None, ge=1, description="token lake: k of a TopK SAE whose files do not record it "
-                                                      "(Qwen-Scope)")
-    positions: Literal["completion", "prompt", "both"] = Field(
-        "both", description="question lake: which stored positions to evaluate, each reported separately")
-    block_questions: int = Field(256, ge=1, description="question lake: questions read per block")
-    block_tokens: int = Field(4096, ge=1, description="token lake: tokens read per block")
-    include_special: bool = Field(False, description="token lake: also evaluate BOS/EOS/pad positions "
-                                                     "(SAEBench leaves them out)")
-    model_in_loop: bool = Field(False, description="also CE loss recovered and KL with the model")
-    model: str | None = Field(None, description="default: the lake's model_path")
-    text_dataset: str = Field("wiki-demo", description="documents for the model-in-the-loop metrics")
-    context_length: int = Field(128, ge=2, description="model in the loop: tokens per window")
-    max_tokens: int = Field(8192, ge=1, description="tokens scored with the model in the loop")
-    batch_windows: int = Field(8, ge=1, description="model in the loop: windows per forward pass")
-    device: str = Field("cpu", description="torch device for encoding/decoding and the model")
-    dtype: str = Field("float32", description="the model's dtype in the loop")
 
 
 # Each position a lake offers, labelled: only a token lake's is comparable with SAEBench's core metrics.

@@ -12,17 +12,15 @@ from __future__ import annotations
 import base64
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import xarray as xr
-from pydantic import BaseModel, ConfigDict, Field
 
 from qsae.analysis.rivalry import (
     AMBIGUOUS,
     UNAMBIGUOUS,
     Grouping,
-    PaperParams,
     auroc_with_ci,
     codes_matrix,
     compare_groups,
@@ -37,50 +35,13 @@ from qsae.analysis.rivalry import (
     stratified_permutation_test,
 )
 from qsae.errors import LayerError, SchemaError
+from qsae.jobs.configs import RivalryConfig
 from qsae.lake.results import figure_png, lineage_of, save_png, write_result_group
 from qsae.lake.store import open_lake
 
 log = logging.getLogger("qsae.jobs.rivalry")
 
 
-class RivalryConfig(BaseModel):
-    """The rivalry study's parameters; the defaults are the paper's protocol."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    store: str = Field("storage/lakes/demo.zarr", description="the question lake (path or URL)")
-    storage_options: dict[str, Any] | None = Field(None, description="fsspec options for a remote store")
-    layers: list[int] | None = Field(None, description="layers to test; default: every captured layer")
-    protocol: Literal["paper", "per_question"] = Field(
-        "paper", description="paper: correlations across a group's questions at the prompt's end; "
-                             "per_question: one score per question over its distinct completions")
-    entropy: Literal["first_word", "exact", "sampled"] = Field(
-        "first_word", description="first_word: the paper's normalised first-word entropy of the samples; "
-                                  "exact: logit entropy (nats); sampled: first-token empirical entropy (nats)")
-    rule: Literal["thresholds", "median", "quantile", "threshold"] = Field(
-        "thresholds", description="thresholds: ambiguous > high, unambiguous < low (the paper)")
-    high: float = Field(0.7, description="thresholds rule: ambiguous above this entropy")
-    low: float = Field(0.5, description="thresholds rule: unambiguous below this entropy")
-    q: float = Field(0.25, gt=0, le=0.5, description="quantile rule: top/bottom fraction")
-    threshold: float | None = Field(None, description="threshold rule: ambiguous above this entropy")
-    percentile: float = Field(5.0, gt=0, lt=100, description="the percentile of pair correlations (p5)")
-    min_mean: float = Field(0.01, ge=0, description="paper: keep features with mean activation above this")
-    max_features: int | None = Field(300, ge=2, description="paper: at most this many features (random, "
-                                                            "feature_seed); None: all (p5 in bounded memory)")
-    feature_seed: int = Field(42, description="paper: seed of the feature cap's random choice")
-    min_questions: int = Field(1, ge=1, description="paper: keep features active in at least this many questions")
-    n_perm: int = Field(1000, ge=0, description="label permutations of the calibrated test")
-    n_null: int = Field(1, ge=1, description="feature-marginal null draws per evaluation of the test statistic")
-    n_boot: int = Field(1000, ge=0, description="bootstrap resamples for CIs")
-    seed: int = Field(0, description="seed of permutations, nulls and bootstraps")
-    block_questions: int = Field(256, ge=1, description="per_question: questions read per block")
-    correctness: bool = Field(True, description="AUROC of the per-prompt score for `correct` (reads the SAE's "
-                                                "decoder from the lake's sae_source)")
-    n_jobs: int | None = Field(None, ge=1, description="threads for the permutations (default: up to 4 cores)")
-
-    def paper_params(self) -> PaperParams:
-        return PaperParams(self.percentile, self.min_mean, self.max_features, self.feature_seed,
-                           self.min_questions, self.n_null)
 
 
 @dataclass

@@ -38,54 +38,19 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import save_file
 
 from qsae.errors import LayerError
+from qsae.jobs.configs import DEFAULT_LR, TrainConfig
 from qsae.lake.store import TokenLake
 
 log = logging.getLogger("qsae.jobs.train")
-DEFAULT_LR = {"topk": 5e-4, "relu": 5e-5}
 
 
-class TrainConfig(BaseModel):
-    """One SAE training run over one layer of a token lake."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    store: str = "storage/lakes/tokens.zarr"
-    storage_options: dict[str, Any] | None = None
-    layer: int | None = Field(None, description="default: the store's only layer")
-    architecture: Literal["topk", "relu"] = "topk"
-    expansion: int = Field(4, ge=1)
-    d_sae: int | None = Field(None, description="default: expansion * d_model")
-    k: int = Field(32, ge=1)
-    l1_coefficient: float = Field(0.005, ge=0, description="ReLU only (the 9B release's value)")
-    l1_units: Literal["scaled", "raw"] = Field(
-        "scaled", description="ReLU: the L1 trade-off on the rescaled inputs (scale-free), or in raw activation "
-                              "units as the 9B release (λ / scale^2 on the scaled inputs)")
-    lr: float | None = Field(None, gt=0, description="default: 5e-4 TopK, 5e-5 ReLU (the 9B release)")
-    batch_size: int = Field(4096, ge=1, description="the 9B release's value")
-    epochs: float = Field(1.0, gt=0)
-    total_tokens: int | None = Field(None, description="overrides epochs")
-    buffer_blocks: int = Field(8, ge=1, description="lake blocks shuffled together (bounded memory)")
-    dead_tokens: int = Field(250_000, ge=1, description="a latent is dead after this many tokens without firing "
-                                                        "(Gao et al.: 10M; smaller for CPU-sized runs)")
-    aux_k: int = Field(256, ge=1, description="AuxK: dead latents used to model the error (Gao et al.: 512)")
-    aux_coefficient: float = Field(1 / 32, ge=0, description="AuxK weight (Gao et al.: 1/32)")
-    include_special: bool = Field(False, description="train on BOS/EOS/window-start tokens too")
-    seed: int = 0
-    checkpoint_every: int = Field(200, ge=1, description="steps")
-    log_every: int = Field(25, ge=1, description="steps")
-    out: str = "storage/saes/demo"
-    resume: bool = True
-    device: str = "cpu"
-    init_from: str | None = Field(None, description="start from this SAE (e.g. the base model's, to follow its "
-                                                    "features through a fine-tune); its width is used")
 
 
 # ------------------------------------------------------------------------- data

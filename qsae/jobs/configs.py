@@ -1,0 +1,229 @@
+"""Every job's configuration, in one torch-free module: what a run needs, each field described.
+
+The CLI builds its options' help from these descriptions (one source of truth), and Prefect
+shows them as the flows' parameter docs. The job modules re-export their config
+(``from qsae.jobs.capture import CaptureConfig`` keeps working).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from qsae.errors import SAEFormatError
+
+if TYPE_CHECKING:
+    from qsae.analysis.rivalry import PaperParams
+    from qsae.sae.model import SAE
+
+DEFAULT_LR = {"topk": 5e-4, "relu": 5e-5}
+
+
+class CaptureConfig(BaseModel):
+    """One capture run. Fields that fix the lake's identity are checked on resume."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("smollm2", description="local folder, cached HF repo id, or 'smollm2'")
+    model_revision: str | None = Field(None, description="model revision (branch, tag or commit) for a hub repo id; recorded in the lake")
+    trust_remote_code: bool = Field(False, description="allow a model's own modelling code from its folder/repo")
+    sae: str | None = Field(None, description="SAE folder/file/repo id (per layer), or None for residuals only")
+    sae_k: int | None = Field(None, description="k for the stored codes (default: the SAE's)")
+    hook: Literal["resid_post", "mlp_out"] | None = Field(
+        None, description="what `resid`/`resid_prompt` hold and the SAE encodes: the residual after each layer "
+                          "(resid_post) or that layer's MLP output (mlp_out); default: the SAE's hook, "
+                          "resid_post without an SAE")
+    layers: list[int] = Field(default_factory=lambda: [15], description="decoder layers to capture (0-based)")
+    dataset: str = Field("popqa-demo", description="'popqa-demo', a .jsonl/.json/.tsv/.txt file, or a cached HF dataset")
+    dataset_split: str = Field("test", description="split of a cached HF dataset")
+    limit: int | None = Field(None, description="use only the first N usable questions")
+    on_bad_row: Literal["skip", "raise"] = Field("skip", description="skip (and record) or raise on a dataset row without a usable question/answers")
+    n_samples: int = Field(20, ge=1, description="sampled completions per question")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (the entropies are of softmax(logits / temperature))")
+    top_p: float = Field(0.9, gt=0, le=1, description="nucleus sampling: the smallest set of tokens with this much probability")
+    max_new_tokens: int = Field(16, ge=1, description="longest completion in tokens")
+    stop_at_newline: bool = Field(True, description="end a completion at its first newline (PopQA answers are one line)")
+    seed: int = Field(0, description="seed of the per-(question, sample) random streams: the same seed gives the same lake")
+    prompt_template: str = Field("Q: {question}\nA:", description="the prompt, with {question} for the question text")
+    max_prompt_tokens: int | None = Field(None, description="default: model context - max_new_tokens")
+    on_long_prompt: Literal["truncate", "refuse"] = Field("truncate", description="truncate a prompt longer than the budget from the left, or refuse the dataset")
+    resid_dtype: Literal["float16", "float32"] = Field("float16", description="on-disk dtype of the activations (float16 overflow is clipped and counted)")
+    questions_per_shard: int = Field(64, ge=1, description="questions per shard: the unit of work, of resume and of one write")
+    questions_per_chunk: int = Field(4, ge=1, description="questions per inner zarr chunk (the unit of a random read)")
+    questions_per_batch: int = Field(8, ge=1, description="questions per generate/forward batch (each with all its samples)")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1 ...")
+    dtype: str = Field("auto", description="model dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16")
+    store: str = Field("storage/lakes/demo.zarr", description="lake URL: a path, s3://bucket/x.zarr, ...")
+    storage_options: dict[str, Any] | None = Field(None, description="fsspec options for a remote store (Secret blocks named by key_block/secret_block)")
+    mode: Literal["resume", "overwrite", "create"] = Field("resume", description="resume (default: skip done shards), overwrite, or create (refuse an existing store)")
+    writer_queue: int = Field(2, ge=1, description="shards buffered for the background writer")
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_unique(cls, v: list[int]) -> list[int]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"layers must be non-empty and unique, got {v}")
+        return v
+
+    def resolved_hook(self, saes: dict[int, SAE]) -> str:
+        """The hook point captured: the configured one, else the SAE's (they must agree)."""
+        sae_hooks = {sae.info.hook for sae in saes.values()}
+        if len(sae_hooks) > 1:
+            raise SAEFormatError(f"the layers' SAEs read different hook points {sorted(sae_hooks)}")
+        sae_hook = next(iter(sae_hooks), None)
+        if self.hook and sae_hook and self.hook != sae_hook:
+            raise SAEFormatError(f"SAE {self.sae} reads {sae_hook}, but capture was asked for hook={self.hook}")
+        return self.hook or sae_hook or "resid_post"
+
+
+class CollectConfig(BaseModel):
+    """One collection run; the fields that fix the store are checked on resume."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("smollm2", description="local folder, cached HF repo id, or 'smollm2'")
+    model_revision: str | None = Field(None, description="model revision (branch, tag or commit) for a hub repo id")
+    trust_remote_code: bool = Field(False, description="allow a model's own modelling code from its folder/repo")
+    dataset: str = Field("wiki-demo", description="'wiki-demo', a .txt/.jsonl file or a cached HF dataset")
+    text_field: str = Field("text", description="the text column of a .jsonl file or HF dataset")
+    dataset_split: str = Field("train", description="split of a cached HF dataset")
+    hook: Literal["resid_post", "mlp_out"] = Field("resid_post", description="resid_post (the residual after each layer) or mlp_out (that layer's MLP output)")
+    layers: list[int] = Field(default_factory=lambda: [15], description="decoder layers to store (0-based)")
+    context_length: int = Field(128, ge=2, description="tokens per context window (BOS included when prepended)")
+    windows_per_batch: int = Field(16, ge=1, description="context windows (rows) per forward pass and per block")
+    bos: Literal["prepend", "none"] = Field("prepend", description="prepend BOS to each window, or none (then a window's first token is flagged special)")
+    max_tokens: int | None = Field(None, description="stop after about this many stored tokens")
+    resid_dtype: Literal["float16", "float32"] = Field("float16", description="on-disk dtype of the activations")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1 ...")
+    dtype: str = Field("auto", description="model dtype: auto, float32, bfloat16, float16")
+    store: str = Field("storage/lakes/tokens.zarr", description="token lake URL")
+    storage_options: dict[str, Any] | None = Field(None, description="fsspec options for a remote store")
+    mode: Literal["resume", "overwrite", "create"] = Field("resume", description="resume (default), overwrite, or create")
+
+
+class TrainConfig(BaseModel):
+    """One SAE training run over one layer of a token lake."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    store: str = Field("storage/lakes/tokens.zarr", description="the token lake to train on")
+    storage_options: dict[str, Any] | None = Field(None, description="fsspec options for a remote store")
+    layer: int | None = Field(None, description="default: the store's only layer")
+    architecture: Literal["topk", "relu"] = Field("topk", description="topk (Qwen-Scope style) or relu (ReLU + L1, the 9B release)")
+    expansion: int = Field(4, ge=1, description="d_sae = expansion * d_model unless d_sae is given")
+    d_sae: int | None = Field(None, description="default: expansion * d_model")
+    k: int = Field(32, ge=1, description="TopK: active latents per token")
+    l1_coefficient: float = Field(0.005, ge=0, description="ReLU only (the 9B release's value)")
+    l1_units: Literal["scaled", "raw"] = Field(
+        "scaled", description="ReLU: the L1 trade-off on the rescaled inputs (scale-free), or in raw activation "
+                              "units as the 9B release (λ / scale^2 on the scaled inputs)")
+    lr: float | None = Field(None, gt=0, description="default: 5e-4 TopK, 5e-5 ReLU (the 9B release)")
+    batch_size: int = Field(4096, ge=1, description="the 9B release's value")
+    epochs: float = Field(1.0, gt=0, description="passes over the lake's training tokens")
+    total_tokens: int | None = Field(None, description="overrides epochs")
+    buffer_blocks: int = Field(8, ge=1, description="lake blocks shuffled together (bounded memory)")
+    dead_tokens: int = Field(250_000, ge=1, description="a latent is dead after this many tokens without firing "
+                                                        "(Gao et al.: 10M; smaller for CPU-sized runs)")
+    aux_k: int = Field(256, ge=1, description="AuxK: dead latents used to model the error (Gao et al.: 512)")
+    aux_coefficient: float = Field(1 / 32, ge=0, description="AuxK weight (Gao et al.: 1/32)")
+    include_special: bool = Field(False, description="train on BOS/EOS/window-start tokens too")
+    seed: int = Field(0, description="seed of the initialisation and the data order (resume replays it exactly)")
+    checkpoint_every: int = Field(200, ge=1, description="steps")
+    log_every: int = Field(25, ge=1, description="steps")
+    out: str = Field("storage/saes/demo", description="folder for the SAELens export and the checkpoints")
+    resume: bool = Field(True, description="continue from out/checkpoints/latest.pt when it exists")
+    device: str = Field("cpu", description="torch device")
+    init_from: str | None = Field(None, description="start from this SAE (e.g. the base model's, to follow its "
+                                                    "features through a fine-tune); its width is used")
+
+
+class ReconstructionConfig(BaseModel):
+    """What to evaluate: a question lake's stored codes per position, or a token lake of text."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    store: str = Field("storage/lakes/demo.zarr", description="a question lake or a token lake (path or URL)")
+    storage_options: dict[str, Any] | None = Field(None, description="fsspec options for a remote store")
+    layers: list[int] | None = Field(None, description="layers to evaluate; default: every captured layer")
+    sae: str | None = Field(None, description="question lake: the SAE source if it moved since capture (hash still "
+                                              "checked); token lake: the SAE to evaluate (required)")
+    sae_k: int | None = Field(None, ge=1, description="token lake: k of a TopK SAE whose files do not record it "
+                                                      "(Qwen-Scope)")
+    positions: Literal["completion", "prompt", "both"] = Field(
+        "both", description="question lake: which stored positions to evaluate, each reported separately")
+    block_questions: int = Field(256, ge=1, description="question lake: questions read per block")
+    block_tokens: int = Field(4096, ge=1, description="token lake: tokens read per block")
+    include_special: bool = Field(False, description="token lake: also evaluate BOS/EOS/pad positions "
+                                                     "(SAEBench leaves them out)")
+    model_in_loop: bool = Field(False, description="also CE loss recovered and KL with the model")
+    model: str | None = Field(None, description="default: the lake's model_path")
+    text_dataset: str = Field("wiki-demo", description="documents for the model-in-the-loop metrics")
+    context_length: int = Field(128, ge=2, description="model in the loop: tokens per window")
+    max_tokens: int = Field(8192, ge=1, description="tokens scored with the model in the loop")
+    batch_windows: int = Field(8, ge=1, description="model in the loop: windows per forward pass")
+    device: str = Field("cpu", description="torch device for encoding/decoding and the model")
+    dtype: str = Field("float32", description="the model's dtype in the loop")
+
+
+class RivalryConfig(BaseModel):
+    """The rivalry study's parameters; the defaults are the paper's protocol."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    store: str = Field("storage/lakes/demo.zarr", description="the question lake (path or URL)")
+    storage_options: dict[str, Any] | None = Field(None, description="fsspec options for a remote store")
+    layers: list[int] | None = Field(None, description="layers to test; default: every captured layer")
+    protocol: Literal["paper", "per_question"] = Field(
+        "paper", description="paper: correlations across a group's questions at the prompt's end; "
+                             "per_question: one score per question over its distinct completions")
+    entropy: Literal["first_word", "exact", "sampled"] = Field(
+        "first_word", description="first_word: the paper's normalised first-word entropy of the samples; "
+                                  "exact: logit entropy (nats); sampled: first-token empirical entropy (nats)")
+    rule: Literal["thresholds", "median", "quantile", "threshold"] = Field(
+        "thresholds", description="thresholds: ambiguous > high, unambiguous < low (the paper)")
+    high: float = Field(0.7, description="thresholds rule: ambiguous above this entropy")
+    low: float = Field(0.5, description="thresholds rule: unambiguous below this entropy")
+    q: float = Field(0.25, gt=0, le=0.5, description="quantile rule: top/bottom fraction")
+    threshold: float | None = Field(None, description="threshold rule: ambiguous above this entropy")
+    percentile: float = Field(5.0, gt=0, lt=100, description="the percentile of pair correlations (p5)")
+    min_mean: float = Field(0.01, ge=0, description="paper: keep features with mean activation above this")
+    max_features: int | None = Field(300, ge=2, description="paper: at most this many features (random, "
+                                                            "feature_seed); None: all (p5 in bounded memory)")
+    feature_seed: int = Field(42, description="paper: seed of the feature cap's random choice")
+    min_questions: int = Field(1, ge=1, description="paper: keep features active in at least this many questions")
+    n_perm: int = Field(1000, ge=0, description="label permutations of the calibrated test")
+    n_null: int = Field(1, ge=1, description="feature-marginal null draws per evaluation of the test statistic")
+    n_boot: int = Field(1000, ge=0, description="bootstrap resamples for CIs")
+    seed: int = Field(0, description="seed of permutations, nulls and bootstraps")
+    block_questions: int = Field(256, ge=1, description="per_question: questions read per block")
+    correctness: bool = Field(True, description="AUROC of the per-prompt score for `correct` (reads the SAE's "
+                                                "decoder from the lake's sae_source)")
+    n_jobs: int | None = Field(None, ge=1, description="threads for the permutations (default: up to 4 cores)")
+
+    def paper_params(self) -> PaperParams:
+        from qsae.analysis.rivalry import PaperParams
+
+        return PaperParams(self.percentile, self.min_mean, self.max_features, self.feature_seed,
+                           self.min_questions, self.n_null)
+
+
+class CompareConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    base_sae: str = Field(..., description="SAE of the base model (file, folder or cached repo id)")
+    finetuned_sae: str = Field(..., description="SAE of the fine-tuned model (may be the same SAE)")
+    layer: int | None = Field(None, description="layer, for per-layer SAE folders and the lakes")
+    threshold: float = Field(0.7, gt=0, le=1, description="no counterpart above this cosine: emerged/vanished")
+    candidates: int = Field(8, ge=1, description="partners kept per feature for the assignment")
+    block: int = Field(2048, ge=1, description="decoder rows per block of the similarity computation (bounded memory)")
+    base_lake: str | None = Field(None, description="question lake captured with the base model and base SAE")
+    finetuned_lake: str | None = Field(None, description="question lake of the fine-tuned model and its SAE")
+    inputs: Literal["prompt_end", "completion_end"] = Field(
+        "prompt_end", description="firing shifts from prompt-end codes (the same prompts through both models: "
+                                  "a fair comparison) or completion-end codes (each model's own sampled "
+                                  "completions: different inputs, labelled so)")
+    storage_options: dict[str, Any] | None = Field(None, description="fsspec options for remote lakes")
+    out: str | None = Field(None, description="store for the results group (default: the fine-tuned lake)")
+    top_n: int = Field(10, ge=1, description="largest shifts and emerged examples listed in the summary")
+    name: str = Field("compare", description="result group prefix: <name>/layer_<L>")

@@ -169,7 +169,13 @@ def test_export_loads_in_qsae_and_saelens_identically(synthetic):
     scale = ckpt["scale"]
     assert cfg["qsae_training"]["input_scale"] == pytest.approx(scale)
     with torch.no_grad():
-        torch.testing.assert_close(ours(batch), trained(batch / scale)[0] * scale, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(ours(batch), trained(batch / scale).x_hat * scale, rtol=1e-5, atol=1e-4)
+        # to_inference is the same function as the export, in memory
+        from qsae.sae.trainable import InputScaler
+
+        frozen = trained.to_inference(InputScaler(scale))
+        torch.testing.assert_close(frozen.encode(batch), ours.encode(batch))
+        torch.testing.assert_close(frozen(batch), ours(batch))
 
 
 def test_init_from_continues_an_exported_sae(synthetic):
@@ -188,7 +194,7 @@ def test_init_from_continues_an_exported_sae(synthetic):
 def test_auxk_is_normalised_by_the_variance_of_the_residual_error():
     """Gao et al. / sparsify: ||e - e_hat||^2 / ||e - mean(e)||^2 over the batch, so scaling the
     error (and the decoder with it) leaves it unchanged; a plain mean would scale with c^2."""
-    from qsae.jobs.train import auxk_loss
+    from qsae.sae.trainable import auxk_loss
 
     g = torch.Generator().manual_seed(0)
     err, pre, W_dec = torch.randn(64, 8, generator=g), torch.randn(64, 20, generator=g), torch.randn(20, 8, generator=g)
@@ -211,8 +217,8 @@ def test_init_from_folds_the_source_pre_encoder_bias_into_b_enc():
     """A Qwen-Scope SAE encodes x @ W_enc + b_enc (b_pre = 0, b_dec != 0): the trainer starts
     from the same pre-activations; a 9B-release ReLU SAE (free decoder norms) from the same
     function."""
-    from qsae.jobs.train import _init_from
     from qsae.sae.formats import load_sae_file
+    from qsae.sae.trainable import InputScaler
 
     from .helpers import qwen_scope_dict, write_relu_checkpoint
 
@@ -221,7 +227,7 @@ def test_init_from_folds_the_source_pre_encoder_bias_into_b_enc():
     src = load_sae_file_from_dict(qwen_scope_dict(d_model=16, d_sae=64), k=8)
     assert float(src.b_dec.abs().sum()) > 0 and float(src.b_pre.abs().sum()) == 0
     sae = TrainableSAE(16, 64, "topk", 8, torch.Generator().manual_seed(0))
-    _init_from(sae, src, scale)
+    sae.load_from(src, InputScaler(scale))
     with torch.no_grad():
         torch.testing.assert_close(sae.pre(x / scale), src.pre_activations(x), rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(sae.codes(sae.pre(x / scale)), src.encode(x), rtol=1e-5, atol=1e-4)
@@ -234,7 +240,7 @@ def test_init_from_folds_the_source_pre_encoder_bias_into_b_enc():
         relu = load_sae_file(path, layer=None)
     relu.W_dec.data *= torch.linspace(0.5, 2.0, 64)[:, None]  # free decoder norms, as the release trains
     sae = TrainableSAE(16, 64, "relu", 8, torch.Generator().manual_seed(0))
-    _init_from(sae, relu, scale)
+    sae.load_from(relu, InputScaler(scale))
     with torch.no_grad():
         torch.testing.assert_close(sae(x / scale)[0] * scale, relu(x), rtol=1e-5, atol=1e-4)
 

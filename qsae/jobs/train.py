@@ -6,11 +6,12 @@ the next buffer is read in a background thread while the current one trains. The
 pure function of (seed, epoch, buffer), so training resumed from a checkpoint sees exactly
 the batches it would have seen.
 
-Model: ``pre = (x - b_dec) @ W_enc + b_enc``; TopK keeps the k largest (then ReLU), ReLU
-keeps all positive; ``x_hat = z @ W_dec + b_dec``. Decoder rows (one per feature) are kept at
-unit norm (the gradient component along them is removed before each step). Inputs are
-scaled by one scalar so that E||x||^2 = d_model; the scale is folded into the exported
-weights, so the saved SAE reads raw activations.
+Model (``qsae.sae.trainable``): ``pre = (x - b_dec) @ W_enc + b_enc``; TopK keeps the k
+largest (then ReLU), ReLU keeps all positive; ``x_hat = z @ W_dec + b_dec``. Decoder rows
+(one per feature) are kept at unit norm (the gradient component along them is removed before
+each step). Inputs are scaled by one scalar so that E||x||^2 = d_model (``InputScaler``); the
+scale is folded into the exported weights, so the saved SAE reads raw activations. The
+``Trainer`` holds the step, optimiser, tracker and scaler; its checkpoint holds all of them.
 
 TopK loss: MSE + aux_coefficient * AuxK (Gao et al. 2024, as sparsify): AuxK reconstructs the
 residual error e = x - x_hat from the top ``aux_k`` pre-activations of latents dead for
@@ -42,11 +43,12 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from qsae.errors import LayerError
 from qsae.jobs.configs import DEFAULT_LR, TrainConfig
 from qsae.lake.store import TokenLake
+from qsae.sae.model import SAE
+from qsae.sae.trainable import ForwardOutput, InputScaler, TrainableSAE, auxk_loss
 
 log = logging.getLogger("qsae.jobs.train")
 
@@ -182,39 +184,6 @@ class DeadFeatureTracker:
         return int(self.dead_mask().sum())
 
 
-class TrainableSAE(torch.nn.Module):
-    def __init__(self, d_model: int, d_sae: int, architecture: str, k: int, generator: torch.Generator):
-        super().__init__()
-        w = torch.randn(d_sae, d_model, generator=generator)
-        w /= w.norm(dim=-1, keepdim=True)
-        self.W_dec = torch.nn.Parameter(w)
-        self.W_enc = torch.nn.Parameter(w.T.clone())
-        self.b_enc = torch.nn.Parameter(torch.zeros(d_sae))
-        self.b_dec = torch.nn.Parameter(torch.zeros(d_model))
-        self.architecture, self.k = architecture, k
-
-    def pre(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
-
-    def codes(self, pre: torch.Tensor) -> torch.Tensor:
-        if self.architecture == "relu":
-            return pre.relu()
-        vals, idx = pre.topk(self.k, dim=-1)
-        return torch.zeros_like(pre).scatter(-1, idx, vals.relu())
-
-    def forward(self, x: torch.Tensor):
-        pre = self.pre(x)
-        z = self.codes(pre)
-        return z @ self.W_dec + self.b_dec, z, pre
-
-    @torch.no_grad()
-    def keep_decoder_unit_norm(self) -> None:
-        if self.W_dec.grad is not None:
-            g = self.W_dec.grad
-            g -= (g * self.W_dec).sum(-1, keepdim=True) * self.W_dec
-        self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True)
-
-
 @dataclass
 class Metrics:
     """Sums over a logging window (raw activation units)."""
@@ -256,17 +225,6 @@ class Metrics:
         return out
 
 
-def auxk_loss(err: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor, W_dec: torch.Tensor, aux_k: int) -> torch.Tensor:
-    """Gao et al.'s AuxK: the error ``err`` modelled by the top ``aux_k`` dead latents' codes
-    (through the decoder, no bias), its squared error over the batch divided by the error's
-    own total variance ``||err - mean(err)||^2`` (as sparsify does)."""
-    kk = min(aux_k, int(dead.sum()))
-    vals, idx = pre.masked_fill(~dead, float("-inf")).topk(kk, dim=-1)
-    e_hat = torch.zeros_like(pre).scatter(-1, idx, vals.relu()) @ W_dec
-    total_var = (err - err.mean(0)).pow(2).sum()
-    return (e_hat - err).pow(2).sum() / total_var.clamp_min(torch.finfo(err.dtype).tiny)
-
-
 @dataclass
 class TrainResult:
     out: Path
@@ -277,42 +235,100 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-@torch.no_grad()
-def _init_from(sae: TrainableSAE, src, scale: float) -> None:
-    """Load an SAE (raw-activation units) into the trainer's scaled parametrisation.
-
-    The source encodes ``(x - b_pre) @ W_enc + b_enc``; the trainer subtracts ``b_dec`` instead,
-    so ``(b_dec - b_pre) @ W_enc`` is folded into ``b_enc`` (a Qwen-Scope SAE has b_pre = 0 and
-    b_dec != 0): the pre-activations are the source's exactly. Decoder rows are renormalised to
-    unit length (a training invariant); for a ReLU SAE each latent's encoder column and bias
-    are multiplied by its scaled decoder row's norm, so the function is unchanged; a TopK SAE's
-    ranking would change under that, so there the codes stay the source's and x_hat changes
-    by the renormalisation only.
-    """
-    if (src.d_model, src.d_sae) != tuple(sae.W_enc.shape):
-        raise ValueError(f"{src.info.source} is {src.d_model} x {src.d_sae}, the trainer needs {tuple(sae.W_enc.shape)}")
-    W_dec = src.W_dec.float()
-    norms = W_dec.norm(dim=-1)  # the scaled decoder W_dec / scale has row norms norms / scale
-    W_enc, b_dec = src.W_enc.float(), src.b_dec.float()
-    b_enc = src.b_enc.float() + (b_dec - src.b_pre.float()) @ W_enc
-    if sae.architecture == "relu":
-        W_enc, b_enc = W_enc * (norms / scale), b_enc * (norms / scale)
-    sae.W_dec.copy_(W_dec / norms[:, None])
-    sae.W_enc.copy_(W_enc * scale)
-    sae.b_enc.copy_(b_enc)
-    sae.b_dec.copy_(b_dec / scale)
-
-
 def _checkpoint_path(cfg: TrainConfig) -> Path:
     return Path(cfg.out) / "checkpoints" / "latest.pt"
 
 
-def _save_checkpoint(path: Path, sae: TrainableSAE, opt, step: int, tracker: DeadFeatureTracker, scale: float, cfg: TrainConfig) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"sae": sae.state_dict(), "opt": opt.state_dict(), "step": step, "since": tracker.since,
-                "scale": scale, "config": cfg.model_dump_json()}, tmp)
-    tmp.replace(path)
+class Trainer:
+    """One run's state: the SAE, its input scaler, the optimiser, the dead-latent tracker and the
+    step. A checkpoint holds all of it, so a resumed run continues bit for bit."""
+
+    def __init__(self, cfg: TrainConfig, d_model: int, d_sae: int):
+        self.cfg = cfg
+        self.sae = TrainableSAE(d_model, d_sae, cfg.architecture, cfg.k, torch.Generator().manual_seed(cfg.seed))
+        self.tracker = DeadFeatureTracker(d_sae, cfg.dead_tokens)
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr or DEFAULT_LR[cfg.architecture], betas=(0.9, 0.999))
+        self.scaler = InputScaler(1.0)
+        self.step = 0
+        self.l1 = cfg.l1_coefficient
+
+    def start(self, first: np.ndarray, init: SAE | None = None) -> None:
+        """A fresh run: the scale from the first buffer, then the initial SAE (or b_dec at the mean)."""
+        self.scaler = InputScaler.fit(first)
+        with torch.no_grad():
+            if init is not None:
+                self.sae.load_from(init, self.scaler)
+            else:
+                self.sae.b_dec.copy_(torch.from_numpy(first.mean(0) / self.scaler.scale).float())
+        self._set_l1()
+
+    def _set_l1(self) -> None:
+        # The L1 weight on the scaled inputs: λ itself, or λ / scale^2 for the raw-unit trade-off
+        # (raw loss = scale^2 * MSE_scaled + λ * L1, and the codes are the same in both units).
+        c = self.cfg
+        self.l1 = c.l1_coefficient / self.scaler.scale**2 if c.l1_units == "raw" else c.l1_coefficient
+
+    def to(self, dev: torch.device) -> Trainer:
+        self.sae.to(dev)
+        for state in self.opt.state.values():
+            for key, val in state.items():
+                if isinstance(val, torch.Tensor) and val.dim() > 0:
+                    state[key] = val.to(dev)
+        return self
+
+    def train_step(self, xb: torch.Tensor) -> tuple[float, ForwardOutput]:
+        """One optimiser step on a batch of raw activations; the loss and the forward output."""
+        cfg, sae = self.cfg, self.sae
+        x = self.scaler(xb)
+        out = sae(x)
+        err = x - out.x_hat
+        loss = err.pow(2).mean()
+        if cfg.architecture == "relu":
+            loss = loss + self.l1 * out.codes.abs().sum(-1).mean()
+        else:
+            dead = self.tracker.dead_mask().to(xb.device)
+            n_dead = int(dead.sum())
+            if n_dead and cfg.aux_coefficient:
+                aux = auxk_loss(err.detach(), out.pre, dead, sae.W_dec, cfg.aux_k)
+                loss = loss + cfg.aux_coefficient * min(n_dead / cfg.aux_k, 1.0) * aux
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sae.keep_decoder_unit_norm()
+        self.opt.step()
+        with torch.no_grad():
+            sae.W_dec /= sae.W_dec.norm(dim=-1, keepdim=True)
+        self.step += 1
+        self.tracker.update((out.codes > 0).any(0), xb.shape[0])
+        return float(loss), out
+
+    def save(self, path: Path) -> None:
+        """The checkpoint, written atomically (tmp file, then rename)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"sae": self.sae.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
+                    "since": self.tracker.since, "scale": self.scaler.scale, "config": self.cfg.model_dump_json()}, tmp)
+        tmp.replace(path)
+
+    def load(self, path: Path) -> None:
+        """Resume from a checkpoint written by the same training config."""
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        saved = TrainConfig.model_validate_json(ckpt["config"])
+        skip = {"resume", "device", "log_every", "checkpoint_every"}
+        if saved.model_dump(exclude=skip) != self.cfg.model_dump(exclude=skip):
+            raise ValueError(f"{path} was written by another training config; use another out= or resume=False")
+        self.sae.load_state_dict(ckpt["sae"])
+        self.opt.load_state_dict(ckpt["opt"])
+        self.tracker.since = ckpt["since"]
+        self.scaler, self.step = InputScaler(float(ckpt["scale"])), int(ckpt["step"])
+        self._set_l1()
+
+    def training_record(self, final: dict[str, Any]) -> dict[str, Any]:
+        """What the export records of the run (under ``qsae_training``)."""
+        cfg = self.cfg
+        rec = {"config": json.loads(cfg.model_dump_json()), "final": final}
+        if cfg.architecture == "relu":
+            rec["l1_coefficient_on_scaled_inputs"] = self.l1
+        return rec
 
 
 def train_sae(cfg: TrainConfig, log_fn: Callable[[dict[str, Any]], None] | None = None, progress: bool = False,
@@ -336,84 +352,39 @@ def train_sae(cfg: TrainConfig, log_fn: Callable[[dict[str, Any]], None] | None 
 
         init = load_sae(cfg.init_from, k=1)  # only its weights matter; a TopK file without k loads too
         d_sae = init.d_sae
-    lr = cfg.lr or DEFAULT_LR[cfg.architecture]
     stream = ShuffledStream(source, cfg.batch_size, cfg.buffer_blocks, cfg.seed)
     total_tokens = cfg.total_tokens or int(cfg.epochs * stream.rows_per_epoch)
     total_steps = max(1, total_tokens // cfg.batch_size)
     dev = torch.device(cfg.device)
 
-    gen = torch.Generator().manual_seed(cfg.seed)
-    sae = TrainableSAE(d_model, d_sae, cfg.architecture, cfg.k, gen)
-    tracker = DeadFeatureTracker(d_sae, cfg.dead_tokens)
-    opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999))
+    trainer = Trainer(cfg, d_model, d_sae)
     ckpt_path = _checkpoint_path(cfg)
-    step = 0
     if cfg.resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        saved = TrainConfig.model_validate_json(ckpt["config"])
-        if saved.model_dump(exclude={"resume", "device", "log_every", "checkpoint_every"}) != cfg.model_dump(
-                exclude={"resume", "device", "log_every", "checkpoint_every"}):
-            raise ValueError(f"{ckpt_path} was written by another training config; use another out= or resume=False")
-        sae.load_state_dict(ckpt["sae"])
-        opt.load_state_dict(ckpt["opt"])
-        tracker.since = ckpt["since"]
-        scale, step = float(ckpt["scale"]), int(ckpt["step"])
+        trainer.load(ckpt_path)
     else:
-        first = next(stream._buffers(0))
-        scale = float(np.sqrt(np.mean(np.sum(first.astype(np.float64) ** 2, axis=1)) / d_model))
-        with torch.no_grad():
-            if init is not None:
-                _init_from(sae, init, scale)
-            else:
-                sae.b_dec.copy_(torch.from_numpy(first.mean(0) / scale).float())
-    sae.to(dev)
-    for state in opt.state.values():
-        for key, val in state.items():
-            if isinstance(val, torch.Tensor) and val.dim() > 0:
-                state[key] = val.to(dev)
-
-    # The L1 weight on the scaled inputs: λ itself, or λ / scale^2 for the raw-unit trade-off
-    # (raw loss = scale^2 * MSE_scaled + λ * L1, and the codes are the same in both units).
-    l1 = cfg.l1_coefficient / scale**2 if cfg.l1_units == "raw" else cfg.l1_coefficient
+        trainer.start(next(stream._buffers(0)), init)
+    trainer.to(dev)
     relu_l1 = cfg.l1_coefficient if cfg.architecture == "relu" else None
+
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total_steps, initial=step, unit="step", desc=f"train {cfg.architecture}")
+        bar = tqdm(total=total_steps, initial=trainer.step, unit="step", desc=f"train {cfg.architecture}")
     history: list[dict[str, float]] = []
     window = Metrics()
     t0 = time.perf_counter()
-    batches = stream.batches(step)
+    batches = stream.batches(trainer.step)
     try:
-        while step < total_steps:
+        while trainer.step < total_steps:
             xb = torch.from_numpy(next(batches)).to(dev)
-            x = xb / scale
-            x_hat, z, pre = sae(x)
-            err = x - x_hat
-            loss = err.pow(2).mean()
-            if cfg.architecture == "relu":
-                loss = loss + l1 * z.abs().sum(-1).mean()
-            else:
-                dead = tracker.dead_mask().to(dev)
-                n_dead = int(dead.sum())
-                if n_dead and cfg.aux_coefficient:
-                    aux = auxk_loss(err.detach(), pre, dead, sae.W_dec, cfg.aux_k)
-                    loss = loss + cfg.aux_coefficient * min(n_dead / cfg.aux_k, 1.0) * aux
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            sae.keep_decoder_unit_norm()
-            opt.step()
+            loss, out = trainer.train_step(xb)
+            step = trainer.step
             with torch.no_grad():
-                sae.W_dec /= sae.W_dec.norm(dim=-1, keepdim=True)
-            step += 1
-            fired = (z > 0).any(0)
-            tracker.update(fired, xb.shape[0])
-            with torch.no_grad():
-                window.add(xb, x_hat * scale, z, float(loss))
+                window.add(xb, trainer.scaler.unscale(out.x_hat), out.codes, loss)
             if step % cfg.log_every == 0 or step == total_steps:
                 entry = {"step": step, "tokens": step * cfg.batch_size, **window.summary(d_model, relu_l1),
-                         "dead": tracker.n_dead}
+                         "dead": trainer.tracker.n_dead}
                 history.append(entry)
                 window = Metrics()
                 if log_fn:
@@ -421,7 +392,7 @@ def train_sae(cfg: TrainConfig, log_fn: Callable[[dict[str, Any]], None] | None 
                 if bar is not None:
                     bar.set_postfix(fve=f"{entry['fve']:.3f}", l0=f"{entry['l0']:.1f}", dead=entry["dead"])
             if step % cfg.checkpoint_every == 0 or step == total_steps:
-                _save_checkpoint(ckpt_path, sae, opt, step, tracker, scale, cfg)
+                trainer.save(ckpt_path)
             if bar is not None:
                 bar.update(1)
     finally:
@@ -429,46 +400,6 @@ def train_sae(cfg: TrainConfig, log_fn: Callable[[dict[str, Any]], None] | None 
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - t0
-    final = {**(history[-1] if history else {}), "dead": tracker.n_dead, "d_sae": d_sae}
-    out = export_saelens(sae, scale, cfg, Path(cfg.out), lineage, final, d_sae)
-    return TrainResult(out, step, step * cfg.batch_size, seconds, final, history)
-
-
-def export_saelens(sae: TrainableSAE, scale: float, cfg: TrainConfig, out: Path, lineage: dict[str, Any],
-                   final: dict[str, Any], d_sae: int) -> Path:
-    """Write ``cfg.json`` + ``sae_weights.safetensors`` (SAELens format, raw-activation units)."""
-    out.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        weights = {
-            "W_enc": (sae.W_enc / scale).detach().cpu().contiguous(),
-            "b_enc": sae.b_enc.detach().cpu().contiguous(),
-            "W_dec": (sae.W_dec * scale).detach().cpu().contiguous(),
-            "b_dec": (sae.b_dec * scale).detach().cpu().contiguous(),
-        }
-    save_file(weights, str(out / "sae_weights.safetensors"))
-    layer, hook = lineage.get("layer"), lineage.get("hook", "resid_post")
-    cfg_json = {
-        "architecture": "topk" if cfg.architecture == "topk" else "standard",
-        "d_in": int(weights["W_enc"].shape[0]),
-        "d_sae": d_sae,
-        "dtype": "float32",
-        "device": "cpu",
-        "apply_b_dec_to_input": True,
-        "normalize_activations": "none",
-        "reshape_activations": "none",
-        "metadata": {
-            "model_name": lineage.get("model"),
-            "hook_name": f"blocks.{layer}.hook_{hook}" if layer is not None else None,
-            "hook_layer": layer,
-            "context_size": lineage.get("context_length"),
-            "dataset_path": lineage.get("store"),
-        },
-        "qsae_training": {"config": json.loads(cfg.model_dump_json()), "input_scale": scale, "final": final,
-                          **({"l1_coefficient_on_scaled_inputs": cfg.l1_coefficient / scale**2
-                              if cfg.l1_units == "raw" else cfg.l1_coefficient}
-                             if cfg.architecture == "relu" else {})},
-    }
-    if cfg.architecture == "topk":
-        cfg_json["k"] = cfg.k
-    (out / "cfg.json").write_text(json.dumps(cfg_json, indent=2))
-    return out
+    final = {**(history[-1] if history else {}), "dead": trainer.tracker.n_dead, "d_sae": d_sae}
+    out_dir = trainer.sae.save_saelens(Path(cfg.out), trainer.scaler, lineage, trainer.training_record(final))
+    return TrainResult(out_dir, trainer.step, trainer.step * cfg.batch_size, seconds, final, history)

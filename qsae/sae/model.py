@@ -43,6 +43,20 @@ class SAEInfo:
     topk_relu: bool = True
 
 
+def encoder_pre(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_pre: torch.Tensor) -> torch.Tensor:
+    """``(x - b_pre) @ W_enc + b_enc``: the one encoder (the frozen SAE and its trainable twin)."""
+    return (x - b_pre) @ W_enc + b_enc
+
+
+def activate(pre: torch.Tensor, activation: str, k: int | None, topk_relu: bool = True) -> torch.Tensor:
+    """Dense codes from pre-activations: ReLU, or the k largest kept (ReLU'd or as they are,
+    ``topk_relu``) and the rest zero. Shared by ``SAE.encode`` and the trainer."""
+    if activation == "relu":
+        return pre.relu()
+    vals, idx = pre.topk(k, dim=-1)
+    return torch.zeros_like(pre).scatter(-1, idx, vals.relu() if topk_relu else vals)
+
+
 class SAE(torch.nn.Module):
     """A sparse autoencoder: ``encode_topk`` gives sparse codes, ``decode`` rebuilds x."""
 
@@ -108,8 +122,7 @@ class SAE(torch.nn.Module):
     # ------------------------------------------------------------------ encoding
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         """Encoder pre-activations, computed in the SAE's dtype."""
-        x = x.to(self.W_enc.dtype)
-        return (x - self.b_pre) @ self.W_enc + self.b_enc
+        return encoder_pre(x.to(self.W_enc.dtype), self.W_enc, self.b_enc, self.b_pre)
 
     def encode_topk(self, x: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Sparse codes ``(indices, values)`` of shape ``(..., k)``, sorted by index ascending.
@@ -131,11 +144,7 @@ class SAE(torch.nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Dense codes ``(..., d_sae)`` (for small batches, tests and training)."""
-        pre = self.pre_activations(x)
-        if self.info.activation == "relu":
-            return pre.relu()
-        idx, vals = self.encode_topk(x)
-        return torch.zeros_like(pre).scatter_(-1, idx, vals)
+        return activate(self.pre_activations(x), self.info.activation, self.info.k, self.info.topk_relu)
 
     # ------------------------------------------------------------------ decoding
     def decode(self, z: torch.Tensor) -> torch.Tensor:

@@ -75,7 +75,7 @@ def capture_flow(config: CaptureConfig = CaptureConfig(), shards_per_task: int =
     groups = group_shards(pending, shards_per_task)
     futures = capture_shards_task.map(unmapped(config), groups) if groups else []
     results = [f.result() for f in futures]
-    lake = QuestionLake.open(config.store, mode="r+", storage_options=config.storage_options)
+    lake = QuestionLake.open(config.ref, mode="r+")
     if shards is None:  # a fanned-out child leaves the store's attributes to its parent (no racing writes)
         lake.update_attrs(last_capture={"shards": pending, "questions": sum(r["questions"] for r in results)})
     create_markdown_artifact(markdown=summary_markdown(config, lake, results), key="qsae-capture",

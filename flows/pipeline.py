@@ -88,7 +88,7 @@ def pipeline_flow(
         captures = fan_out_capture(config, capture_deployment, groups, queues[: len(groups)], shards_per_task)
     elif pending:
         capture_flow(config=config, shards_per_task=shards_per_task)
-    lake = QuestionLake.open(config.store, mode="r+", storage_options=resolved.storage_options)
+    lake = QuestionLake.open(resolved.ref, mode="r+")
     if not lake.done_mask().all():
         raise RuntimeError(f"{config.store}: {int((~lake.done_mask()).sum())} questions not done after capture")
     lake.update_attrs(last_pipeline={"captures": captures})

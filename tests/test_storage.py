@@ -59,3 +59,38 @@ def test_profiles_ship_with_the_package_and_a_project_file_overrides(tmp_path, m
     assert load_profile("local") == ("/data/lakes", {})
     monkeypatch.setenv("QSAE_PROFILES", str(tmp_path / "none.yaml"))
     assert profiles_path() == tmp_path / "none.yaml"
+
+
+def test_store_ref_is_one_handle_for_a_store(tmp_path, monkeypatch):
+    """URL + options together: the zarr store, xarray's target, exists/delete, paths beside it."""
+    import numpy as np
+
+    from qsae.lake.storage import StoreRef
+    from qsae.lake.store import QuestionLake, open_lake
+
+    from .helpers import random_shard, small_spec
+
+    ref = StoreRef.of(str(tmp_path / "lake.zarr"))
+    assert StoreRef.of(ref) is ref and str(ref) == ref.url and ref.options == {}
+    assert not ref.exists()
+    lake = QuestionLake.open_or_create(ref, small_spec(n_questions=8))
+    lake.write_shard(0, random_shard(lake, 0))
+    assert ref.exists() and lake.ref == ref
+    np.testing.assert_array_equal(open_lake(ref).done.values, QuestionLake.open(ref.url).done_mask())
+    assert ref.figures / "rivalry/roc.png" == str(tmp_path / "lake.zarr.figures" / "rivalry" / "roc.png")
+    ref.delete()
+    assert not ref.exists() and not (tmp_path / "lake.zarr").exists()
+    # Remote: the options travel with the URL; none given means the environment's.
+    monkeypatch.setenv("QSAE_S3_ENDPOINT", "http://127.0.0.1:9")
+    s3 = StoreRef.of("s3://bucket/lake.zarr")
+    assert s3.options == {"endpoint_url": "http://127.0.0.1:9"} and s3.local_path is None
+    assert s3.figures / "x.png" == "s3://bucket/lake.zarr.figures/x.png"
+    given = StoreRef.of("s3://bucket/lake.zarr", {"key": "k"})
+    assert given.options == {"key": "k"} and StoreRef.of(given, {"key": "k"}) is given
+    with pytest.raises(ValueError, match="storage_options given twice"):
+        StoreRef.of(given, {"key": "other"})
+    mem = StoreRef.of("memory://qsae-ref-test/lake.zarr")
+    QuestionLake.open_or_create(mem, small_spec(n_questions=8))
+    assert mem.exists()
+    mem.delete()
+    assert not mem.exists()

@@ -25,7 +25,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -169,7 +168,7 @@ def plan_capture(cfg: CaptureConfig, log_fn: Log = log.info) -> CapturePlan:
         lineage={**capture_lineage(cfg, lm.name, lm.revision, qs, saes),
                  "vocab_size": int(lm.model.config.get_text_config().vocab_size)},
     )
-    lake = QuestionLake.open_or_create(cfg.store, spec, mode=cfg.mode, storage_options=cfg.storage_options)
+    lake = QuestionLake.open_or_create(cfg.ref, spec, mode=cfg.mode)
     if qs.problems and "dataset_problems" not in lake.attrs:
         lake.update_attrs(dataset_problems=[str(p) for p in qs.problems])
     return CapturePlan(lake, qs, lake.pending_shards(), long)
@@ -351,7 +350,7 @@ def capture_shards(
     lm = res.lm
     saes = get_saes(cfg, lm)
     qs = get_questions(cfg)
-    lake = QuestionLake.open(cfg.store, mode="r+", storage_options=cfg.storage_options)
+    lake = QuestionLake.open(cfg.ref, mode="r+")
     if list(lake.question_ids()) != qs.ids():
         raise DatasetError(f"the store's questions differ from {qs.name}: wrong store or dataset?")
     budget = prompt_budget(cfg, lm)
@@ -400,11 +399,9 @@ def run_capture(cfg: CaptureConfig, log_fn: Log = log.info, progress: bool = Fal
     plan = plan_capture(cfg, log_fn)
     log_fn(f"store {cfg.store}: {len(plan.pending)} of {plan.lake.n_shards} shards to capture")
     stats = capture_shards(cfg, plan.pending, log_fn, progress=progress)
-    return QuestionLake.open(cfg.store, storage_options=cfg.storage_options), stats
+    return QuestionLake.open(cfg.ref), stats
 
 
 def store_path_for(cfg: CaptureConfig) -> str:
     """The store URL with local paths made absolute (so workers agree on it)."""
-    if "://" in cfg.store:
-        return cfg.store
-    return str(Path(cfg.store).expanduser().resolve())
+    return cfg.ref.absolute

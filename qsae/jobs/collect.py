@@ -93,7 +93,7 @@ def collect(cfg: CollectConfig, log_fn: Callable[[str], None] = log.info, progre
                  "dataset_revision": corpus.revision, "context_length": cfg.context_length, "bos": cfg.bos,
                  "tokens_per_window": per},
     )
-    lake = TokenLake.open_or_create(cfg.store, spec, mode=cfg.mode, storage_options=cfg.storage_options)
+    lake = TokenLake.open_or_create(cfg.ref, spec, mode=cfg.mode)
     pending = lake.pending_shards()
     log_fn(f"token store {cfg.store}: {n_windows} windows x {per} tokens, {len(pending)} of {lake.n_shards} blocks to collect")
     t0 = time.perf_counter()
@@ -127,4 +127,4 @@ def collect(cfg: CollectConfig, log_fn: Callable[[str], None] = log.info, progre
     n_new = len(pending) * cfg.windows_per_batch * per
     if pending:
         log_fn(f"collected ~{n_new} tokens in {elapsed:.1f} s ({n_new / max(elapsed, 1e-9):.0f} tokens/s)")
-    return TokenLake.open(cfg.store, storage_options=cfg.storage_options)
+    return TokenLake.open(cfg.ref)

@@ -103,8 +103,8 @@ def run_compare(cfg: CompareConfig, log_fn: Callable[[str], None] = log.info) ->
     freq_a = freq_b = None
     lineage: dict[str, Any] = {}
     if cfg.base_lake and cfg.finetuned_lake:
-        ds_a = open_lake(cfg.base_lake, storage_options=cfg.storage_options)
-        ds_b = open_lake(cfg.finetuned_lake, storage_options=cfg.storage_options)
+        ds_a = open_lake(cfg.lake_ref(cfg.base_lake))
+        ds_b = open_lake(cfg.lake_ref(cfg.finetuned_lake))
         layer = cfg.layer if cfg.layer is not None else int(ds_b.layer.values[0])
         for role, ds, url, info in (("base", ds_a, cfg.base_lake, info_a), ("fine-tuned", ds_b, cfg.finetuned_lake, info_b)):
             check_codes_from(ds, url, layer, info, role)
@@ -138,13 +138,13 @@ def run_compare(cfg: CompareConfig, log_fn: Callable[[str], None] = log.info) ->
                                                 .to_dict("records")})
         summary["tokens"] = {"base": n_a, "finetuned": n_b}  # rows: questions (prompt_end) or samples
         lineage = {"base": lineage_of(dict(ds_a.attrs)), "finetuned": lineage_of(dict(ds_b.attrs))}
-    out = cfg.out or cfg.finetuned_lake
+    out = cfg.lake_ref(cfg.out or cfg.finetuned_lake) if (cfg.out or cfg.finetuned_lake) else None
     group = f"{cfg.name}/layer_{cfg.layer if cfg.layer is not None else 'all'}"
     fig_url = None
     if out:
         write_result_group(out, group, table, {"kind": "compare", "summary": summary, "params": cfg.model_dump(),
-                                               "lineage": lineage}, cfg.storage_options)
-        fig_url = save_figure(compare_figure(match, freq_a, freq_b), out, f"{group}/figure.png", cfg.storage_options)
+                                               "lineage": lineage})
+        fig_url = save_figure(compare_figure(match, freq_a, freq_b), out, f"{group}/figure.png")
     return CompareResult(group, summary, match, table, fig_url)
 
 

@@ -15,12 +15,26 @@ from qsae.errors import SAEFormatError
 
 if TYPE_CHECKING:
     from qsae.analysis.rivalry import PaperParams
+    from qsae.lake.storage import StoreRef
     from qsae.sae.model import SAE
+
+
+class _StoreFields:
+    """``ref``: the config's store and storage options as one handle (``StoreRef``)."""
+
+    store: str
+    storage_options: dict[str, Any] | None
+
+    @property
+    def ref(self) -> StoreRef:
+        from qsae.lake.storage import StoreRef
+
+        return StoreRef.of(self.store, self.storage_options)
 
 DEFAULT_LR = {"topk": 5e-4, "relu": 5e-5}
 
 
-class CaptureConfig(BaseModel):
+class CaptureConfig(_StoreFields, BaseModel):
     """One capture run. Fields that fix the lake's identity are checked on resume."""
 
     model_config = ConfigDict(extra="forbid")
@@ -77,7 +91,7 @@ class CaptureConfig(BaseModel):
         return self.hook or sae_hook or "resid_post"
 
 
-class CollectConfig(BaseModel):
+class CollectConfig(_StoreFields, BaseModel):
     """One collection run; the fields that fix the store are checked on resume."""
 
     model_config = ConfigDict(extra="forbid")
@@ -102,7 +116,7 @@ class CollectConfig(BaseModel):
     mode: Literal["resume", "overwrite", "create"] = Field("resume", description="resume (default), overwrite, or create")
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(_StoreFields, BaseModel):
     """One SAE training run over one layer of a token lake."""
 
     model_config = ConfigDict(extra="forbid")
@@ -138,7 +152,7 @@ class TrainConfig(BaseModel):
                                                     "features through a fine-tune); its width is used")
 
 
-class ReconstructionConfig(BaseModel):
+class ReconstructionConfig(_StoreFields, BaseModel):
     """What to evaluate: a question lake's stored codes per position, or a token lake of text."""
 
     model_config = ConfigDict(extra="forbid")
@@ -166,7 +180,7 @@ class ReconstructionConfig(BaseModel):
     dtype: str = Field("float32", description="the model's dtype in the loop")
 
 
-class RivalryConfig(BaseModel):
+class RivalryConfig(_StoreFields, BaseModel):
     """The rivalry study's parameters; the defaults are the paper's protocol."""
 
     model_config = ConfigDict(extra="forbid")
@@ -227,3 +241,9 @@ class CompareConfig(BaseModel):
     out: str | None = Field(None, description="store for the results group (default: the fine-tuned lake)")
     top_n: int = Field(10, ge=1, description="largest shifts and emerged examples listed in the summary")
     name: str = Field("compare", description="result group prefix: <name>/layer_<L>")
+
+    def lake_ref(self, url: str) -> StoreRef:
+        """One of the compared lakes (or ``out``) with this config's storage options."""
+        from qsae.lake.storage import StoreRef
+
+        return StoreRef.of(url, self.storage_options)

@@ -75,7 +75,7 @@ class ReconstructionResult:
 
 def plan_reconstruction(cfg: ReconstructionConfig) -> ReconstructionPlan:
     """Open the lake once: its kind, the layers (all captured by default) and the positions."""
-    ds = open_lake(cfg.store, storage_options=cfg.storage_options)
+    ds = open_lake(cfg.ref)
     attrs = dict(ds.attrs)
     captured = [int(x) for x in ds.layer.values]
     layers = cfg.layers or captured
@@ -154,7 +154,7 @@ def _accumulate(rows, d_sae: int, d_model: int, encode) -> tuple[dict[str, float
 def offline_layer(plan: ReconstructionPlan, layer: int) -> LayerMetrics:
     """One layer's offline metrics at each position (the mapped step; reads only this layer)."""
     cfg = plan.cfg
-    ds = open_lake(cfg.store, storage_options=cfg.storage_options)
+    ds = open_lake(cfg.ref)
     d_model = ds.sizes["d_model"]
     metrics, density = {}, {}
     if plan.kind == KIND_TOKENS:
@@ -255,8 +255,8 @@ def finish_reconstruction(plan: ReconstructionPlan, offline: list[LayerMetrics],
                    "positions": {POSITION_LABELS[p][0]: POSITION_LABELS[p][1] for p in plan.positions},
                    "comparable_to_saebench": plan.kind == KIND_TOKENS,
                    "definitions": "see qsae.sae.metrics module docstring"}
-    write_result_group(cfg.store, RESULT_GROUP, table, table.attrs, cfg.storage_options)
-    fig_url = save_figure(reconstruction_figure(table), cfg.store, f"{RESULT_GROUP}/figure.png", cfg.storage_options)
+    write_result_group(cfg.ref, RESULT_GROUP, table, table.attrs)
+    fig_url = save_figure(reconstruction_figure(table), cfg.ref, f"{RESULT_GROUP}/figure.png")
     return ReconstructionResult(table, fig_url)
 
 

@@ -112,7 +112,7 @@ def question_entropy(ds: xr.Dataset, kind: str) -> np.ndarray:
 
 def plan_rivalry(cfg: RivalryConfig) -> RivalryPlan:
     """Open the lake, check it holds codes, compute the layer-independent question table."""
-    ds = open_lake(cfg.store, storage_options=cfg.storage_options)
+    ds = open_lake(cfg.ref)
     need = "prompt_codes_idx" if cfg.protocol == "paper" else "codes_idx"
     if need not in ds:
         raise SchemaError(f"{cfg.store} holds no SAE codes ({need}): capture with an SAE first")
@@ -170,7 +170,7 @@ def _correctness(plan: RivalryPlan, layer: int, idx: np.ndarray, val: np.ndarray
 def rivalry_layer(plan: RivalryPlan, layer: int) -> LayerResult:
     """One layer: the protocol's statistics, the calibrated test, the per-prompt AUROC."""
     cfg = plan.cfg
-    ds = open_lake(cfg.store, storage_options=cfg.storage_options)
+    ds = open_lake(cfg.ref)
     labels = plan.grouping.labels
     d_sae = int(plan.attrs["d_sae"])
     summary: dict[str, Any] = {"layer": layer}
@@ -262,14 +262,13 @@ def finish_rivalry(plan: RivalryPlan, results: list[LayerResult]) -> RivalryResu
             ds[key] = ("question", value)
         attrs = {"summary": {**r.summary, "groups": plan.groups_summary(), "params": params}, "lineage": lineage,
                  "kind": "rivalry"}
-        write_result_group(cfg.store, result_group(cfg, r.layer), ds, attrs, cfg.storage_options)
+        write_result_group(cfg.ref, result_group(cfg, r.layer), ds, attrs)
     summary = {"protocol": cfg.protocol, "layers": layers, "groups": plan.groups_summary(), "params": params,
                "n_samples": plan.n_samples, "k": plan.k,
                "by_layer": {r.layer: r.summary for r in results},
                "multiple_testing": "Holm across the layers tested, on the calibrated one-sided p-values"}
     group = result_group(cfg)
-    write_result_group(cfg.store, group, by_layer, {"summary": summary, "lineage": lineage, "kind": "rivalry"},
-                       cfg.storage_options)
+    write_result_group(cfg.ref, group, by_layer, {"summary": summary, "lineage": lineage, "kind": "rivalry"})
     figures, images = {}, {}
     for key, make in (("by_layer", lambda: by_layer_figure(by_layer, cfg)),
                       ("groups", lambda: groups_figure(plan, results, cfg)),
@@ -278,7 +277,7 @@ def finish_rivalry(plan: RivalryPlan, results: list[LayerResult]) -> RivalryResu
         if fig is None:
             continue
         images[key] = figure_png(fig)  # rendered once: written beside the store and inlined in artifacts
-        figures[key] = save_png(images[key], cfg.store, f"{group}/{key}.png", cfg.storage_options)
+        figures[key] = save_png(images[key], cfg.ref, f"{group}/{key}.png")
         _plt().close(fig)
     log.info("rivalry (%s) over layers %s: calibrated p %s, Holm %s", cfg.protocol, layers,
              np.round(p_cal, 4).tolist(), np.round(p_holm, 4).tolist())

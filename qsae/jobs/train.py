@@ -336,7 +336,7 @@ def train_sae(cfg: TrainConfig, log_fn: Callable[[dict[str, Any]], None] | None 
     """Train (or resume) an SAE and export it as a SAELens folder under ``cfg.out``."""
     lake = None
     if source is None:
-        lake = TokenLake.open(cfg.store, storage_options=cfg.storage_options)
+        lake = TokenLake.open(cfg.ref)
         layer = cfg.layer if cfg.layer is not None else (lake.layers[0] if len(lake.layers) == 1 else None)
         if layer is None:
             raise LayerError(f"the store has layers {lake.layers}: choose one with layer=")

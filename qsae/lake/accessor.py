@@ -22,6 +22,7 @@ import numpy as np
 import xarray as xr
 
 from qsae.errors import LayerError
+from qsae.lake.storage import StoreRef
 
 Which = Literal["completion", "prompt"]
 
@@ -154,7 +155,7 @@ class QsaeAccessor:
     # ------------------------------------------------------------------- selection
     def select(self, entropy: tuple[float | None, float | None] | None = None,
                correct: Literal["any", "all", "none"] | None = None, group: str | None = None,
-               rivalry: str | None = None, done_only: bool = True, store: str | None = None,
+               rivalry: str | None = None, done_only: bool = True, store: str | StoreRef | None = None,
                storage_options: dict | None = None, dataset_ids: Sequence[str | int] | None = None) -> xr.Dataset:
         """Questions by entropy range, correctness of their samples, rivalry group or dataset id.
 

@@ -6,23 +6,18 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import fsspec
 import zarr
 
-from qsae.lake.storage import local_path, resolve_storage_options
+from qsae.lake.storage import StoreRef
 from qsae.lake.store import Lake
 
 LINEAGE = ("model", "model_revision", "model_path", "hook", "sae_source", "d_sae", "k", "dataset", "dataset_revision",
            "sampling", "seed", "prompt_template", "resid_dtype", "schema_version", "qsae_version", "created")
 
 
-def _sizes_on_disk(url: str, storage_options: dict | None) -> dict[str, int]:
+def _sizes_on_disk(ref: StoreRef) -> dict[str, int]:
     """Bytes stored under each top-level name of the store."""
-    path = local_path(url)
-    if path is not None:
-        fs, root = fsspec.filesystem("file"), str(path)
-    else:
-        fs, root = fsspec.core.url_to_fs(url, **resolve_storage_options(url, storage_options))
+    fs, root = ref.fs()
     sizes: dict[str, int] = {}
     for name, info in fs.find(root, detail=True).items():
         rel = name[len(root.rstrip("/")) + 1:]
@@ -41,10 +36,12 @@ def _result_groups(group: zarr.Group, prefix: str = "") -> list[str]:
     return out
 
 
-def inspect_store(url: str, storage_options: dict | None = None) -> dict[str, Any]:
+def inspect_store(target: str | StoreRef, storage_options: dict | None = None) -> dict[str, Any]:
     """Everything ``qsae inspect`` prints, as a JSON-able dict."""
-    lake = Lake.open(url, storage_options=storage_options)
-    disk = _sizes_on_disk(url, storage_options)
+    ref = StoreRef.of(target, storage_options)
+    url = ref.url
+    lake = Lake.open(ref)
+    disk = _sizes_on_disk(ref)
     variables = {}
     for name, arr in lake.group.arrays():
         shards = getattr(arr, "shards", None)

@@ -16,7 +16,7 @@ import fsspec
 import numpy as np
 import xarray as xr
 
-from qsae.lake.storage import local_path, resolve_storage_options, xarray_target
+from qsae.lake.storage import StoreRef
 from qsae.lake.store import consolidate
 
 LINEAGE_KEYS = ("model", "model_revision", "sae_source", "sae_sha256", "dataset", "dataset_revision",
@@ -43,27 +43,24 @@ def _json_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
     return {k: clean(v) for k, v in attrs.items()}
 
 
-def write_result_group(url: str, group: str, ds: xr.Dataset, attrs: dict[str, Any],
+def write_result_group(target: str | StoreRef, group: str, ds: xr.Dataset, attrs: dict[str, Any],
                        storage_options: dict | None = None) -> str:
     """(Over)write a result group in the store; returns ``url#group``."""
+    ref = StoreRef.of(target, storage_options)
     ds = ds.copy()
     ds.attrs = _json_attrs(attrs)
     for name, var in ds.variables.items():
         if var.dtype.kind == "U":  # fixed-width UTF-32 has no zarr v3 spec: store variable-length
             ds[name] = var.astype(object)
-    target, opts = xarray_target(url, storage_options)
-    ds.to_zarr(target, group=group, mode="w", storage_options=opts or None, zarr_format=3, consolidated=False)
-    consolidate(url, storage_options)
-    return f"{url}#{group}"
+    path, opts = ref.xarray_target()
+    ds.to_zarr(path, group=group, mode="w", storage_options=opts or None, zarr_format=3, consolidated=False)
+    consolidate(ref)
+    return f"{ref.url}#{group}"
 
 
-def figure_url(url: str, key: str) -> str:
-    """Figures live beside the store (``<store>.figures/<key>``): zarr warns about foreign
-    objects inside its hierarchy, and a PNG next to the lake is easy to find and link."""
-    path = local_path(url)
-    if path is not None:
-        return str(path.with_name(path.name + ".figures") / key)
-    return f"{url.rstrip('/')}.figures/{key}"
+def figure_url(target: str | StoreRef, key: str) -> str:
+    """Figures live beside the store (``<store>.figures/<key>``, ``StoreRef.figures``)."""
+    return StoreRef.of(target).figures / key
 
 
 def figure_png(fig) -> bytes:
@@ -73,20 +70,20 @@ def figure_png(fig) -> bytes:
     return buf.getvalue()
 
 
-def save_png(png: bytes, url: str, key: str, storage_options: dict | None = None) -> str:
+def save_png(png: bytes, target: str | StoreRef, key: str, storage_options: dict | None = None) -> str:
     """Write PNG bytes at ``<store>.figures/<key>``; returns where they went."""
-    dest = figure_url(url, key)
-    opts = {} if local_path(url) is not None else resolve_storage_options(url, storage_options)
-    fs, path = fsspec.core.url_to_fs(dest, **opts)
+    figures = StoreRef.of(target, storage_options).figures
+    dest = figures / key
+    fs, path = fsspec.core.url_to_fs(dest, **figures.options)
     fs.makedirs(fs._parent(path), exist_ok=True)
     with fs.open(path, "wb") as f:
         f.write(png)
     return dest
 
 
-def save_figure(fig, url: str, key: str, storage_options: dict | None = None) -> str:
+def save_figure(fig, target: str | StoreRef, key: str, storage_options: dict | None = None) -> str:
     """Save a matplotlib figure as PNG at ``<store>.figures/<key>``; returns where it went."""
-    return save_png(figure_png(fig), url, key, storage_options)
+    return save_png(figure_png(fig), target, key, storage_options)
 
 
 def summary_json(summary: dict[str, Any]) -> str:

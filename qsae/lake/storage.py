@@ -10,6 +10,8 @@ from the repository.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,84 @@ def xarray_target(url: str, storage_options: dict[str, Any] | None = None) -> tu
     if path is not None:
         return str(path), {}
     return url, resolve_storage_options(url, storage_options)
+
+
+@dataclass(frozen=True)
+class StoreRef:
+    """One store, one handle: its URL and fsspec options, and what callers do with them (the
+    zarr store, xarray's target, exists/delete, paths beside it). pangeo-forge's
+    ``FSSpecTarget`` is the model. Configs keep plain ``store``/``storage_options`` fields
+    (Prefect parameters) and hand out ``cfg.ref``."""
+
+    url: str
+    storage_options: Mapping[str, Any] | None = field(default=None, hash=False)
+
+    @classmethod
+    def of(cls, target: str | StoreRef, storage_options: Mapping[str, Any] | None = None) -> StoreRef:
+        """A ref from a URL (with options) or an existing ref (options given here must agree)."""
+        if isinstance(target, StoreRef):
+            if storage_options and dict(storage_options) != dict(target.storage_options or {}):
+                raise ValueError(f"{target.url}: storage_options given twice, and they differ")
+            return target
+        return cls(str(target), dict(storage_options) if storage_options else None)
+
+    def __str__(self) -> str:
+        return self.url
+
+    @property
+    def local_path(self) -> Path | None:
+        """The filesystem path of a local store, None for a remote one."""
+        return local_path(self.url)
+
+    @property
+    def absolute(self) -> str:
+        """The absolute path of a local store, else the URL (what logs and results name)."""
+        path = self.local_path
+        return str(path) if path is not None else self.url
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The fsspec options in effect: the given ones, else those from the environment."""
+        return {} if self.local_path is not None else resolve_storage_options(self.url, self.storage_options)
+
+    def zarr_store(self, read_only: bool = False):
+        return zarr_store(self.url, self.storage_options, read_only=read_only)
+
+    def xarray_target(self) -> tuple[str, dict]:
+        """(url, storage_options) for ``xarray.open_zarr``/``to_zarr``."""
+        return xarray_target(self.url, self.storage_options)
+
+    def fs(self):
+        """(fsspec filesystem, root path) of the store."""
+        import fsspec
+
+        return fsspec.core.url_to_fs(self.absolute, **self.options)
+
+    def exists(self) -> bool:
+        fs, root = self.fs()
+        return bool(fs.exists(root))
+
+    def delete(self) -> None:
+        """Remove the whole store (nothing if there is none)."""
+        path = self.local_path
+        if path is not None:
+            import shutil
+
+            shutil.rmtree(path, ignore_errors=True)
+            return
+        fs, root = self.fs()
+        if fs.exists(root):
+            fs.rm(root, recursive=True)
+
+    def __truediv__(self, key: str) -> str:
+        """The URL/path of ``key`` inside this store or folder."""
+        return f"{self.absolute.rstrip('/')}/{key}"
+
+    @property
+    def figures(self) -> StoreRef:
+        """The folder beside the store that holds its figures (``<store>.figures``): zarr warns
+        about foreign objects inside its hierarchy, and a PNG next to the lake is easy to find."""
+        return StoreRef(self.absolute.rstrip("/") + ".figures", self.storage_options)
 
 
 def _expand(value: Any) -> Any:

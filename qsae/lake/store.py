@@ -18,7 +18,6 @@ import functools
 import hashlib
 import json
 import os
-import shutil
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -47,7 +46,7 @@ from qsae.lake.schema import (
     Variable,
     resolve_dtype,
 )
-from qsae.lake.storage import local_path, resolve_storage_options, xarray_target, zarr_store
+from qsae.lake.storage import StoreRef
 
 
 def _consolidate_metadata(store) -> None:
@@ -300,10 +299,10 @@ class Lake:
 
     schema: LakeSchema | None = None
 
-    def __init__(self, url: str, group: zarr.Group, storage_options: dict | None = None):
-        self.url = url
+    def __init__(self, ref: str | StoreRef, group: zarr.Group, storage_options: dict | None = None):
+        self.ref = StoreRef.of(ref, storage_options)
+        self.url, self.storage_options = self.ref.url, self.ref.storage_options
         self.group = group
-        self.storage_options = storage_options
         self.attrs = dict(group.attrs)
         self.schema = SCHEMAS[self.attrs["kind"]]
         present = set(group.array_keys())
@@ -314,21 +313,24 @@ class Lake:
 
     # ----------------------------------------------------------------- open/create
     @classmethod
-    def open_or_create(cls, url: str, spec: _Spec, mode: OpenMode = "resume", storage_options: dict | None = None):
+    def open_or_create(cls, target: str | StoreRef, spec: _Spec, mode: OpenMode = "resume",
+                       storage_options: dict | None = None):
         """Create the store for ``spec``, or reopen it to resume the same run.
 
         ``resume``: reopen an existing store only if its config equals ``spec`` (else
         ConfigMismatchError naming each difference). ``overwrite``: delete any existing
         store and start a new run. ``create``: refuse if a store exists.
         """
-        exists = store_exists(url, storage_options)
+        ref = StoreRef.of(target, storage_options)
+        url = ref.url
+        exists = store_exists(ref)
         if exists and mode == "create":
             raise ConfigMismatchError(f"a store already exists at {url} (mode='create')")
         if exists and mode == "overwrite":
-            delete_store(url, storage_options)
+            ref.delete()
             exists = False
         if exists:
-            lake = cls.open(url, mode="r+", storage_options=storage_options)
+            lake = cls.open(ref, mode="r+")
             diff = identity_diff(lake.attrs["config"], spec.identity())
             if diff:
                 lines = "\n".join(f"  {k}: store has {a!r}, asked for {b!r}" for k, (a, b) in diff.items())
@@ -337,11 +339,11 @@ class Lake:
                     "Use another --store, or mode='overwrite' to start a new run there."
                 )
             return lake
-        return cls._create(url, spec, storage_options)
+        return cls._create(ref, spec)
 
     @classmethod
-    def _create(cls, url: str, spec: _Spec, storage_options: dict | None):
-        store = zarr_store(url, storage_options)
+    def _create(cls, ref: StoreRef, spec: _Spec):
+        store = ref.zarr_store()
         group = zarr.open_group(store=store, mode="w", zarr_format=3)
         sizes = spec.sizes()
         for name, values in spec.coords().items():
@@ -383,20 +385,22 @@ class Lake:
         }
         group.attrs.update(attrs)
         _consolidate_metadata(store)
-        return cls.open(url, mode="r+", storage_options=storage_options)
+        return cls.open(ref, mode="r+")
 
     @classmethod
-    def open(cls, url: str, mode: Literal["r", "r+"] = "r", storage_options: dict | None = None):
+    def open(cls, target: str | StoreRef, mode: Literal["r", "r+"] = "r", storage_options: dict | None = None):
         """Open an existing store and validate it against its schema."""
+        ref = StoreRef.of(target, storage_options)
+        url = ref.url
         try:
-            store = zarr_store(url, storage_options, read_only=(mode == "r"))
+            store = ref.zarr_store(read_only=(mode == "r"))
             group = zarr.open_group(store=store, mode=mode, zarr_format=3, use_consolidated=False)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
             raise StoreUnreachableError(f"no lake at {url}: {exc}") from exc
         except Exception as exc:  # transport errors come from many libraries (botocore, aiohttp, ...)
             raise StoreUnreachableError(f"cannot open the store at {url}: {type(exc).__name__}: {exc}") from exc
         validate_group(group, url, expect=cls.schema)
-        return cls(url, group, storage_options)
+        return cls(ref, group)
 
     # --------------------------------------------------------------------- layout
     @property
@@ -492,7 +496,7 @@ class Lake:
 
     def _sync_region(self, region: slice, variables) -> None:
         """fsync the shard files of a region on local disk (remote stores are durable on PUT)."""
-        root = local_path(self.url)
+        root = self.ref.local_path
         if root is None:
             return
         shard_idx = region.start // self.layout.shard
@@ -519,10 +523,10 @@ class Lake:
             raise ValueError(f"refusing to change identity attributes {sorted(clash)}")
         self.group.attrs.update({k: _jsonable(v) for k, v in attrs.items()})
         self.attrs = dict(self.group.attrs)
-        consolidate(self.url, self.storage_options)
+        consolidate(self.ref)
 
     def to_xarray(self, **kwargs: Any) -> xr.Dataset:
-        return open_lake(self.url, storage_options=self.storage_options, **kwargs)
+        return open_lake(self.ref, **kwargs)
 
 
 class QuestionLake(Lake):
@@ -659,10 +663,12 @@ def validate_group(group: zarr.Group, url: str = "", expect: LakeSchema | None =
             raise SchemaError(f"{url}: {var.name} has dtype {got}, expected {want}")
 
 
-def store_exists(url: str, storage_options: dict | None = None) -> bool:
+def store_exists(target: str | StoreRef, storage_options: dict | None = None) -> bool:
     """True if a zarr group exists at the URL; StoreUnreachableError if it cannot be asked."""
+    ref = StoreRef.of(target, storage_options)
+    url = ref.url
     try:
-        store = zarr_store(url, storage_options, read_only=True)
+        store = ref.zarr_store(read_only=True)
         zarr.open_group(store=store, mode="r", zarr_format=3, use_consolidated=False)
         return True
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
@@ -671,40 +677,34 @@ def store_exists(url: str, storage_options: dict | None = None) -> bool:
         raise StoreUnreachableError(f"cannot reach the store at {url}: {type(exc).__name__}: {exc}") from exc
 
 
-def delete_store(url: str, storage_options: dict | None = None) -> None:
+def delete_store(target: str | StoreRef, storage_options: dict | None = None) -> None:
     """Remove a whole store (used when the caller asks for a new run)."""
-    path = local_path(url)
-    if path is not None:
-        shutil.rmtree(path, ignore_errors=True)
-        return
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(url, **resolve_storage_options(url, storage_options))
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
+    StoreRef.of(target, storage_options).delete()
 
 
-def consolidate(url: str, storage_options: dict | None = None) -> None:
+def consolidate(target: str | StoreRef, storage_options: dict | None = None) -> None:
     """Rewrite the consolidated metadata so xarray opens the store in one read.
 
     Remote filesystems (s3fs) cache directory listings per instance: a stale listing would
     leave groups written since out of the consolidated metadata, so the cache is dropped.
     """
-    store = zarr_store(url, storage_options)
+    store = StoreRef.of(target, storage_options).zarr_store()
     fs = getattr(store, "fs", None)
     if fs is not None and hasattr(fs, "invalidate_cache"):
         fs.invalidate_cache()
     _consolidate_metadata(store)
 
 
-def open_lake(url: str, storage_options: dict | None = None, group: str | None = None, **kwargs: Any) -> xr.Dataset:
+def open_lake(target: str | StoreRef, storage_options: dict | None = None, group: str | None = None,
+              **kwargs: Any) -> xr.Dataset:
     """Open a lake (or one of its result groups) lazily with xarray, after schema checks.
 
     Equivalent to ``xarray.open_zarr(url)`` on a valid lake; dask-backed, one dask chunk
     per inner zarr chunk unless ``chunks=`` says otherwise.
     """
+    ref = StoreRef.of(target, storage_options)
     if group is None:
-        Lake.open(url, storage_options=storage_options)  # reachable, and valid for its kind
-    target, opts = xarray_target(url, storage_options)
+        Lake.open(ref)  # reachable, and valid for its kind
+    path, opts = ref.xarray_target()
     kwargs.setdefault("consolidated", None)
-    return xr.open_zarr(target, storage_options=opts or None, group=group, **kwargs)
+    return xr.open_zarr(path, storage_options=opts or None, group=group, **kwargs)

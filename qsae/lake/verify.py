@@ -19,6 +19,7 @@ import numpy as np
 
 from qsae.errors import QsaeError
 from qsae.lake.schema import FP16_MAX
+from qsae.lake.storage import StoreRef
 from qsae.lake.store import QuestionLake, open_lake
 
 
@@ -136,13 +137,14 @@ def _check_block(ds, b: slice, report: Report, attrs: dict, vocab_log: float | N
     return int(done.sum())
 
 
-def verify(url: str, storage_options: dict | None = None, reencode: int = 0, seed: int = 0,
+def verify(target: str | StoreRef, storage_options: dict | None = None, reencode: int = 0, seed: int = 0,
            block_questions: int = 512) -> Report:
     """Verify a lake; ``reencode`` > 0 re-encodes that many random stored rows per layer."""
-    report = Report(url)
+    ref = StoreRef.of(target, storage_options)
+    report = Report(ref.url)
     try:
-        lake = QuestionLake.open(url, storage_options=storage_options)
-        ds = open_lake(url, storage_options=storage_options)
+        lake = QuestionLake.open(ref)
+        ds = open_lake(ref)
     except QsaeError as exc:
         report.fail(f"{type(exc).__name__}: {exc}")
         return report

@@ -23,7 +23,7 @@ from qsae.lake.store import QuestionLake
 def prepare_store(config: CaptureConfig) -> list[int]:
     """Create or reopen the lake (refusing another config) and list its pending shards."""
     logger = get_run_logger()
-    plan = plan_capture(config, logger.info)
+    plan = plan_capture(config)
     logger.info(f"{config.store}: {len(plan.questions)} questions, {plan.lake.n_shards} shards, "
                 f"{len(plan.pending)} pending")
     return plan.pending
@@ -33,7 +33,7 @@ def prepare_store(config: CaptureConfig) -> list[int]:
 def capture_shards_task(config: CaptureConfig, shards: list[int]) -> dict[str, Any]:
     """Capture a group of shards; each is rewritten whole, so a retry is idempotent."""
     logger = get_run_logger()
-    stats = capture_shards(config, shards, logger.info, progress=False)
+    stats = capture_shards(config, shards, progress=False)
     logger.info(f"shards {shards}: {stats.questions} questions, {stats.tokens_per_second:.0f} tokens/s, "
                 f"{stats.bytes_written / 1e6:.1f} MB written")
     return stats.as_dict()

@@ -75,6 +75,7 @@ def _prefect(server=None):
     """A Prefect API for the flow: PREFECT_API_URL if set, else a temporary server of our own
     (``server``, if the command launched it early to overlap its start with other work)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "qsae")  # the jobs' loggers in the run's logs
     from flows.server import prefect_api
 
     t0 = time.perf_counter()
@@ -121,7 +122,7 @@ def capture(
         typer.echo(f"{result['done']} of {result['n_questions']} questions done")
         _echo_open(result["store"])
     else:
-        lake, stats = run_capture(cfg, typer.echo, progress=True)
+        lake, stats = run_capture(cfg, progress=True)
         typer.echo(f"{stats.questions} questions captured, {stats.tokens_per_second:.0f} tokens/s")
         _echo_open(lake.url)
 
@@ -147,10 +148,10 @@ def demo(
 
         TIMES["imports (torch, transformers)"] = time.perf_counter() - t0
         t = time.perf_counter()
-        converted = ensure_demo_model(log_fn=typer.echo)
+        converted = ensure_demo_model()
         TIMES["model conversion (GGUF, once)" if converted else "model (already converted)"] = time.perf_counter() - t
         t = time.perf_counter()
-        sae = ensure_demo_sae(log_fn=typer.echo)
+        sae = ensure_demo_sae()
         TIMES["SAE"] = time.perf_counter() - t
         cfg = demo_capture_config(store, sae, questions)
         cfg = cfg.model_copy(update={"store": store_path_for(cfg)})
@@ -166,7 +167,7 @@ def demo(
             typer.echo(f"{result['done']} of {result['n_questions']} questions done")
         else:
             t = time.perf_counter()
-            run_capture(cfg, typer.echo, progress=True)
+            run_capture(cfg, progress=True)
             TIMES["capture (in-process)"] = time.perf_counter() - t
     finally:
         if server is not None:  # also when conversion or capture failed: never leave it running
@@ -181,8 +182,8 @@ def demo_sae(out: Path = typer.Option(..., help="folder for the SAELens export")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from qsae.jobs.demo import SHIPPED_SAE, ensure_demo_model, train_demo_sae
 
-    ensure_demo_model(log_fn=typer.echo)
-    folder = train_demo_sae(out, log_fn=typer.echo)
+    ensure_demo_model()
+    folder = train_demo_sae(out)
     made = json.loads((folder / "recipe.json").read_text())["sae_weights_sha256"]
     shipped = json.loads((SHIPPED_SAE / "recipe.json").read_text())["sae_weights_sha256"]
     same = "identical to" if made == shipped else "DIFFERENT from"
@@ -225,7 +226,7 @@ def collect(
         with _prefect():
             typer.echo(collect_flow(config=cfg))
     else:
-        lake = run(cfg, typer.echo, progress=True)
+        lake = run(cfg, progress=True)
         typer.echo(f"{lake.n_units} tokens in {lake.url}")
 
 
@@ -375,7 +376,7 @@ def compare(
             res = compare_flow(config=cfg)
         summary, figure = res["summary"], res["figure"]
     else:
-        r = run_compare(cfg, typer.echo)
+        r = run_compare(cfg)
         summary, figure = r.summary, r.figure
     typer.echo(summary_json({k: v for k, v in summary.items() if k != "emerged_examples"}))
     typer.echo(f"figure: {figure}")
@@ -391,7 +392,7 @@ def demo_compare(
     from qsae.jobs.demo_compare import build_and_compare
     from qsae.lake.results import summary_json
 
-    res, baseline = build_and_compare(finetune_steps=steps, questions=questions, log_fn=typer.echo)
+    res, baseline = build_and_compare(finetune_steps=steps, questions=questions)
     keys = ("matched", "matched_above_0.9", "emerged", "vanished", "mean_matched_similarity")
     typer.echo("control (base SAE vs itself continued on base activations): " + json.dumps({k: baseline[k] for k in keys}))
     typer.echo("base SAE vs itself continued on fine-tuned activations: " + json.dumps({k: res.summary[k] for k in keys}))
@@ -407,6 +408,20 @@ def _root(debug: bool = typer.Option(False, "--debug", help=f"show the traceback
     """qsae: an activation data lake for SAE interpretability research."""
 
 
+def show_job_logs() -> None:
+    """The jobs log through stdlib loggers under ``qsae``; the CLI prints their INFO lines on
+    stdout as its own output (Prefect runs also forward them: PREFECT_LOGGING_EXTRA_LOGGERS)."""
+    import logging
+
+    logger = logging.getLogger("qsae")
+    if not any(getattr(h, "_qsae_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._qsae_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> None:
     """The ``qsae`` entry point: qsae's own errors (``QsaeError``) as plain lines and exit status 2.
 
@@ -420,6 +435,7 @@ def main(argv: list[str] | None = None) -> None:
         debug = True
     from qsae.errors import QsaeError
 
+    show_job_logs()
     try:
         app(args=args, prog_name="qsae")
     except QsaeError as exc:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from flows.storage_blocks import resolve_secret_blocks
@@ -34,8 +34,7 @@ def summary_markdown(result) -> str:
 
 @flow(name="qsae-compare", log_prints=True)
 def compare_flow(config: CompareConfig) -> dict[str, Any]:
-    logger = get_run_logger()
     config = config.model_copy(update={"storage_options": resolve_secret_blocks(config.storage_options)})
-    result = run_compare(config, logger.info)
+    result = run_compare(config)
     create_markdown_artifact(key="qsae-compare", markdown=summary_markdown(result), description="SAE feature comparison")
     return {"group": result.group, "figure": result.figure, "summary": result.summary}

@@ -24,7 +24,7 @@ def collect_task(config: CollectConfig) -> dict[str, Any]:
 def train_task(config: TrainConfig) -> dict[str, Any]:
     """Train (resuming from the last checkpoint on a retry) and export the SAE."""
     logger = get_run_logger()
-    res = train_sae(config, log_fn=lambda e: logger.info(
+    res = train_sae(config, on_log=lambda e: logger.info(
         f"step {e['step']}: loss {e['loss']:.4g} mse {e['mse']:.4g} fve {e['fve']:.3f} l0 {e['l0']:.1f} dead {e['dead']}"))
     return {"out": str(res.out), "steps": res.steps, "tokens": res.tokens, "seconds": res.seconds, **res.final}
 

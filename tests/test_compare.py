@@ -164,3 +164,17 @@ def test_prompt_end_shifts_need_the_same_prompts_in_both_lakes(tmp_path):
     res = run_compare(CompareConfig(base_sae=base, finetuned_sae=base, layer=3, base_lake=lake_a, finetuned_lake=lake_b,
                                     inputs="completion_end"))
     assert res.summary["inputs"]["position"] == "completion_end"
+
+
+def test_compare_needs_a_layer_both_lakes_hold(tmp_path):
+    """No magic default layer: the only layer, or the one asked for if both lakes hold it."""
+    from qsae.errors import LayerError
+
+    W = np.random.default_rng(6).standard_normal((40, 8))
+    base = _sae_file(tmp_path / "base.pt", W)
+    lake = _code_lake(str(tmp_path / "a.zarr"), 40, 1, base)
+    res = run_compare(CompareConfig(base_sae=base, finetuned_sae=base, base_lake=lake, finetuned_lake=lake,
+                                    out=str(tmp_path / "out.zarr")))
+    assert res.summary["matched"] == 40  # the lakes' only layer, 3
+    with pytest.raises(LayerError, match=r"layer 5 is not in both lakes \(layers \[\[3\], \[3\]\]\)"):
+        run_compare(CompareConfig(base_sae=base, finetuned_sae=base, layer=5, base_lake=lake, finetuned_lake=lake))

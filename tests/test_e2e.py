@@ -129,7 +129,13 @@ def test_pipeline_deployment_on_two_workers_with_s3_lake(tmp_path, s3_server, ti
         assert out.returncode == 0 and "Completed" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:] + logs
 
         # Both workers took shards: the capture runs carry the worker's name label.
-        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter
+        from prefect.client.schemas.filters import (
+            DeploymentFilter,
+            DeploymentFilterName,
+            FlowRunFilter,
+            LogFilter,
+            LogFilterFlowRunId,
+        )
 
         with temporary_settings({PREFECT_API_URL: api}):
             with get_client(sync_client=True) as client:
@@ -138,7 +144,10 @@ def test_pipeline_deployment_on_two_workers_with_s3_lake(tmp_path, s3_server, ti
                 parents = client.read_flow_runs(flow_run_filter=FlowRunFilter(
                     deployment_id={"any_": [d.id for d in client.read_deployments()
                                             if d.name == "pipeline"]}))
+                logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[r.id for r in runs])))
         assert len(runs) == 2 and all(r.state.is_completed() for r in runs)
+        # The jobs log through stdlib loggers; the deployments forward them to the runs' logs (the UI).
+        assert any("questions captured" in entry.message for entry in logs), [e.message for e in logs][:20]
         assert {r.labels.get("prefect.worker.name") for r in runs} == {"w1", "w2"}
         assert sorted(tuple(r.parameters["shards"]) for r in runs) == [(0, 1), (2, 3)]
         assert parents and parents[0].state.is_completed()

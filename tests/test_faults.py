@@ -96,6 +96,7 @@ def test_sigkill_mid_shard_then_resume_equals_uninterrupted(fault_setup):
     out = subprocess.run([QSAE, "capture", "--no-prefect", "-c", str(conf)], cwd=REPO, env=_env(),
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "3 of 4 shards to capture" in out.stdout  # the job's log lines are the CLI's output
     assert_same_lake(store, ref)
 
 

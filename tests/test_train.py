@@ -135,7 +135,7 @@ def test_resumed_training_equals_uninterrupted(synthetic):
 
     cut = _cfg(tmp, "resumed", epochs=1, checkpoint_every=40, log_every=20)
     with pytest.raises(Crash):
-        train_sae(cut, log_fn=crash_after_80)
+        train_sae(cut, on_log=crash_after_80)
     resumed = train_sae(cut.model_copy(update={"resume": True}))
     assert resumed.steps == full.steps
     a = load_sae(full.out)

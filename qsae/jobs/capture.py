@@ -22,7 +22,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -52,7 +52,6 @@ from qsae.sae.formats import load_saes
 from qsae.sae.model import SAE, check_sae_matches_model
 
 log = logging.getLogger("qsae.jobs.capture")
-Log = Callable[[str], None]
 
 
 
@@ -145,11 +144,11 @@ def prompt_budget(cfg: CaptureConfig, lm: LoadedModel) -> int:
     return int(ctx) - cfg.max_new_tokens
 
 
-def plan_capture(cfg: CaptureConfig, log_fn: Log = log.info) -> CapturePlan:
+def plan_capture(cfg: CaptureConfig) -> CapturePlan:
     """Load the dataset, model and SAEs, check them against each other, create/open the store."""
     qs = get_questions(cfg)
     for p in qs.problems:
-        log_fn(f"dataset {qs.name}: skipped {p}")
+        log.info("dataset %s: skipped %s", qs.name, p)
     res = get_model(cfg)
     lm = res.lm
     check_layers(lm.model, cfg.layers)
@@ -343,7 +342,7 @@ class CaptureStats:
 
 
 def capture_shards(
-    cfg: CaptureConfig, shards: Sequence[int], log_fn: Log = log.info, progress: bool = False,
+    cfg: CaptureConfig, shards: Sequence[int], progress: bool = False,
 ) -> CaptureStats:
     """Capture the given shards of an existing store (each rewritten whole, then marked done)."""
     res = get_model(cfg)
@@ -385,7 +384,7 @@ def capture_shards(
                 stats.questions += len(shard_qs)
                 stats.samples += len(shard_qs) * cfg.n_samples
                 negative = int((buf["codes_val"] < 0).any(-1).sum()) if "codes_val" in buf else 0
-                log_fn(f"shard {shard}: {len(shard_qs)} questions captured (questions {region.start}..{region.stop - 1})"
+                log.info(f"shard {shard}: {len(shard_qs)} questions captured (questions {region.start}..{region.stop - 1})"
                        + (f"; {negative} code rows with negative top-k values (kept, as Qwen-Scope's TopK does)"
                           if negative else ""))
     stats.write_seconds = writer.write_seconds
@@ -394,11 +393,11 @@ def capture_shards(
     return stats
 
 
-def run_capture(cfg: CaptureConfig, log_fn: Log = log.info, progress: bool = False) -> tuple[QuestionLake, CaptureStats]:
+def run_capture(cfg: CaptureConfig, progress: bool = False) -> tuple[QuestionLake, CaptureStats]:
     """Plan and capture every pending shard in this process (the notebook entry point)."""
-    plan = plan_capture(cfg, log_fn)
-    log_fn(f"store {cfg.store}: {len(plan.pending)} of {plan.lake.n_shards} shards to capture")
-    stats = capture_shards(cfg, plan.pending, log_fn, progress=progress)
+    plan = plan_capture(cfg)
+    log.info("store %s: %d of %d shards to capture", cfg.store, len(plan.pending), plan.lake.n_shards)
+    stats = capture_shards(cfg, plan.pending, progress=progress)
     return QuestionLake.open(cfg.ref), stats
 
 

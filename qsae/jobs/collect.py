@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,7 +72,7 @@ def make_windows(corpus: TextCorpus, tokenizer, cfg: CollectConfig) -> Windows:
     return Windows(inputs, stored_from, doc, special)
 
 
-def collect(cfg: CollectConfig, log_fn: Callable[[str], None] = log.info, progress: bool = False,
+def collect(cfg: CollectConfig, progress: bool = False,
             lm: LoadedModel | None = None) -> TokenLake:
     """Run (or resume) a collection; returns the completed token lake."""
     lm = lm or load_model(cfg.model, revision=cfg.model_revision, device=cfg.device, dtype=cfg.dtype,
@@ -81,7 +80,7 @@ def collect(cfg: CollectConfig, log_fn: Callable[[str], None] = log.info, progre
     check_layers(lm.model, cfg.layers)
     corpus = load_texts(cfg.dataset, text_field=cfg.text_field, split=cfg.dataset_split)
     for p in corpus.problems:
-        log_fn(f"corpus {corpus.name}: skipped {p}")
+        log.info("corpus %s: skipped %s", corpus.name, p)
     win = make_windows(corpus, lm.tokenizer, cfg)
     per = win.tokens_per_window
     n_windows = win.inputs.shape[0]
@@ -95,7 +94,7 @@ def collect(cfg: CollectConfig, log_fn: Callable[[str], None] = log.info, progre
     )
     lake = TokenLake.open_or_create(cfg.ref, spec, mode=cfg.mode)
     pending = lake.pending_shards()
-    log_fn(f"token store {cfg.store}: {n_windows} windows x {per} tokens, {len(pending)} of {lake.n_shards} blocks to collect")
+    log.info(f"token store {cfg.store}: {n_windows} windows x {per} tokens, {len(pending)} of {lake.n_shards} blocks to collect")
     t0 = time.perf_counter()
     with tqdm(total=len(pending) * cfg.windows_per_batch * per, unit="tok", desc="collect", unit_scale=True,
               disable=not progress) as bar, background_writer(lake) as writer:
@@ -126,5 +125,5 @@ def collect(cfg: CollectConfig, log_fn: Callable[[str], None] = log.info, progre
     elapsed = time.perf_counter() - t0
     n_new = len(pending) * cfg.windows_per_batch * per
     if pending:
-        log_fn(f"collected ~{n_new} tokens in {elapsed:.1f} s ({n_new / max(elapsed, 1e-9):.0f} tokens/s)")
+        log.info(f"collected ~{n_new} tokens in {elapsed:.1f} s ({n_new / max(elapsed, 1e-9):.0f} tokens/s)")
     return TokenLake.open(cfg.ref)

@@ -4,7 +4,6 @@ lakes, and write a results group, a figure and a summary."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +14,7 @@ from qsae.analysis.matching import FeatureMatch, firing_stats, match_features
 from qsae.jobs.configs import CompareConfig
 from qsae.lake.results import lineage_of, save_figure, write_result_group
 
-log = logging.getLogger("qsae.analysis.matching")
+log = logging.getLogger("qsae.jobs.compare")
 
 
 
@@ -83,7 +82,21 @@ def same_prompts(ds_a: xr.Dataset, ds_b: xr.Dataset, url_a: str, url_b: str) -> 
     return both
 
 
-def run_compare(cfg: CompareConfig, log_fn: Callable[[str], None] = log.info) -> CompareResult:
+def _lake_layer(layer: int | None, *lakes: xr.Dataset) -> int:
+    """The layer to read in both lakes: the given one (present in both), or the only one."""
+    from qsae.errors import LayerError
+
+    captured = [sorted(int(x) for x in ds.layer.values) for ds in lakes]
+    if layer is None:
+        if any(len(c) != 1 for c in captured) or len({c[0] for c in captured}) != 1:
+            raise LayerError(f"the lakes have layers {captured}: pass layer=")
+        return captured[0][0]
+    if any(layer not in c for c in captured):
+        raise LayerError(f"layer {layer} is not in both lakes (layers {captured})")
+    return layer
+
+
+def run_compare(cfg: CompareConfig) -> CompareResult:
     """Match features, then (with lakes) firing shifts; write ``<name>/layer_<L>`` into ``out``."""
     from qsae.lake.store import open_lake
 
@@ -91,7 +104,7 @@ def run_compare(cfg: CompareConfig, log_fn: Callable[[str], None] = log.info) ->
     W_b, info_b = _decoder(cfg.finetuned_sae, cfg.layer)
     match = match_features(W_a, W_b, cfg.threshold, cfg.candidates, cfg.block)
     summary: dict[str, Any] = {**match.summary(), "base_sae": info_a, "finetuned_sae": info_b, "layer": cfg.layer}
-    log_fn(f"{summary['matched']} pairs matched, {summary['matched_above_0.9']} above 0.9; "
+    log.info(f"{summary['matched']} pairs matched, {summary['matched_above_0.9']} above 0.9; "
            f"{summary['emerged']} emerged, {summary['vanished']} vanished (threshold {cfg.threshold})")
     table = xr.Dataset(
         {"base_feature": ("pair", match.a), "finetuned_feature": ("pair", match.b), "similarity": ("pair", match.similarity),
@@ -105,7 +118,7 @@ def run_compare(cfg: CompareConfig, log_fn: Callable[[str], None] = log.info) ->
     if cfg.base_lake and cfg.finetuned_lake:
         ds_a = open_lake(cfg.lake_ref(cfg.base_lake))
         ds_b = open_lake(cfg.lake_ref(cfg.finetuned_lake))
-        layer = cfg.layer if cfg.layer is not None else int(ds_b.layer.values[0])
+        layer = _lake_layer(cfg.layer, ds_a, ds_b)
         for role, ds, url, info in (("base", ds_a, cfg.base_lake, info_a), ("fine-tuned", ds_b, cfg.finetuned_lake, info_b)):
             check_codes_from(ds, url, layer, info, role)
         which, both = "completion", None
@@ -114,7 +127,7 @@ def run_compare(cfg: CompareConfig, log_fn: Callable[[str], None] = log.info) ->
         freq_a, act_a, n_a = firing_stats(ds_a, layer, which, both)
         freq_b, act_b, n_b = firing_stats(ds_b, layer, which, both)
         summary["inputs"] = {"position": cfg.inputs, "meaning": INPUTS[cfg.inputs]}
-        log_fn(f"firing shifts from {cfg.inputs} codes: {INPUTS[cfg.inputs]}")
+        log.info(f"firing shifts from {cfg.inputs} codes: {INPUTS[cfg.inputs]}")
         table["base_frequency"] = ("base", freq_a)
         table["finetuned_frequency"] = ("finetuned", freq_b)
         table["base_mean_activation"] = ("base", act_a)

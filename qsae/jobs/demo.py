@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 from qsae.jobs.capture import CaptureConfig
@@ -54,18 +53,18 @@ def _has_sae(folder: Path) -> bool:
     return (folder / "cfg.json").exists() and (folder / "sae_weights.safetensors").exists()
 
 
-def ensure_demo_model(cache: Path | None = None, log_fn: Callable[[str], None] = log.info) -> bool:
+def ensure_demo_model(cache: Path | None = None) -> bool:
     """Convert the embedded SmolLM2 GGUF once; True if it was converted now (not cached)."""
     from qsae.lm.models import embedded_model_dir
 
     done = (Path(cache or default_cache_dir()) / "models" / "smollm2" / "qsae_revision.txt").exists()
     if not done:
-        log_fn("converting SmolLM2-135M-Instruct from its GGUF file to safetensors (once) ...")
+        log.info("converting SmolLM2-135M-Instruct from its GGUF file to safetensors (once) ...")
     embedded_model_dir("smollm2", cache)
     return not done
 
 
-def train_demo_sae(out: Path, cache: Path | None = None, log_fn: Callable[[str], None] = log.info,
+def train_demo_sae(out: Path, cache: Path | None = None,
                    progress: bool = True, tokens: int = DEMO_TOKENS, epochs: float | None = None) -> Path:
     """The recipe of the shipped demo SAE: collect layer-15 residuals of the shipped Wikipedia
     paragraphs, train a TopK SAE on them, export a SAELens folder to ``out``.
@@ -87,14 +86,14 @@ def train_demo_sae(out: Path, cache: Path | None = None, log_fn: Callable[[str],
     try:
         with tempfile.TemporaryDirectory(prefix="qsae-demo-sae-") as tmp:
             ccfg = demo_collect_config(cache, max_tokens=tokens).model_copy(update={"store": str(Path(tmp) / "tokens.zarr")})
-            collect(ccfg, log_fn, progress=progress)
+            collect(ccfg, progress=progress)
             tcfg = demo_train_config(cache).model_copy(update={"store": ccfg.store, "out": str(out), "resume": False})
             if epochs is not None:
                 tcfg = tcfg.model_copy(update={"epochs": epochs})
             res = train_sae(tcfg, progress=progress)
     finally:
         torch.set_num_threads(threads)
-    log_fn(f"demo SAE: FVE {res.final.get('fve', float('nan')):.3f}, L0 {res.final.get('l0', float('nan')):.1f}, "
+    log.info(f"demo SAE: FVE {res.final.get('fve', float('nan')):.3f}, L0 {res.final.get('l0', float('nan')):.1f}, "
            f"dead {res.final['dead']} of {res.final['d_sae']}, {res.seconds:.0f} s training -> {res.out}")
     shutil.rmtree(Path(out) / "checkpoints", ignore_errors=True)  # resume state, not part of the SAE
     record = recipe_record(Path(out), res.final, tokens=tokens, epochs=epochs)
@@ -123,15 +122,15 @@ def recipe_record(folder: Path, final: dict, tokens: int = DEMO_TOKENS, epochs: 
     }
 
 
-def ensure_demo_sae(cache: Path | None = None, log_fn: Callable[[str], None] = log.info, progress: bool = True) -> Path:
+def ensure_demo_sae(cache: Path | None = None, progress: bool = True) -> Path:
     """The demo SAE folder: the one shipped in the package, else one trained once into the cache."""
     if _has_sae(SHIPPED_SAE):
         return SHIPPED_SAE
     out = demo_sae_dir(cache)
     if _has_sae(out):
         return out
-    log_fn(f"no shipped demo SAE at {SHIPPED_SAE}: training one into {out} ({REPRODUCE}; a few minutes on 2 cores)")
-    return train_demo_sae(out, cache, log_fn, progress)
+    log.info(f"no shipped demo SAE at {SHIPPED_SAE}: training one into {out} ({REPRODUCE}; a few minutes on 2 cores)")
+    return train_demo_sae(out, cache, progress)
 
 
 def demo_capture_config(store: str, sae: Path, questions: int = 64) -> CaptureConfig:

@@ -331,9 +331,10 @@ class Trainer:
         return rec
 
 
-def train_sae(cfg: TrainConfig, log_fn: Callable[[dict[str, Any]], None] | None = None, progress: bool = False,
+def train_sae(cfg: TrainConfig, on_log: Callable[[dict[str, Any]], None] | None = None, progress: bool = False,
               source: BlockSource | None = None, lineage: dict[str, Any] | None = None) -> TrainResult:
-    """Train (or resume) an SAE and export it as a SAELens folder under ``cfg.out``."""
+    """Train (or resume) an SAE and export it as a SAELens folder under ``cfg.out``; ``on_log``
+    receives each logged metrics entry (a dict), e.g. for a progress display or a tracker."""
     lake = None
     if source is None:
         lake = TokenLake.open(cfg.ref)
@@ -387,8 +388,9 @@ def train_sae(cfg: TrainConfig, log_fn: Callable[[dict[str, Any]], None] | None 
                          "dead": trainer.tracker.n_dead}
                 history.append(entry)
                 window = Metrics()
-                if log_fn:
-                    log_fn(entry)
+                log.debug("train step %d: %s", step, entry)
+                if on_log:
+                    on_log(entry)
                 if bar is not None:
                     bar.set_postfix(fve=f"{entry['fve']:.3f}", l0=f"{entry['l0']:.1f}", dead=entry["dead"])
             if step % cfg.checkpoint_every == 0 or step == total_steps:

@@ -10,7 +10,7 @@ import hashlib
 import json
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ def popqa_lines(questions) -> list[str]:
 
 
 def finetune(lm: LoadedModel, texts: Sequence[str], out: Path, *, steps: int = 300, batch: int = 8, lr: float = 1e-4,
-             seed: int = 0, log_fn: Callable[[str], None] = log.info) -> Path:
+             seed: int = 0) -> Path:
     """Fine-tune ``lm`` in place on ``texts`` and save it to ``out``; returns ``out``."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -52,7 +52,7 @@ def finetune(lm: LoadedModel, texts: Sequence[str], out: Path, *, steps: int = 3
         opt.step()
         losses.append(loss.item())
         if (step + 1) % 50 == 0:
-            log_fn(f"fine-tune step {step + 1}/{steps}: loss {sum(losses[-50:]) / 50:.3f}")
+            log.info(f"fine-tune step {step + 1}/{steps}: loss {sum(losses[-50:]) / 50:.3f}")
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

@@ -31,7 +31,6 @@ SAE ablates the MLP). BOS and padding positions are neither spliced nor scored.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -174,7 +173,7 @@ def _token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def loss_recovered(
     model: torch.nn.Module, sae: SAE, layer: int, windows: torch.Tensor, keep: torch.Tensor,
-    batch: int = 8, log_fn: Callable[[str], None] = log.info,
+    batch: int = 8,
 ) -> LossRecovered:
     """CE clean / SAE-spliced / zero-ablated and KLs over ``windows`` (n, T) of token ids.
 

@@ -76,12 +76,22 @@ def _prefect(server=None):
     (``server``, if the command launched it early to overlap its start with other work)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "qsae")  # the jobs' loggers in the run's logs
+    import logging
+
     from flows.server import prefect_api
 
+    qsae_logger = logging.getLogger("qsae")
+    plain = [h for h in qsae_logger.handlers if getattr(h, "_qsae_cli", False)]
+    for h in plain:  # inside a flow run Prefect prints (and records) the jobs' lines itself
+        qsae_logger.removeHandler(h)
     t0 = time.perf_counter()
-    with prefect_api(typer.echo, server=server) as url:
-        TIMES["Prefect server start (wait)"] = time.perf_counter() - t0
-        yield url
+    try:
+        with prefect_api(typer.echo, server=server) as url:
+            TIMES["Prefect server start (wait)"] = time.perf_counter() - t0
+            yield url
+    finally:
+        for h in plain:
+            qsae_logger.addHandler(h)
 
 
 def _echo_open(store: str) -> None:

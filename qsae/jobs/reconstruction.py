@@ -26,7 +26,7 @@ from qsae.sae.formats import load_sae
 from qsae.sae.metrics import ReconAccumulator, decode_codes, loss_recovered, sae_for_lake_layer
 from qsae.sae.model import SAE
 
-log = logging.getLogger("qsae.sae.metrics")
+log = logging.getLogger("qsae.jobs.reconstruction")
 RESULT_GROUP = "reconstruction"
 
 

@@ -40,15 +40,15 @@ def bare(cfg: CaptureConfig, questions) -> tuple[float, int, float, float]:
         enc = tok([tok.decode(_encode_prompt(lm, cfg, q)) for q in batch], return_tensors="pt", padding=True,
                   add_special_tokens=False)
         P = enc.input_ids.shape[1]
-        gen = GenerationConfig(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
-                               max_new_tokens=cfg.max_new_tokens, num_return_sequences=cfg.n_samples,
+        gen = GenerationConfig(do_sample=True, temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p, top_k=0,
+                               max_new_tokens=cfg.sampling.max_new_tokens, num_return_sequences=cfg.sampling.n_samples,
                                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         with torch.inference_mode():
             t = time.perf_counter()
             out = model.generate(**enc, generation_config=gen,
                                  stopping_criteria=StoppingCriteriaList([StopOnTokens(newline_token_ids(tok), P)]))
             gen_s += time.perf_counter() - t
-            mask = torch.cat([enc.attention_mask.repeat_interleave(cfg.n_samples, 0),
+            mask = torch.cat([enc.attention_mask.repeat_interleave(cfg.sampling.n_samples, 0),
                               torch.ones_like(out[:, P:])], dim=1)
             t = time.perf_counter()
             model(input_ids=out, attention_mask=mask, use_cache=False)

@@ -54,7 +54,7 @@ def summary_markdown(config: CaptureConfig, lake: QuestionLake, results: list[di
         "",
         "| questions done | captured now | samples | tokens/s | MB written | layers | model |",
         "|---|---|---|---|---|---|---|",
-        f"| {done} / {lake.n_questions} | {n_q} | {n_q * config.n_samples} | {toks / wall if wall else 0:.0f} "
+        f"| {done} / {lake.n_questions} | {n_q} | {n_q * config.sampling.n_samples} | {toks / wall if wall else 0:.0f} "
         f"| {mb:.1f} | {lake.layers} | {lake.attrs['model']} |",
         "",
         "Open it with:",

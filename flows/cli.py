@@ -109,9 +109,9 @@ def capture(
     layers: str | None = field_opt(C.CaptureConfig, "layers", note="(comma-separated)"),
     dataset: str | None = field_opt(C.CaptureConfig, "dataset"),
     store: str | None = field_opt(C.CaptureConfig, "store"),
-    samples: int | None = field_opt(C.CaptureConfig, "n_samples", "--samples"),
+    samples: int | None = field_opt(C.SamplingConfig, "n_samples", "--samples"),
     limit: int | None = field_opt(C.CaptureConfig, "limit"),
-    max_new_tokens: int | None = field_opt(C.CaptureConfig, "max_new_tokens"),
+    max_new_tokens: int | None = field_opt(C.SamplingConfig, "max_new_tokens"),
     device: str | None = field_opt(C.CaptureConfig, "device"),
     mode: str | None = field_opt(C.CaptureConfig, "mode"),
     shards_per_task: int = typer.Option(4, help="shards per Prefect task"),
@@ -165,7 +165,7 @@ def demo(
         TIMES["SAE"] = time.perf_counter() - t
         cfg = demo_capture_config(store, sae, questions)
         cfg = cfg.model_copy(update={"store": store_path_for(cfg)})
-        typer.echo(f"capturing {questions} PopQA questions x {cfg.n_samples} samples through SmolLM2 layer "
+        typer.echo(f"capturing {questions} PopQA questions x {cfg.sampling.n_samples} samples through SmolLM2 layer "
                    f"{cfg.layers} and {sae} into {cfg.store}")
         if prefect:
             from flows.capture import capture_flow

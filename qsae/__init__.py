@@ -27,7 +27,7 @@ _PUBLIC = {
     "open_lake": "qsae.lake.store", "QuestionLake": "qsae.lake.store", "TokenLake": "qsae.lake.store",
     "verify": "qsae.lake.verify", "inspect_store": "qsae.lake.inspect",
     # jobs (each a config, torch-free, and a plain function a notebook can call; Prefect flows wrap them)
-    "CaptureConfig": "qsae.jobs.configs", "run_capture": "qsae.jobs.capture",
+    "CaptureConfig": "qsae.jobs.configs", "SamplingConfig": "qsae.jobs.configs", "run_capture": "qsae.jobs.capture",
     "CollectConfig": "qsae.jobs.configs", "collect": "qsae.jobs.collect",
     "TrainConfig": "qsae.jobs.configs", "train_sae": "qsae.jobs.train",
     "RivalryConfig": "qsae.jobs.configs", "run_rivalry": "qsae.jobs.rivalry",

@@ -114,11 +114,11 @@ def test_entropy_and_first_logprob_equal_hand_computation(smol_run):
         prompt = cfg.prompt_template.format(question=str(ds.question_text[q].values))
         with torch.inference_mode():
             logits = lm.model(torch.tensor([lm.tokenizer(prompt).input_ids])).logits[0, -1].double().numpy()
-        p = scipy.special.softmax(logits / cfg.temperature)
+        p = scipy.special.softmax(logits / cfg.sampling.temperature)
         np.testing.assert_allclose(ds.entropy.values[q], scipy.stats.entropy(p), rtol=1e-5)
         # the nucleus the samples come from: most likely tokens while the mass before them < top_p
         srt = np.sort(p)[::-1]
-        nucleus = srt[(np.cumsum(srt) - srt) < cfg.top_p]
+        nucleus = srt[(np.cumsum(srt) - srt) < cfg.sampling.top_p]
         np.testing.assert_allclose(ds.nucleus_entropy.values[q], scipy.stats.entropy(nucleus / nucleus.sum()), rtol=1e-4)
         for s in range(3):
             tok = int(ds.first_token[q, s])
@@ -257,3 +257,18 @@ def test_mlp_output_capture_with_a_relu_sae(tmp_path, smollm2):
         plan_capture(cfg.model_copy(update={"sae": str(resid_sae), "hook": "mlp_out", "store": str(tmp_path / "y.zarr")}))
     with pytest.raises(SAEFormatError, match="reads mlp_out, but capture was asked for hook=resid_post"):
         plan_capture(cfg.model_copy(update={"hook": "resid_post", "store": str(tmp_path / "z.zarr")}))
+
+
+def test_sampling_fields_nest_and_flat_forms_still_work():
+    """Sampling is its own group (the lake's `sampling` lineage); flat names keep working in
+    constructors, files, --set and model_copy, and a mistyped one is still refused."""
+    import pydantic
+
+    nested = CaptureConfig(sampling={"n_samples": 4, "top_p": 0.8})
+    flat = CaptureConfig(n_samples=4, top_p=0.8)
+    assert nested == flat and flat.sampling.n_samples == 4 and flat.sampling.temperature == 1.0
+    assert CaptureConfig.model_validate(flat.model_dump()) == flat  # a dump reloads (config files, Prefect)
+    copied = flat.model_copy(update={"max_new_tokens": 5, "store": "x.zarr"})
+    assert copied.sampling.max_new_tokens == 5 and copied.sampling.n_samples == 4 and copied.store == "x.zarr"
+    with pytest.raises(pydantic.ValidationError, match="n_sample"):
+        CaptureConfig(n_sample=4)

@@ -120,7 +120,10 @@ def test_pipeline_deployment_on_two_workers_with_s3_lake(tmp_path, s3_server, ti
         capture = dict(model=str(tiny_qwen_dir), sae=str(sae), sae_k=6, layers=[1, 2], limit=8, n_samples=3,
                        max_new_tokens=4, questions_per_shard=2, questions_per_chunk=2, questions_per_batch=2,
                        device="cpu", dtype="float32", store="s3://lake/e2e.zarr")
-        params = {"config": capture, "capture_deployment": "qsae-capture/capture", "gpu_queues": ["gpu-0", "gpu-1"],
+        from qsae.jobs.capture import CaptureConfig, run_capture
+
+        # as the Prefect API enforces the parameter schema: sampling fields nested
+        params = {"config": CaptureConfig(**capture).model_dump(mode="json"), "capture_deployment": "qsae-capture/capture", "gpu_queues": ["gpu-0", "gpu-1"],
                   "shards_per_task": 1, "rivalry": {"store": "", "n_perm": 49, "n_boot": 50}}
         out = subprocess.run([prefect, "deployment", "run", "qsae-pipeline/pipeline", "--params", json.dumps(params),
                               "--watch", "--watch-timeout", "600"], cwd=REPO, env=env, capture_output=True, text=True,
@@ -155,8 +158,6 @@ def test_pipeline_deployment_on_two_workers_with_s3_lake(tmp_path, s3_server, ti
         # The lake read from S3 by xarray is complete and equals a local single-worker run.
         remote = xr.open_zarr("s3://lake/e2e.zarr", storage_options=s3_opts).load()
         assert bool(remote.done.all())
-        from qsae.jobs.capture import CaptureConfig, run_capture
-
         local_cfg = CaptureConfig(**{**capture, "store": str(tmp_path / "local.zarr")})
         run_capture(local_cfg)
         local = xr.open_zarr(local_cfg.store).load()

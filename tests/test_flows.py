@@ -86,6 +86,8 @@ def test_every_deployment_in_prefect_yaml_validates_against_its_flow():
     from pathlib import Path
 
     import yaml
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools.validation import validate
 
     spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "prefect.yaml").read_text())
     assert {d["name"] for d in spec["deployments"]} >= {"capture", "rivalry", "reconstruction-nightly", "pipeline"}
@@ -93,3 +95,6 @@ def test_every_deployment_in_prefect_yaml_validates_against_its_flow():
         path, name = dep["entrypoint"].split(":")
         flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), name)
         flow.validate_parameters(dep.get("parameters", {}))  # raises ParameterTypeError on a bad field
+        # and what the Prefect API enforces on a deployment's runs: the parameters' JSON schema
+        schema = parameter_schema(flow.fn).model_dump_for_openapi()
+        validate(dep.get("parameters", {}), schema, raise_on_error=True, ignore_required=True)

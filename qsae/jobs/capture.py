@@ -72,8 +72,8 @@ def capture_lineage(cfg: CaptureConfig, lm_name: str, lm_revision: str, qs: Ques
         "dataset": qs.name,
         "dataset_revision": qs.revision,
         "sampling": {
-            "n_samples": cfg.n_samples, "temperature": cfg.temperature, "top_p": cfg.top_p,
-            "max_new_tokens": cfg.max_new_tokens, "stop_at_newline": cfg.stop_at_newline,
+            "n_samples": cfg.sampling.n_samples, "temperature": cfg.sampling.temperature, "top_p": cfg.sampling.top_p,
+            "max_new_tokens": cfg.sampling.max_new_tokens, "stop_at_newline": cfg.sampling.stop_at_newline,
             "sampler": SAMPLER_ID,
         },
         "seed": cfg.seed,
@@ -141,7 +141,7 @@ def prompt_budget(cfg: CaptureConfig, lm: LoadedModel) -> int:
     if cfg.max_prompt_tokens is not None:
         return cfg.max_prompt_tokens
     ctx = getattr(lm.model.config.get_text_config(), "max_position_embeddings", None) or 4096
-    return int(ctx) - cfg.max_new_tokens
+    return int(ctx) - cfg.sampling.max_new_tokens
 
 
 def plan_capture(cfg: CaptureConfig) -> CapturePlan:
@@ -160,8 +160,8 @@ def plan_capture(cfg: CaptureConfig) -> CapturePlan:
                            "set on_long_prompt='truncate' to cut them from the left")
     any_sae = next(iter(saes.values()), None)
     spec = LakeSpec(
-        question_ids=qs.ids(), dataset_ids=qs.dataset_ids(), layers=cfg.layers, n_samples=cfg.n_samples, d_model=lm.d_model,
-        max_new_tokens=cfg.max_new_tokens,
+        question_ids=qs.ids(), dataset_ids=qs.dataset_ids(), layers=cfg.layers, n_samples=cfg.sampling.n_samples, d_model=lm.d_model,
+        max_new_tokens=cfg.sampling.max_new_tokens,
         d_sae=any_sae.d_sae if any_sae else None, k=(cfg.sae_k or any_sae.k) if any_sae else None,
         resid_dtype=cfg.resid_dtype, layout=LakeLayout(cfg.questions_per_shard, cfg.questions_per_chunk),
         lineage={**capture_lineage(cfg, lm.name, lm.revision, qs, saes),
@@ -193,7 +193,7 @@ def capture_batch(
 ) -> BatchResult:
     """Sample, measure and capture one batch of questions (all S samples each)."""
     tok, model, dev = lm.tokenizer, lm.model, lm.device
-    S, B, T = cfg.n_samples, len(questions), cfg.max_new_tokens
+    S, B, T = cfg.sampling.n_samples, len(questions), cfg.sampling.max_new_tokens
     t0 = time.perf_counter()
     prompts, truncated = [], np.zeros(B, bool)
     for i, q in enumerate(questions):
@@ -213,8 +213,8 @@ def capture_batch(
     gen_ids = gen_ids.repeat_interleave(S, 0).to(dev)
     gen_mask = gen_mask.repeat_interleave(S, 0).to(dev)
     rows = [(q.id, s) for q in questions for s in range(S)]
-    sampler = SeededTopPSampler(rows, P, cfg.seed, cfg.temperature, cfg.top_p)
-    stops = [StopOnTokens(newline_token_ids(tok), P)] if cfg.stop_at_newline else []
+    sampler = SeededTopPSampler(rows, P, cfg.seed, cfg.sampling.temperature, cfg.sampling.top_p)
+    stops = [StopOnTokens(newline_token_ids(tok), P)] if cfg.sampling.stop_at_newline else []
     gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=T, pad_token_id=pad,
                                eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
     with torch.inference_mode(), model_generation_defaults_ignored(model):
@@ -224,7 +224,7 @@ def capture_batch(
     new = out[:, P:].cpu()
     t_gen = time.perf_counter()
     R = B * S
-    stop_set = set(newline_token_ids(tok).tolist()) if cfg.stop_at_newline else set()
+    stop_set = set(newline_token_ids(tok).tolist()) if cfg.sampling.stop_at_newline else set()
     eos = tok.eos_token_id
     eos_set = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
     lengths = np.empty(R, np.int32)
@@ -237,7 +237,7 @@ def capture_batch(
         lengths[r] = end
         comp_ids[r, :end] = seq[:end]
         text = tok.decode(seq[:end].tolist(), skip_special_tokens=True)
-        texts[r] = (text.split("\n")[0] if cfg.stop_at_newline else text).strip()
+        texts[r] = (text.split("\n")[0] if cfg.sampling.stop_at_newline else text).strip()
     # One hooked forward over prompt + completion, right-padded (exact for causal models).
     L = int((plen.repeat(S) + lengths).max())
     fwd_ids = torch.full((R, L), pad, dtype=torch.long)
@@ -382,7 +382,7 @@ def capture_shards(
                     bar.update(len(batch))
                 writer.submit(shard, {k: (v.astype(str) if v.dtype == object else v) for k, v in buf.items()})
                 stats.questions += len(shard_qs)
-                stats.samples += len(shard_qs) * cfg.n_samples
+                stats.samples += len(shard_qs) * cfg.sampling.n_samples
                 negative = int((buf["codes_val"] < 0).any(-1).sum()) if "codes_val" in buf else 0
                 log.info(f"shard {shard}: {len(shard_qs)} questions captured (questions {region.start}..{region.stop - 1})"
                        + (f"; {negative} code rows with negative top-k values (kept, as Qwen-Scope's TopK does)"

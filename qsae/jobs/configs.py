@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from qsae.errors import SAEFormatError
 
@@ -34,6 +34,18 @@ class _StoreFields:
 DEFAULT_LR = {"topk": 5e-4, "relu": 5e-5}
 
 
+class SamplingConfig(BaseModel):
+    """How a capture samples its completions: recorded as the lake's ``sampling`` lineage."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_samples: int = Field(20, ge=1, description="sampled completions per question")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (the entropies are of softmax(logits / temperature))")
+    top_p: float = Field(0.9, gt=0, le=1, description="nucleus sampling: the smallest set of tokens with this much probability")
+    max_new_tokens: int = Field(16, ge=1, description="longest completion in tokens")
+    stop_at_newline: bool = Field(True, description="end a completion at its first newline (PopQA answers are one line)")
+
+
 class CaptureConfig(_StoreFields, BaseModel):
     """One capture run. Fields that fix the lake's identity are checked on resume."""
 
@@ -53,14 +65,11 @@ class CaptureConfig(_StoreFields, BaseModel):
     dataset_split: str = Field("test", description="split of a cached HF dataset")
     limit: int | None = Field(None, description="use only the first N usable questions")
     on_bad_row: Literal["skip", "raise"] = Field("skip", description="skip (and record) or raise on a dataset row without a usable question/answers")
-    n_samples: int = Field(20, ge=1, description="sampled completions per question")
-    temperature: float = Field(1.0, gt=0, description="sampling temperature (the entropies are of softmax(logits / temperature))")
-    top_p: float = Field(0.9, gt=0, le=1, description="nucleus sampling: the smallest set of tokens with this much probability")
-    max_new_tokens: int = Field(16, ge=1, description="longest completion in tokens")
-    stop_at_newline: bool = Field(True, description="end a completion at its first newline (PopQA answers are one line)")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig,
+                                     description="how completions are sampled (the lake's `sampling` lineage)")
     seed: int = Field(0, description="seed of the per-(question, sample) random streams: the same seed gives the same lake")
     prompt_template: str = Field("Q: {question}\nA:", description="the prompt, with {question} for the question text")
-    max_prompt_tokens: int | None = Field(None, description="default: model context - max_new_tokens")
+    max_prompt_tokens: int | None = Field(None, description="default: model context - sampling.max_new_tokens")
     on_long_prompt: Literal["truncate", "refuse"] = Field("truncate", description="truncate a prompt longer than the budget from the left, or refuse the dataset")
     resid_dtype: Literal["float16", "float32"] = Field("float16", description="on-disk dtype of the activations (float16 overflow is clipped and counted)")
     questions_per_shard: int = Field(64, ge=1, description="questions per shard: the unit of work, of resume and of one write")
@@ -72,6 +81,33 @@ class CaptureConfig(_StoreFields, BaseModel):
     storage_options: dict[str, Any] | None = Field(None, description="fsspec options for a remote store (Secret blocks named by key_block/secret_block)")
     mode: Literal["resume", "overwrite", "create"] = Field("resume", description="resume (default: skip done shards), overwrite, or create (refuse an existing store)")
     writer_queue: int = Field(2, ge=1, description="shards buffered for the background writer")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nest_sampling(cls, data: Any) -> Any:
+        """Sampling fields given flat (``n_samples=20``, ``--set n_samples=20``, older deployments)
+        go into ``sampling``; flat ones win over a ``sampling`` given too."""
+        if not isinstance(data, dict):
+            return data
+        flat = {k: data[k] for k in SamplingConfig.model_fields if k in data}
+        if not flat:
+            return data
+        nested = data.get("sampling") or {}
+        if isinstance(nested, SamplingConfig):
+            nested = nested.model_dump()
+        rest = {k: v for k, v in data.items() if k not in flat}
+        return {**rest, "sampling": {**nested, **flat}}
+
+    def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False) -> CaptureConfig:
+        """As pydantic's, with sampling fields accepted flat too (``update={"n_samples": 4}``),
+        which pydantic would otherwise set as a stray attribute and ignore."""
+        flat = {k: update[k] for k in SamplingConfig.model_fields if k in (update or {})}
+        if flat:
+            base = update.get("sampling", self.sampling)
+            base = SamplingConfig(**base) if isinstance(base, dict) else base
+            update = {**{k: v for k, v in update.items() if k not in flat},
+                      "sampling": SamplingConfig(**{**base.model_dump(), **flat})}
+        return super().model_copy(update=update, deep=deep)
 
     @field_validator("layers")
     @classmethod

@@ -128,7 +128,7 @@ def encode_rows(sae: SAE, x: np.ndarray, device: str = "cpu") -> tuple[np.ndarra
         z = sae.encode(xt)
         x_hat = sae.decode(z).float().cpu().numpy()
         width = max(int((z != 0).sum(-1).max()) if z.numel() else 0, 1)
-        val, idx = z.abs().topk(width, dim=-1)
+        _, idx = z.abs().topk(width, dim=-1)
         return x_hat, idx.cpu().numpy(), z.gather(-1, idx).float().cpu().numpy()
 
 

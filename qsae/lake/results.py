@@ -58,11 +58,6 @@ def write_result_group(target: str | StoreRef, group: str, ds: xr.Dataset, attrs
     return f"{ref.url}#{group}"
 
 
-def figure_url(target: str | StoreRef, key: str) -> str:
-    """Figures live beside the store (``<store>.figures/<key>``, ``StoreRef.figures``)."""
-    return StoreRef.of(target).figures / key
-
-
 def figure_png(fig) -> bytes:
     """A matplotlib figure rendered as PNG bytes."""
     buf = io.BytesIO()

@@ -677,11 +677,6 @@ def store_exists(target: str | StoreRef, storage_options: dict | None = None) ->
         raise StoreUnreachableError(f"cannot reach the store at {url}: {type(exc).__name__}: {exc}") from exc
 
 
-def delete_store(target: str | StoreRef, storage_options: dict | None = None) -> None:
-    """Remove a whole store (used when the caller asks for a new run)."""
-    StoreRef.of(target, storage_options).delete()
-
-
 def consolidate(target: str | StoreRef, storage_options: dict | None = None) -> None:
     """Rewrite the consolidated metadata so xarray opens the store in one read.
 

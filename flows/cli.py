@@ -276,15 +276,15 @@ def rivalry(
     rule: str | None = field_opt(C.RivalryConfig, "rule"),
     entropy: str | None = field_opt(C.RivalryConfig, "entropy"),
     n_perm: int | None = field_opt(C.RivalryConfig, "n_perm"),
+    strata: str | None = field_opt(C.RivalryConfig, "strata"),
     prefect: bool = PrefectOpt,
     set_: list[str] | None = SetOpt,
 ) -> None:
     """Feature rivalry, the paper's protocol by default, with calibrated p-values for every layer."""
-    from qsae.jobs.rivalry import RivalryConfig, run_rivalry
-    from qsae.lake.results import summary_json
+    from qsae.jobs.rivalry import RivalryConfig, render_text, run_rivalry
 
     cfg = build_config(RivalryConfig, config, set_, store=store, layers=layer or None, protocol=protocol, rule=rule,
-                       entropy=entropy, n_perm=n_perm)
+                       entropy=entropy, n_perm=n_perm, strata=strata)
     if prefect:
         from flows.rivalry import rivalry_flow
 
@@ -294,13 +294,7 @@ def rivalry(
     else:
         res = run_rivalry(cfg, progress=True)
         summary, group, figures = res.summary, res.group, res.figures
-    for layer_, r in summary["by_layer"].items():
-        c = r["calibrated"]
-        paper = (r.get("paper") or r.get("descriptive") or {}).get("p_less")
-        typer.echo(f"layer {layer_}: calibrated p = {c.get('p_less')} (Holm {c.get('p_less_holm')}), "
-                   f"{'paper MWU' if 'paper' in r else 'unconditional MWU'} p = {paper} (not calibrated)")
-    typer.echo(summary_json(summary["groups"]))
-    typer.echo(f"results: {store} group {group!r}; figures: {figures}")
+    typer.echo(render_text(summary, group, figures, store))
 
 
 @app.command()

@@ -40,7 +40,11 @@ def random_shard(lake: QuestionLake, shard: int, seed: int = 0) -> dict[str, np.
         if var.name == "done":
             continue
         if var.optional:
-            data[var.name] = extra.standard_normal(lake.expected_shape(var, n)).astype(lake.group[var.name].dtype)
+            shape, dt = lake.expected_shape(var, n), lake.group[var.name].dtype
+            if dt.kind in "TUO" or dt.kind in "iu":  # row fields: absent (the dataset had none), as the fill value
+                data[var.name] = np.full(shape, var.fill, dtype=object if dt.kind in "TUO" else dt)
+            else:
+                data[var.name] = extra.standard_normal(shape).astype(dt)
             continue
         shape = lake.expected_shape(var, n)
         dtype = lake.group[var.name].dtype

@@ -16,6 +16,7 @@ from qsae.analysis.rivalry import (
     PaperParams,
     auroc,
     blocked_pair_percentile,
+    calibrated_test,
     decoder_cosine_score,
     distinct_rows,
     entropy_groups,
@@ -35,7 +36,7 @@ from qsae.lake.store import QuestionLake, open_lake
 from .helpers import random_shard, small_spec
 
 D_SAE = 300
-FAST = PaperParams(report_draws=2)
+FAST = PaperParams(report_draws=2, replicates=4, noise_pairs=16)
 
 
 # ------------------------------------------------------------ generators
@@ -221,12 +222,12 @@ def test_planted_rivalry_is_detected_by_the_calibrated_test():
     unambiguous ones."""
     rng = np.random.default_rng(3)
     Xa, Xu = planted_rival(rng, 160, 100, 0.08), planted_rival(rng, 160, 100, 0.08, exclusive=False)
-    res = rivalry_test(*pooled(Xa, Xu), FAST, n_perm=99, seed=1)
-    assert res.p_perm == pytest.approx(0.01) and res.statistic < 0
-    assert res.ambiguous.excess < res.unambiguous.excess
+    res = rivalry_test(*pooled(Xa, Xu), FAST, n_perm=99, seed=1).calibrated
+    assert res.p_less < 0.01 and res.statistic < 0
+    assert res.excess["ambiguous"] < res.excess["unambiguous"]
     # and with the groups swapped there is nothing in the predicted direction
-    swapped = rivalry_test(*pooled(Xu, Xa), FAST, n_perm=99, seed=1)
-    assert swapped.p_perm > 0.5
+    swapped = rivalry_test(*pooled(Xu, Xa), FAST, n_perm=99, seed=1).calibrated
+    assert swapped.p_less > 0.5
 
 
 def test_firing_frequency_alone_is_not_rivalry():
@@ -237,7 +238,7 @@ def test_firing_frequency_alone_is_not_rivalry():
         rng = np.random.default_rng(100 + seed)
         res = rivalry_test(*pooled(independent_codes(rng, 120, 80, 0.12), independent_codes(rng, 120, 80, 0.025)),
                            FAST, n_perm=49, seed=seed)
-        ps.append(res.p_perm)
+        ps.append(res.calibrated.p_less)
         paper.append(res.paper["p_less"])
     assert max(paper) < 1e-6, paper  # the uncalibrated test is fooled
     assert sum(p > 0.05 for p in ps) >= 7, ps
@@ -251,9 +252,8 @@ def test_calibrated_p_values_are_uniform_under_the_null():
         X = independent_codes(rng, 60, 30, 0.15)
         lab = np.zeros(60, bool)
         lab[rng.choice(60, 30, replace=False)] = True
-        ps.append(rivalry_test(sp.csr_matrix(X), lab, PaperParams(report_draws=1), n_perm=19, seed=seed).p_perm)
-    # p-values live on the grid {1/20, ..., 1}: centre each grid cell on the continuous uniform
-    assert scipy.stats.kstest(np.array(ps) - 0.5 / 20, "uniform").pvalue > 0.01, sorted(ps)
+        ps.append(calibrated_test(sp.csr_matrix(X), lab, FAST, n_perm=39, seed=seed).p_less)
+    assert scipy.stats.kstest(np.array(ps), "uniform").pvalue > 0.01, sorted(ps)
     assert np.mean(np.array(ps) <= 0.1) <= 0.25
 
 
@@ -359,7 +359,8 @@ def test_every_layer_holm_results_and_figures_in_the_store(tmp_path):
     by = open_lake(url, group="rivalry/paper").load()
     assert by.layer.values.tolist() == [4, 9]
     assert (by.p_calibrated.values <= 0.04).all()  # planted at both layers
-    assert np.allclose(by.p_calibrated_holm.values, np.minimum(1, 2 * by.p_calibrated.values.max()))
+    assert np.allclose(by.p_calibrated_holm.values, holm(by.p_calibrated.values))
+    assert (by.p_calibrated_mc_se.values < 0.02).all()
     per = open_lake(url, group="rivalry/layer_9/paper").load()
     assert (per.group.values == "ambiguous").sum() == n_q // 2
     assert json.loads(json.dumps(per.attrs["summary"]["calibrated"]))["p_less_holm"] is not None
@@ -368,7 +369,10 @@ def test_every_layer_holm_results_and_figures_in_the_store(tmp_path):
     assert "roc" not in res.figures  # correctness off: no ROC
     # per-question protocol on the same lake (completion ids distinct per sample)
     res2 = run_rivalry(RivalryConfig(store=url, protocol="per_question", layers=[9], n_perm=19, n_boot=50))
-    assert res2.group == "rivalry/per_question" and "n_informative_questions" in res2.summary["by_layer"][9]["calibrated"]
+    r9 = res2.summary["by_layer"][9]
+    assert res2.group == "rivalry/per_question" and "n_informative_questions" in r9["stratified_by_D"]
+    assert "calibrated" not in r9 and "NOT calibrated" in r9["stratified_by_D"]["what"]  # descriptive only
+    assert "p_calibrated" not in open_lake(url, group="rivalry/per_question") and "descriptive" in res2.to_text(url)
 
 
 def test_constant_features_are_found_exactly_in_float64_input():

@@ -34,6 +34,7 @@ from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria
 
 from qsae.errors import DatasetError, SAEFormatError
 from qsae.jobs.configs import CaptureConfig
+from qsae.lake.schema import ROW_FIELDS, VARIABLES_BY_NAME
 from qsae.lake.store import LakeLayout, LakeSpec, QuestionLake
 from qsae.lake.writer import background_writer
 from qsae.lm.convert import to_lake_dtype
@@ -270,10 +271,31 @@ def capture_batch(
         answers=np.array([json.dumps(list(q.answers), ensure_ascii=False) for q in questions], dtype=str),
         prompt_len=plen.astype(np.int32),
         prompt_truncated=truncated,
+        **row_field_arrays(questions),
     )
     t_end = time.perf_counter()
     seconds = {"generate": t_gen - t0, "forward": t_fwd - t_gen, "encode_and_convert": t_end - t_fwd}
     return BatchResult(arrays, int(lengths.sum()), int(plen.sum()) * S, seconds)
+
+
+def _row_value(value: Any, integer: bool) -> Any:
+    if integer:
+        try:
+            return int(float(value)) if value is not None and str(value).strip() != "" else -1
+        except (TypeError, ValueError):
+            return -1
+    return "" if value is None else str(value)
+
+
+def row_field_arrays(questions: Sequence[Question]) -> dict[str, np.ndarray]:
+    """The dataset's row fields as the lake stores them (``ROW_FIELDS``: PopQA's ``prop`` as
+    ``relation``, ``subj`` as ``subject``, ``s_pop``, ``o_pop``); missing values as the fill."""
+    out = {}
+    for name, column in ROW_FIELDS.items():
+        integer = VARIABLES_BY_NAME[name].dtype == "int64"
+        values = [_row_value(q.meta.get(column), integer) for q in questions]
+        out[name] = np.array(values, dtype=np.int64 if integer else str)
+    return out
 
 
 def _layer_arrays(resid: dict[int, torch.Tensor], saes: dict[int, SAE], cfg: CaptureConfig, B: int, S: int) -> dict[str, np.ndarray]:

@@ -243,7 +243,15 @@ class RivalryConfig(_StoreFields, BaseModel):
     feature_seed: int = Field(42, description="paper: seed of the feature cap's random choice")
     min_questions: int = Field(1, ge=1, description="paper: keep features active in at least this many questions")
     n_perm: int = Field(1000, ge=0, description="label permutations of the calibrated test")
-    n_null: int = Field(1, ge=1, description="feature-marginal null draws per evaluation of the test statistic")
+    n_null: int = Field(1, ge=1, description="feature-marginal null draws per excess in the calibrated test")
+    replicates: int = Field(16, ge=2, description="draws of the observed statistic (blocks, null draws) averaged "
+                                                  "for the calibrated test")
+    min_group: int = Field(20, ge=2, description="fewest questions a group needs for a calibrated p-value "
+                                                 "(below it the layer says why there is none)")
+    strata: str = Field("auto", description="question variable the calibrated test stratifies by (labels permuted "
+                                            "within strata): auto = `relation` when the lake has several, none, "
+                                            "or a variable name")
+    min_stratum: int = Field(10, ge=2, description="fewest questions of each group a stratum needs to count")
     n_boot: int = Field(1000, ge=0, description="bootstrap resamples for CIs")
     seed: int = Field(0, description="seed of permutations, nulls and bootstraps")
     block_questions: int = Field(256, ge=1, description="per_question: questions read per block")
@@ -255,7 +263,8 @@ class RivalryConfig(_StoreFields, BaseModel):
         from qsae.analysis.rivalry import PaperParams
 
         return PaperParams(self.percentile, self.min_mean, self.max_features, self.feature_seed,
-                           self.min_questions, self.n_null)
+                           self.min_questions, self.n_null, replicates=self.replicates, min_group=self.min_group,
+                           min_stratum=self.min_stratum)
 
 
 class CompareConfig(BaseModel):

@@ -104,6 +104,16 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("prompt_len", (QUESTION,), "int32", 0, "prompt length in tokens after truncation"),
     Variable("prompt_truncated", (QUESTION,), "bool", False,
              "the prompt was longer than the context allowed and was cut from the left"),
+    # The dataset's row fields (PopQA's columns): covariates the analyses can stratify by.
+    Variable("relation", (QUESTION,), "str", "",
+             "the question's relation type (PopQA `prop`: occupation, place of birth, ...); \"\" when the "
+             "dataset has none", optional=True),
+    Variable("subject", (QUESTION,), "str", "", "the question's subject (PopQA `subj`)", optional=True),
+    Variable("s_pop", (QUESTION,), "int64", -1,
+             "popularity of the subject (PopQA `s_pop`: monthly Wikipedia page views); -1 when unknown",
+             optional=True),
+    Variable("o_pop", (QUESTION,), "int64", -1,
+             "popularity of the gold object (PopQA `o_pop`); -1 when unknown", optional=True),
     Variable("done", (QUESTION,), "bool", False,
              "the question's whole region is durable; set last, after its data"),
 )
@@ -115,6 +125,8 @@ DATASET_ID = Variable("dataset_id", (QUESTION,), "str", "",
                       "the dataset's own id of each question (present when ids are not integers)")
 
 VARIABLES_BY_NAME: dict[str, Variable] = {v.name: v for v in VARIABLES}
+# Lake variable <- the dataset row's column it comes from (PopQA's names).
+ROW_FIELDS: dict[str, str] = {"relation": "prop", "subject": "subj", "s_pop": "s_pop", "o_pop": "o_pop"}
 COORDS = {LAYER: "int32", QUESTION: "int64", SAMPLE: "int32"}
 
 # The token lake: activations of every token of a text corpus, for training SAEs.

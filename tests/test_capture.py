@@ -75,6 +75,13 @@ def test_lake_is_complete_and_shaped(smol_run):
             assert (ids[q, s, lens[q, s]:] == -1).all() and (ids[q, s, : lens[q, s]] >= 0).all()
     assert (ds.first_token.values == ids[:, :, 0]).all()
     assert set(ds.attrs["sae_sha256"]) == {"2", "9"}
+    # the dataset's row fields, kept for stratified analyses (PopQA's prop as relation, popularity)
+    from qsae.lm.datasets import load_questions
+
+    rows = load_questions("popqa-demo", limit=6).questions
+    assert [str(x) for x in ds.relation.values] == [q.meta["prop"] for q in rows]
+    assert [str(x) for x in ds.subject.values] == [q.meta["subj"] for q in rows]
+    assert ds.s_pop.values.tolist() == [int(q.meta["s_pop"]) for q in rows] and (ds.o_pop.values > 0).all()
 
 
 @pytest.mark.parametrize("run", ["smol_run", "qwen_run"])

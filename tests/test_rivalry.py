@@ -36,7 +36,7 @@ from qsae.lake.store import QuestionLake, open_lake
 from .helpers import random_shard, small_spec
 
 D_SAE = 300
-FAST = PaperParams(report_draws=2, replicates=4, noise_pairs=16)
+FAST = PaperParams(report_draws=2, replicates=8, noise_pairs=32)
 
 
 # ------------------------------------------------------------ generators
@@ -115,7 +115,7 @@ def test_thresholds_rule_leaves_the_gap_out():
 
 
 def code_lake(tmp_path, idx, val, completions, layers=(20,), name="riv.zarr", prompt=None, entropy=None,
-              completion_ids=None):
+              completion_ids=None, relation=None):
     """A real question lake holding the given codes (per layer: the same) and completions."""
     n_q, S, k = idx.shape
     spec = small_spec(n_questions=n_q, layers=layers, n_samples=S, d_sae=D_SAE, k=k,
@@ -135,6 +135,8 @@ def code_lake(tmp_path, idx, val, completions, layers=(20,), name="riv.zarr", pr
             data["completion_ids"] = completion_ids[r]
         if entropy is not None:
             data["entropy"] = entropy[r]
+        if relation is not None:
+            data["relation"] = relation[r]
         lake.write_shard(shard, data)
     return lake.url
 
@@ -384,3 +386,184 @@ def test_constant_features_are_found_exactly_in_float64_input():
     out = question_score(np.array([[3, 7, 9]] * 3), X)
     assert out.n_constant == 1 and out.n_pairs == 1
     assert out.score == pytest.approx(np.corrcoef(X[:, 1], X[:, 2])[0, 1])
+
+
+# ------------------------------------------- issue 23: unequal sizes, strata, stability
+def frequency_lake(rng, na, nu, d=80):
+    """No co-activation structure anywhere; the groups differ only in how often features fire."""
+    return pooled(independent_codes(rng, na, d, 0.12), independent_codes(rng, nu, d, 0.025))
+
+
+def diversity_lake(rng, na, nu, d=80, vocab=30):
+    """Prompt-end codes that represent each candidate answer: ambiguous questions have 2-6
+    candidates, unambiguous ones 1; each answer-type feature fires independently with
+    probability candidates / vocab, so the ambiguous group fires more answer features and with
+    a spread of rates. Background features as in the frequency lake. No rivalry anywhere."""
+    out = []
+    for n, cands in ((na, rng.integers(2, 7, na)), (nu, np.ones(nu, int))):
+        X = independent_codes(rng, n, d, 0.05)
+        X[:, :vocab] = (rng.random((n, vocab)) < (cands / vocab)[:, None]) * rng.exponential(1.0, (n, vocab))
+        out.append(X)
+    return pooled(*out)
+
+
+FAST_TEST = PaperParams(report_draws=1, replicates=12, noise_pairs=48)
+
+
+@pytest.mark.parametrize("na,nu", [(448, 64), (64, 448), (256, 256)])
+@pytest.mark.parametrize("lake", [frequency_lake, diversity_lake])
+def test_level_holds_at_unequal_sizes_without_rivalry(lake, na, nu):
+    """Frequency-only and answer-diversity lakes: rejection at 0.05 within the nominal rate
+    (binomial slack over 10 seeds), p-values not shifted towards 0 (the pooled relabelling
+    design gave mean p 0.30 and KS p 1e-4 on the frequency lake at 448/64)."""
+    ps = np.array([calibrated_test(*lake(np.random.default_rng(7000 + s), na, nu), FAST_TEST, n_perm=39, seed=s,
+                                   n_jobs=1).p_less for s in range(10)])
+    assert np.isfinite(ps).all()
+    assert (ps <= 0.05).sum() <= 2, np.sort(ps)  # P(>= 3 of 10 | 5%) = 1.2%
+    assert ps.mean() > 0.3 and scipy.stats.kstest(ps, "uniform", alternative="greater").pvalue > 0.01, np.sort(ps)
+
+
+@pytest.mark.parametrize("na,nu", [(448, 64), (64, 448)])
+def test_planted_rivalry_is_found_at_unequal_splits(na, nu):
+    rng = np.random.default_rng(na)
+    X, amb = pooled(planted_rival(rng, na, 100, 0.08), planted_rival(rng, nu, 100, 0.08, exclusive=False))
+    c = calibrated_test(X, amb, FAST_TEST, n_perm=39, seed=0)
+    assert c.p_less < 0.01 and c.statistic < 0 and c.block_size == 64
+
+
+def test_p_values_are_stable_and_streams_do_not_depend_on_n_perm():
+    rng = np.random.default_rng(11)
+    X, amb = frequency_lake(rng, 192, 96)
+    runs = [calibrated_test(X, amb, PaperParams(replicates=8, noise_pairs=32), n_perm=99, seed=s) for s in range(5)]
+    ps, se = np.array([c.p_less for c in runs]), np.array([c.p_less_mc_se for c in runs])
+    assert (se > 0).all() and ps.std() <= 1.5 * se.mean(), (ps, se)  # moves within its stated MC error
+    # permutation i draws from its own stream: running more permutations keeps the first ones
+    a = calibrated_test(X, amb, FAST_TEST, n_perm=30, seed=3)
+    b = calibrated_test(X, amb, FAST_TEST, n_perm=60, seed=3)
+    np.testing.assert_array_equal(a.perm_statistics, b.perm_statistics[:30])
+    assert a.statistic == b.statistic  # the observed statistic's draws do not depend on n_perm either
+
+
+def two_relation_lake(rng):
+    """Relation A questions use features 0-11, relation B features 12-23 (exclusive across
+    relations, no rivalry within one); the ambiguous group mixes them 50/50, the unambiguous
+    group 5/1."""
+    def rel(n, feats):
+        X = independent_codes(rng, n, 60, 0.04)
+        X[:, feats] = independent_codes(rng, n, 12, 0.5)
+        return X
+    A, B = list(range(0, 12)), list(range(12, 24))
+    Xa = np.vstack([rel(120, A), rel(120, B)])
+    Xu = np.vstack([rel(200, A), rel(40, B)])
+    strata = np.array(["A"] * 120 + ["B"] * 120 + ["A"] * 200 + ["B"] * 40, dtype=object)
+    return Xa, Xu, strata
+
+
+def test_question_types_are_strata_not_rivalry(tmp_path):
+    rng = np.random.default_rng(22)
+    Xa, Xu, strata = two_relation_lake(rng)
+    X, amb = pooled(Xa, Xu)
+    res = rivalry_test(X, amb, FAST_TEST, n_perm=49, seed=0, strata=strata)
+    assert res.pooled.p_less < 0.05  # mixing relations looks like rivalry when pooled
+    assert res.calibrated.p_less > 0.05, res.calibrated.as_dict()  # within relations it is not
+    assert [(s["stratum"], s["n_ambiguous"], s["n_unambiguous"], s["used"]) for s in res.calibrated.strata] == [
+        ("A", 120, 200, True), ("B", 120, 40, True)]
+    # the same through a lake: `relation` stored per question, strata chosen by default
+    n_q, k = X.shape[0], 30
+    pidx, pval = sorted_codes(X.toarray(), k)
+    words = np.where(amb[:, None], np.array(["a", "b", "c", "d"])[None, :], "a")
+    completions = np.array([[f"{w} x" for w in row] for row in words], dtype=object)
+    url = code_lake(tmp_path, np.repeat(pidx[:, None], 4, 1), np.repeat(pval[:, None], 4, 1), completions,
+                    prompt=(pidx, pval), relation=strata)
+    out = run_rivalry(RivalryConfig(store=url, n_perm=49, n_boot=0, correctness=False, replicates=12))
+    r = out.summary["by_layer"][20]
+    assert out.summary["groups"]["strata"] == "relation"
+    assert out.summary["groups"]["composition"] == {"A": {"ambiguous": 120, "unambiguous": 200},
+                                                    "B": {"ambiguous": 120, "unambiguous": 40}}
+    assert r["calibrated"]["p_less"] > 0.05 and r["calibrated_pooled"]["p_less"] < 0.05
+    assert "ignoring relation" in out.to_text(url) and "Strata (relation)" in out.to_markdown(url)
+    with pytest.raises(Exception, match="no question variable 'prop'"):
+        run_rivalry(RivalryConfig(store=url, n_perm=9, correctness=False, strata="prop"))
+
+
+def test_tiny_groups_get_no_calibrated_p_and_say_so(tmp_path):
+    rng = np.random.default_rng(2)
+    n_q, S, k = 57, 4, 20
+    amb_q = np.arange(n_q) >= 3  # 54 ambiguous, 3 unambiguous: the demo lake's split
+    completions = np.array([[f"{'abcd'[s] if amb_q[q] else 'a'} x" for s in range(S)] for q in range(n_q)], object)
+    pidx, pval = sorted_codes(independent_codes(rng, n_q, D_SAE, 0.1), k)
+    url = code_lake(tmp_path, np.repeat(pidx[:, None], S, 1), np.repeat(pval[:, None], S, 1), completions,
+                    prompt=(pidx, pval))
+    res = run_rivalry(RivalryConfig(store=url, n_perm=19, n_boot=0, correctness=False))
+    c = res.summary["by_layer"][20]["calibrated"]
+    assert c["p_less"] is None and "3 questions (< min_group = 20)" in c["reason"]
+    assert np.isnan(open_lake(url, group="rivalry/paper").p_calibrated.values).all()
+    text = res.to_text(url)
+    assert "calibrated p = n/a" in text and "caution: layer 20: the unambiguous group has 3 questions" in text
+    assert "3 questions" in res.to_markdown(url)
+    lower = run_rivalry(RivalryConfig(store=url, n_perm=29, n_boot=0, correctness=False, min_group=3, replicates=4))
+    assert lower.summary["by_layer"][20]["calibrated"]["p_less"] is not None  # configurable
+
+
+def test_qwen_scope_negative_codes_do_not_break_the_prefilter():
+    """A feature that passes the mean filter in the ambiguous group while its values in the
+    unambiguous group are negative (raw Qwen-Scope TopK): kept (the old filter on the pooled
+    sum dropped it), so the statistic equals the one on the unfiltered matrix."""
+    rng = np.random.default_rng(4)
+    Xa, Xu = independent_codes(rng, 60, 40, 0.2), independent_codes(rng, 60, 40, 0.2)
+    Xa[:, 5] = rng.exponential(0.5, 60)  # mean 0.5 in the ambiguous group
+    Xu[:, 5] = -rng.exponential(3.0, 60)  # pooled sum negative
+    X, amb = pooled(Xa, Xu)
+    assert X[:, 5].sum() < 0
+    from qsae.analysis.rivalry.paper import balanced_statistic, candidate_columns
+
+    keep = candidate_columns(X, 60, 0.01)
+    assert 5 in keep
+    rows, w = [np.arange(120)], np.array([60.0])
+    full = balanced_statistic(X, amb, rows, w, FAST_TEST, np.random.default_rng(0))
+    kept = balanced_statistic(X[:, keep].tocsr(), amb, rows, w, FAST_TEST, np.random.default_rng(0))
+    assert kept.statistic == pytest.approx(full.statistic, abs=1e-12)
+
+
+def test_paper_mwu_equals_the_papers_code_on_tied_correlations():
+    """Many features fire in a single question: their correlations tie at -1/(Q-1) in
+    np.corrcoef, and the paper's U must be the one the paper's code gets."""
+    rng = np.random.default_rng(9)
+    out = []
+    for n in (40, 50):
+        X = independent_codes(rng, n, 60, 0.15)
+        single = rng.choice(n, 25)
+        X[:, 35:60] = 0
+        X[single, np.arange(35, 60)] = rng.exponential(1.0, 25)  # 25 features active in one question each
+        out.append(X)
+    res = rivalry_test(*pooled(*out), PaperParams(report_draws=1, replicates=2, noise_pairs=4), n_perm=0)
+    ref = []
+    for X in out:
+        m = X[:, X.mean(0) > 0.01]
+        c = np.corrcoef(m.T)
+        ref.append(c[np.triu_indices_from(c, 1)])
+    mwu = scipy.stats.mannwhitneyu(ref[0], ref[1], alternative="less")
+    n_ties = np.isclose(ref[0], -1 / 39, rtol=0, atol=1e-9).sum()  # pairs of one-question features, Q = 40
+    assert n_ties > 100  # the ties are there
+    assert res.paper["U"] == mwu.statistic and res.paper["p_less"] == pytest.approx(mwu.pvalue, rel=1e-12)
+    assert res.ambiguous.n_single >= 15  # and counted for the caution
+
+
+def test_paired_auroc_uses_one_set_of_resamples():
+    from qsae.analysis.rivalry import paired_auroc
+
+    rng = np.random.default_rng(0)
+    y = rng.random(200) < 0.4
+    s = rng.normal(size=200) + y
+    out = paired_auroc(y, {"score": s, "same": s.copy(), "noise": rng.normal(size=200)}, n_boot=300, seed=1)
+    assert out["difference"]["same"]["ci"] == [0.0, 0.0]  # paired: identical scores never differ
+    assert out["auroc"]["score"] == pytest.approx(auroc(y, s))
+    lo, hi = out["difference"]["noise"]["ci"]
+    assert lo > 0 and out["ci"]["score"][0] < out["auroc"]["score"] < out["ci"]["score"][1]
+    # the ROC figure draws every layer tested, not the best one
+    from qsae.jobs.rivalry import LayerResult, roc_figure, roc_curve
+
+    layers = [LayerResult(L, {"correctness": {**out, "n_correct": int(y.sum()), "n": 200}}, {}, {},
+                          {k: roc_curve(y, v) for k, v in (("score", s), ("same", s), ("noise", -s))}) for L in (3, 7)]
+    fig = roc_figure(layers, RivalryConfig())
+    assert [a.get_title() for a in fig.axes if a.axison] == ["layer 3: 80 correct of 200", "layer 7: 80 correct of 200"]

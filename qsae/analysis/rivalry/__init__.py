@@ -44,7 +44,6 @@ from .grouping import (
     first_word_entropy,
 )
 from .paper import (
-    MWU_DECIMALS,
     Balanced,
     Calibrated,
     GroupStats,
@@ -67,7 +66,7 @@ from .per_question import (
 from .scores import auroc, auroc_with_ci, decoder_cosine_score, holm, paired_auroc, roc_curve
 
 __all__ = [
-    "AMBIGUOUS", "DENSE_FEATURES", "EXCLUDED", "MWU_DECIMALS", "UNAMBIGUOUS", "Balanced", "Calibrated", "GroupStats",
+    "AMBIGUOUS", "DENSE_FEATURES", "EXCLUDED", "UNAMBIGUOUS", "Balanced", "Calibrated", "GroupStats",
     "Grouping", "PaperParams", "QuestionScore", "RivalryTest", "Rule", "auroc", "auroc_with_ci", "balanced_statistic",
     "blocked_pair_percentile", "calibrated_test", "codes_matrix", "compare_groups", "constant_columns",
     "decoder_cosine_score", "distinct_rows", "entropy_groups", "first_word", "first_word_entropy", "group_stats",

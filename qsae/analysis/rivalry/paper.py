@@ -47,6 +47,7 @@ import scipy.stats
 from .correlations import (
     DENSE_FEATURES,
     blocked_pair_percentile,
+    constant_columns,
     pair_correlations,
     percentile,
     permute_columns,
@@ -55,9 +56,6 @@ from .correlations import (
 
 # Keys of the random streams: np.random.default_rng([seed, ROLE, index]).
 _PERMUTATION, _OBSERVED, _DESCRIPTIVE, _BOOTSTRAP = 0, 1, 2, 3
-# Correlations are rounded to this many decimals before the paper's MWU: the Gram-matrix
-# correlations differ from np.corrcoef's by ~1e-14, which breaks the paper's exact ties.
-MWU_DECIMALS = 12
 
 
 @dataclass
@@ -121,7 +119,7 @@ def group_stats(X: sp.csr_matrix, params: PaperParams, rng: np.random.Generator,
         nulls = [blocked_pair_percentile(permute_columns(Xs, rng), params.pct)[0] for _ in range(draws if n_pairs else 0)]
         corr = null_corr = np.empty(0)
     else:
-        corr, n_const = pair_correlations(Xs)
+        corr, n_const = pair_correlations(Xs) if not keep else _corrcoef_pairs(Xs)
         p5, n_pairs = percentile(corr, params.pct), int(corr.size)
         nulls, null_corr = [], np.empty(0)
         for _ in range(draws if corr.size else 0):
@@ -132,14 +130,24 @@ def group_stats(X: sp.csr_matrix, params: PaperParams, rng: np.random.Generator,
                       corr if keep else np.empty(0), null_corr if keep else np.empty(0))
 
 
+def _corrcoef_pairs(Xs: sp.csc_matrix) -> tuple[np.ndarray, int]:
+    """The reported (whole-group) correlations exactly as the paper's code makes them:
+    ``np.corrcoef`` of the dense non-constant columns, so its ties (features firing in one
+    question: -1/(Q-1)) are ties here too and the MWU's U is the paper's."""
+    good = ~constant_columns(Xs)
+    if Xs.shape[0] < 2 or good.sum() < 2:
+        return np.empty(0), int((~good).sum())
+    C = np.corrcoef(Xs[:, np.flatnonzero(good)].toarray().T)
+    return C[np.triu_indices_from(C, k=1)], int((~good).sum())
+
+
 def paper_mwu(amb: np.ndarray, unamb: np.ndarray) -> dict[str, Any]:
-    """The paper's test over all pairs: ``mannwhitneyu(amb, unamb, alternative="less")``, on
-    correlations rounded to ``MWU_DECIMALS`` so that pairs the paper's ``np.corrcoef`` ties
-    (e.g. features firing in one question: exactly -1/(Q-1)) tie here too."""
+    """The paper's test over all pairs: ``mannwhitneyu(amb, unamb, alternative="less")`` on the
+    correlations ``np.corrcoef`` gives (``_corrcoef_pairs``): its ties are the paper's."""
     if amb.size == 0 or unamb.size == 0:
         return {"U": None, "p_less": None, "rank_biserial": None,
                 "reason": "an empty group, or more than DENSE_FEATURES features (pairs not held): no test"}
-    a, u = np.round(amb, MWU_DECIMALS), np.round(unamb, MWU_DECIMALS)
+    a, u = amb, unamb
     res = scipy.stats.mannwhitneyu(a, u, alternative="less")
     return {"U": float(res.statistic), "p_less": float(res.pvalue),
             "rank_biserial": float(2 * res.statistic / (a.size * u.size) - 1)}
@@ -252,6 +260,15 @@ def _strata_rows(is_amb: np.ndarray, strata: np.ndarray | None, params: PaperPar
     return used, np.asarray(weights, float), table
 
 
+def candidate_columns(X: sp.csr_matrix, n: int, min_mean: float) -> np.ndarray:
+    """Columns that can pass the mean filter in some group of n rows: their positive values
+    must sum above min_mean * n (positive parts: raw Qwen-Scope TopK codes keep negative
+    values, and a pooled sum would drop a feature whose other rows are negative)."""
+    pos = X.maximum(0) if X.nnz and X.data.min() < 0 else X
+    col_sum = np.asarray(pos.sum(axis=0)).ravel()
+    return np.flatnonzero(col_sum > max(min_mean, 0.0) * n)
+
+
 def calibrated_test(X: sp.csr_matrix, is_ambiguous: np.ndarray, params: PaperParams = PaperParams(),
                     n_perm: int = 1000, seed: int = 0, n_jobs: int | None = None,
                     strata: np.ndarray | None = None) -> Calibrated:
@@ -273,9 +290,7 @@ def calibrated_test(X: sp.csr_matrix, is_ambiguous: np.ndarray, params: PaperPar
     # (positive parts: raw Qwen-Scope TopK codes keep negative values). Ids stay in order, so
     # the cap's choice is the one made on the full matrix.
     n_min = int(weights.min())
-    pos = X.maximum(0) if X.nnz and X.data.min() < 0 else X
-    col_sum = np.asarray(pos.sum(axis=0)).ravel()
-    Xc = X[:, np.flatnonzero(col_sum > max(params.min_mean, 0.0) * n_min)].tocsr()
+    Xc = X[:, candidate_columns(X, n_min, params.min_mean)].tocsr()
 
     reps = [balanced_statistic(Xc, is_amb, rows, weights, params, np.random.default_rng([seed, _OBSERVED, r]))
             for r in range(max(2, params.replicates))]

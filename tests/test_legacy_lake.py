@@ -30,6 +30,6 @@ def test_a_lake_from_before_the_layout_change_opens_and_resumes(tmp_path):
     for shard in range(fresh.n_shards):
         fresh.write_shard(shard, random_shard(fresh, shard))
     old, new = open_lake(url).load(), open_lake(fresh_url).load()
-    assert set(new.data_vars) - set(old.data_vars) == {"nucleus_entropy"}  # added since, optional
+    assert set(new.data_vars) - set(old.data_vars) == {"nucleus_entropy", "relation", "subject", "s_pop", "o_pop"}
     for name in old.data_vars:
         np.testing.assert_array_equal(old[name].values, new[name].values, err_msg=name)

@@ -469,7 +469,7 @@ def test_question_types_are_strata_not_rivalry(tmp_path):
     assert [(s["stratum"], s["n_ambiguous"], s["n_unambiguous"], s["used"]) for s in res.calibrated.strata] == [
         ("A", 120, 200, True), ("B", 120, 40, True)]
     # the same through a lake: `relation` stored per question, strata chosen by default
-    n_q, k = X.shape[0], 30
+    k = 30
     pidx, pval = sorted_codes(X.toarray(), k)
     words = np.where(amb[:, None], np.array(["a", "b", "c", "d"])[None, :], "a")
     completions = np.array([[f"{w} x" for w in row] for row in words], dtype=object)
@@ -561,7 +561,7 @@ def test_paired_auroc_uses_one_set_of_resamples():
     lo, hi = out["difference"]["noise"]["ci"]
     assert lo > 0 and out["ci"]["score"][0] < out["auroc"]["score"] < out["ci"]["score"][1]
     # the ROC figure draws every layer tested, not the best one
-    from qsae.jobs.rivalry import LayerResult, roc_figure, roc_curve
+    from qsae.jobs.rivalry import LayerResult, roc_curve, roc_figure
 
     layers = [LayerResult(L, {"correctness": {**out, "n_correct": int(y.sum()), "n": 200}}, {}, {},
                           {k: roc_curve(y, v) for k, v in (("score", s), ("same", s), ("noise", -s))}) for L in (3, 7)]

@@ -566,4 +566,5 @@ def test_paired_auroc_uses_one_set_of_resamples():
     layers = [LayerResult(L, {"correctness": {**out, "n_correct": int(y.sum()), "n": 200}}, {}, {},
                           {k: roc_curve(y, v) for k, v in (("score", s), ("same", s), ("noise", -s))}) for L in (3, 7)]
     fig = roc_figure(layers, RivalryConfig())
-    assert [a.get_title() for a in fig.axes if a.axison] == ["layer 3: 80 correct of 200", "layer 7: 80 correct of 200"]
+    n_pos = int(y.sum())
+    assert [a.get_title() for a in fig.axes if a.axison] == [f"layer {L}: {n_pos} correct of 200" for L in (3, 7)]

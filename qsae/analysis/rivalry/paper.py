@@ -22,11 +22,17 @@ Its design, chosen by measuring level and power (README, "The rivalry study"):
   groups are then compared at the same size (a pooled comparison at 448/64 was not: the
   excess of a mixture depends on its size). Within ``strata`` (e.g. PopQA's relation types) the
   labels are permuted within each stratum and T is the size-weighted mean of the strata's Ts.
-* **Stable p-values.** T is random (block partition, null draws). The observed T is drawn
-  ``replicates`` times (independent streams), each replicate's p-value is taken against the
-  same permutations, and the reported p is their mean, with its Monte-Carlo standard error
-  (the replicates' spread and the permutations' binomial error). Every random stream is keyed
-  by (seed, role, index): permutation i uses the same stream whatever ``n_perm`` is.
+* **Stable p-values.** T is random (block partition, null draws): one evaluation is
+  theta + e, with e the Monte-Carlo noise. The observed T is the mean of ``replicates`` draws
+  (noise e_bar); each permutation is one draw; ``noise_pairs`` permutations are drawn twice
+  (same labels, new blocks and null draws), which measures Var(e). The reference for the
+  observed mean is then normal with the permutations' mean and variance
+  Var(T_perm) - Var(e) + Var(e) / replicates (the noise the permutations carry and the mean
+  does not is taken out), and ``p_less`` is its lower tail at the observed mean. Its
+  Monte-Carlo standard error (``p_less_mc_se``) comes from resampling every random input
+  (permutations, noise pairs, replicates). The plain randomised permutation p-value of one
+  draw is reported beside it (``p_perm_single_draw``). Every random stream is keyed by
+  (seed, role, index): permutation i uses the same stream whatever ``n_perm`` is.
 * **No claim from tiny groups**: below ``min_group`` questions in either group no calibrated
   p-value is computed, and the result says why.
 

@@ -152,7 +152,7 @@ def main() -> None:
     ap.add_argument("--questions", type=int, default=14267)
     ap.add_argument("--dense-perms", type=int, default=3)
     ap.add_argument("--calibration", action="store_true")
-    ap.add_argument("--seeds", type=int, default=200)
+    ap.add_argument("--seeds", type=int, default=30)
     ap.add_argument("--dir", default=None)
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(dir=args.dir, prefix="qsae-riv-"))

@@ -335,9 +335,17 @@ def verify(
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
     """Check a lake against its schema and invariants; exit status 1 if anything is wrong."""
+    from qsae.errors import QsaeError
     from qsae.lake.verify import verify as run
 
-    report = run(store, reencode=reencode)
+    try:
+        report = run(store, reencode=reencode)
+    except Exception as exc:  # --json promises JSON: whatever went wrong is in it
+        if not as_json:
+            raise
+        typer.echo(json.dumps({"store": store, "ok": False, "problems": [f"{type(exc).__name__}: {exc}"],
+                               "checks": {}}, indent=1))
+        raise typer.Exit(code=2 if isinstance(exc, QsaeError) else 1) from None
     typer.echo(report.to_json() if as_json else report.text())
     raise typer.Exit(code=0 if report.ok else 1)
 

@@ -66,3 +66,8 @@ class StoreUnreachableError(QsaeError):
 
 class DatasetError(QsaeError):
     """A dataset is empty, unreadable or has malformed rows."""
+
+
+class LakeDamagedError(QsaeError):
+    """Objects that done questions need are missing, empty or do not decode: zarr would read
+    fill values there and the analyses would silently compute other numbers."""

@@ -130,6 +130,9 @@ def _break_padding(g):
     ("pad", _break_padding, "completion"),
     ("codes", lambda g: g["codes_val"].__setitem__((0, 0, 0, 0), 123.0), "differ from re-encoding"),
     ("entropy", lambda g: g["sample_entropy"].__setitem__(1, 5.0), "sample_entropy outside"),
+    ("text", lambda g: g["completion"].__setitem__((2, 1), "not what was sampled"),
+     "completion differs from its decoded completion_ids"),
+    ("prompt", lambda g: g["prompt_codes_val"].__setitem__((0, 1, 0), 99.0), "prompt end: stored codes differ"),
 ])
 def test_verifier_finds_each_corruption(good_lake, name, edit, message):
     tmp, cfg = good_lake
@@ -159,3 +162,75 @@ def test_verify_cli_exit_status(good_lake, tmp_path):
     assert ok.returncode == 0 and json.loads(ok.stdout)["ok"] is True
     bad = subprocess.run([qsae, "verify", str(tmp_path / "nothing.zarr")], capture_output=True, text=True)
     assert bad.returncode == 1 and "StoreUnreachableError" in bad.stdout
+
+
+# ------------------------------------------------ lost and damaged objects (issue 28)
+def _objects(url, name):
+    from pathlib import Path
+
+    return sorted(p for p in (Path(url) / name).rglob("*") if p.is_file() and p.name != "zarr.json")
+
+
+@pytest.mark.parametrize("name", ["prompt_codes_val", "completion", "codes_val"])
+def test_a_lost_object_is_found_by_verify_and_refused_by_the_analyses(good_lake, name):
+    from qsae.errors import LakeDamagedError
+    from qsae.jobs.reconstruction import ReconstructionConfig, run_reconstruction
+    from qsae.jobs.rivalry import RivalryConfig, run_rivalry
+
+    tmp, cfg = good_lake
+    url = _corrupt_copy(tmp, cfg, f"lost-{name}", lambda g: None)
+    lost = _objects(url, name)[-1]  # the last shard: questions 2..3
+    lost.unlink()
+    report = verify(url)
+    key = lost.relative_to(url).as_posix()
+    assert not report.ok and any(p.startswith(key) and "missing" in p and "questions 2..3" in p
+                                 for p in report.problems), report.text()
+    for run in (lambda: open_lake(url), lambda: run_rivalry(RivalryConfig(store=url, n_perm=9, correctness=False)),
+                lambda: run_reconstruction(ReconstructionConfig(store=url))):
+        with pytest.raises(LakeDamagedError, match=f"{key}.*missing"):
+            run()
+
+
+def test_a_lost_done_object_is_reported(good_lake):
+    tmp, cfg = good_lake
+    url = _corrupt_copy(tmp, cfg, "lost-done", lambda g: None)
+    _objects(url, "done")[-1].unlink()
+    report = verify(url)
+    assert any("shards [1]: all data written but not marked done" in p for p in report.problems), report.text()
+
+
+def test_damaged_objects_are_reported_never_a_crash(good_lake, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tmp, cfg = good_lake
+    url = _corrupt_copy(tmp, cfg, "truncated", lambda g: None)
+    shard = _objects(url, "codes_val")[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a truncated shard
+    resid = _objects(url, "resid")[0]
+    data = bytearray(resid.read_bytes())
+    data[len(data) // 3] ^= 0x10  # one flipped bit
+    resid.write_bytes(bytes(data))
+    empty = _objects(url, "completion_ids")[0]
+    empty.write_bytes(b"")  # a zero-length object
+    report = verify(url)
+    text = "\n".join(report.problems)
+    assert "codes_val/" in text and "does not decode" in text, text
+    assert "resid/" in text and "checksum" in text, text
+    assert "completion_ids/" in text and "empty (0 bytes)" in text, text
+    assert report.checks["damaged_objects"] == 3 and "skipped" in report.checks["content_checks"]
+    qsae = str(Path(sys.executable).parent / "qsae")
+    out = subprocess.run([qsae, "verify", url, "--json"], capture_output=True, text=True)
+    assert out.returncode == 1 and json.loads(out.stdout)["ok"] is False  # always JSON
+
+
+def test_new_lakes_store_every_chunk_with_a_checksum(good_lake):
+    _, cfg = good_lake
+    g = zarr.open_group(cfg.store, mode="r")
+    assert g.attrs["stores_every_chunk"] is True
+    for name in ("resid", "codes_idx", "completion", "done", "prompt_truncated", "question"):
+        codecs = str(g[name].metadata.codecs)
+        assert "Crc32cCodec" in codecs, (name, codecs)
+    # an all-fill region (no prompt was truncated) is stored too: a missing object is never "all fill"
+    assert not g["prompt_truncated"][:].any() and _objects(cfg.store, "prompt_truncated")

@@ -27,11 +27,18 @@ from typing import Any, Literal
 import numpy as np
 import xarray as xr
 import zarr
-from zarr.codecs import ZstdCodec
+from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync as zarr_sync
 
 from qsae import __version__
-from qsae.errors import ConfigMismatchError, NewerSchemaError, RegionError, SchemaError, StoreUnreachableError
+from qsae.errors import (
+    ConfigMismatchError,
+    LakeDamagedError,
+    NewerSchemaError,
+    RegionError,
+    SchemaError,
+    StoreUnreachableError,
+)
 from qsae.lake.schema import (
     DATASET_ID,
     LAYER,
@@ -64,6 +71,11 @@ IDENTITY_LINEAGE_KEYS = (
     "sampling", "seed", "prompt_template",
 )
 TOKEN_IDENTITY_KEYS = ("model", "model_revision", "hook", "dataset", "dataset_revision", "context_length", "bos")
+
+
+# Attribute of lakes whose every chunk is stored (fill values included) with a crc32c checksum:
+# there a missing object is damage. Older lakes skipped all-fill chunks.
+STORES_EVERY_CHUNK = "stores_every_chunk"
 
 
 @dataclass(frozen=True)
@@ -308,8 +320,11 @@ class Lake:
         present = set(group.array_keys())
         self.variables = tuple(v for v in self.schema.variables_for(self.attrs.get("d_sae") is not None)
                                if not v.optional or v.name in present)  # older lakes lack optional ones
-        # Array handles opened once: each group lookup costs a metadata read.
-        self.arrays: dict[str, zarr.Array] = {v.name: group[v.name] for v in self.variables}
+        # Array handles opened once: each group lookup costs a metadata read. Every chunk is
+        # stored, fill values included (zarr's default skips all-fill chunks), so a missing
+        # object in a done region is damage, never "all fill" (``qsae.lake.integrity``).
+        with zarr.config.set({"array.write_empty_chunks": True}):
+            self.arrays: dict[str, zarr.Array] = {v.name: group[v.name] for v in self.variables}
 
     # ----------------------------------------------------------------- open/create
     @classmethod
@@ -348,7 +363,7 @@ class Lake:
         sizes = spec.sizes()
         for name, values in spec.coords().items():
             arr = group.create_array(name, shape=values.shape, chunks=values.shape, dtype=values.dtype,
-                                     dimension_names=[name], compressors=None)
+                                     dimension_names=[name], compressors=[Crc32cCodec()])
             arr[:] = values
         dataset_ids = getattr(spec, "dataset_ids", None)
         if dataset_ids is not None:
@@ -366,7 +381,8 @@ class Lake:
                 dtype=resolve_dtype(var, spec.resid_dtype, spec.d_sae),
                 fill_value=var.fill,
                 dimension_names=list(var.dims),
-                compressors=ZstdCodec(level=3) if var.compress else None,
+                # crc32c on every chunk: a flipped bit or a truncated file fails to decode, loudly
+                compressors=[ZstdCodec(level=3), Crc32cCodec()] if var.compress else [Crc32cCodec()],
                 attributes={"description": var.doc},
                 # Skip zarr's scan of every chunk for "all fill value": regions are whole shards.
                 config={"write_empty_chunks": True},
@@ -382,6 +398,7 @@ class Lake:
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "config": identity,
             "config_fingerprint": fingerprint(identity),
+            STORES_EVERY_CHUNK: True,
         }
         group.attrs.update(attrs)
         _consolidate_metadata(store)
@@ -690,16 +707,34 @@ def consolidate(target: str | StoreRef, storage_options: dict | None = None) -> 
     _consolidate_metadata(store)
 
 
+def require_intact(lake: Lake, shown: int = 5) -> None:
+    """LakeDamagedError naming the objects done questions need that are missing or empty (one
+    listing of the store: cheap enough for every analysis that opens a lake)."""
+    from qsae.lake.integrity import find_damage
+
+    damage = find_damage(lake, limit=shown + 1)
+    if damage:
+        more = " (and more)" if len(damage) > shown else ""
+        lines = "\n".join(f"  {d}" for d in damage[:shown])
+        raise LakeDamagedError(
+            f"{lake.url} is damaged: objects that done questions need are missing or empty{more}:\n{lines}\n"
+            f"zarr would read fill values there. Run `qsae verify {lake.url}` for the full list; "
+            "recapture those questions (or restore the files) before analysing.")
+
+
 def open_lake(target: str | StoreRef, storage_options: dict | None = None, group: str | None = None,
-              **kwargs: Any) -> xr.Dataset:
-    """Open a lake (or one of its result groups) lazily with xarray, after schema checks.
+              check: bool = True, **kwargs: Any) -> xr.Dataset:
+    """Open a lake (or one of its result groups) lazily with xarray, after schema checks and,
+    with ``check``, a check that every object its done questions need is there.
 
     Equivalent to ``xarray.open_zarr(url)`` on a valid lake; dask-backed, one dask chunk
     per inner zarr chunk unless ``chunks=`` says otherwise.
     """
     ref = StoreRef.of(target, storage_options)
     if group is None:
-        Lake.open(ref)  # reachable, and valid for its kind
+        lake = Lake.open(ref)  # reachable, and valid for its kind
+        if check:
+            require_intact(lake)
     path, opts = ref.xarray_target()
     kwargs.setdefault("consolidated", None)
     return xr.open_zarr(path, storage_options=opts or None, group=group, **kwargs)

@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 
 from qsae.errors import QsaeError
+from qsae.lake.integrity import find_damage, undone_with_data
 from qsae.lake.schema import FP16_MAX
 from qsae.lake.storage import StoreRef
-from qsae.lake.store import QuestionLake, open_lake
+from qsae.lake.store import STORES_EVERY_CHUNK, QuestionLake, open_lake
 
 
 @dataclass
@@ -49,7 +50,7 @@ class Report:
 
 def _where(qids: np.ndarray, mask: np.ndarray, limit: int = 5) -> str:
     bad = np.unique(np.nonzero(mask)[0])
-    return f"questions {list(qids[bad[:limit]])}{' ...' if bad.size > limit else ''} ({bad.size} in all)"
+    return f"questions {[int(q) for q in qids[bad[:limit]]]}{' ...' if bad.size > limit else ''} ({bad.size} in all)"
 
 
 def _check_block(ds, b: slice, report: Report, attrs: dict, vocab_log: float | None) -> int:
@@ -138,27 +139,93 @@ def _check_block(ds, b: slice, report: Report, attrs: dict, vocab_log: float | N
 
 
 def verify(target: str | StoreRef, storage_options: dict | None = None, reencode: int = 0, seed: int = 0,
-           block_questions: int = 512) -> Report:
-    """Verify a lake; ``reencode`` > 0 re-encodes that many random stored rows per layer."""
+           block_questions: int = 512, completions: bool = True) -> Report:
+    """Verify a lake: every object done questions need is there and decodes (crc32c), then the
+    invariants; ``reencode`` > 0 re-encodes that many random stored rows per layer (completion
+    and prompt codes), ``completions`` decodes the stored token ids with the model's tokenizer
+    when it is at hand. Never raises for a damaged lake: every finding is in the report."""
     ref = StoreRef.of(target, storage_options)
     report = Report(ref.url)
     try:
         lake = QuestionLake.open(ref)
-        ds = open_lake(ref)
+        ds = open_lake(ref, check=False)
     except QsaeError as exc:
         report.fail(f"{type(exc).__name__}: {exc}")
         return report
     attrs = dict(ds.attrs)
+    damage = find_damage(lake, decode=True)
+    for d in damage:
+        report.fail(str(d))
+    report.checks["damaged_objects"] = len(damage)
+    report.checks["checksums"] = ("crc32c on every stored chunk, every chunk stored" if attrs.get(STORES_EVERY_CHUNK)
+                                  else "none (lake written before qsae 0.2): decoding checked, missing all-fill "
+                                       "chunks cannot be told from lost ones")
+    pending_with_data = undone_with_data(lake)
+    if pending_with_data:
+        report.fail(f"shards {pending_with_data}: all data written but not marked done: an interrupted capture "
+                    "(rerun it with the same config to finish) or a lost `done` object")
     n = ds.sizes["question"]
+    report.checks.update(questions=n, layers=[int(x) for x in ds.layer.values],
+                         shards_pending=len(lake.pending_shards()))
+    if damage:
+        report.checks["content_checks"] = "skipped: damaged objects must be restored or recaptured first"
+        return report
     done_total = 0
     vocab = attrs.get("vocab_size")
     vocab_log = math.log(vocab) if vocab else None
     for start in range(0, n, block_questions):
         done_total += _check_block(ds, slice(start, min(start + block_questions, n)), report, attrs, vocab_log)
-    report.checks.update(questions=n, done=done_total, layers=[int(x) for x in ds.layer.values],
-                         shards_pending=len(lake.pending_shards()))
+    report.checks["done"] = done_total
+    if completions:
+        _check_completions(ds, attrs, report, block_questions)
     _check_sae_files(attrs, report, ds, reencode, seed)
     return report
+
+
+def _tokenizer_for(attrs: dict):
+    """The lake's model tokenizer when it is available locally (never downloaded), else why not."""
+    name = attrs.get("model_path") or attrs.get("model")
+    try:
+        from transformers import AutoTokenizer
+
+        from qsae.lm.models import EMBEDDED
+
+        if name in EMBEDDED:  # the converted copy if there is one, else the GGUF file's own tokenizer
+            from qsae.lm.models import default_cache_dir, embedded_package_dir
+
+            folder = default_cache_dir() / "models" / name
+            if (folder / "qsae_revision.txt").exists():
+                return AutoTokenizer.from_pretrained(folder), None
+            package, gguf_file, _ = EMBEDDED[name]
+            return AutoTokenizer.from_pretrained(embedded_package_dir(package), gguf_file=gguf_file), None
+        return AutoTokenizer.from_pretrained(name, local_files_only=True), None
+    except Exception as exc:  # noqa: BLE001 - a tokenizer we cannot load only skips this check
+        return None, f"tokenizer of {name!r} not at hand ({type(exc).__name__}): completions not compared"
+
+
+def _check_completions(ds, attrs: dict, report: Report, block: int) -> None:
+    """``completion`` must be the decoded ``completion_ids`` exactly as capture made it."""
+    tok, why = _tokenizer_for(attrs)
+    if tok is None:
+        report.checks["completions"] = why
+        return
+    stop_nl = bool((attrs.get("sampling") or {}).get("stop_at_newline", True))
+    n, checked, bad = ds.sizes["question"], 0, []
+    for start in range(0, n, block):
+        sel = ds[["done", "completion", "completion_ids", "completion_len"]].isel(question=slice(start, start + block)).load()
+        for qi in np.flatnonzero(sel.done.values):
+            for si in range(sel.sizes["sample"]):
+                ids = sel.completion_ids.values[qi, si, : int(sel.completion_len.values[qi, si])]
+                text = tok.decode(ids.tolist(), skip_special_tokens=True)
+                text = (text.split("\n")[0] if stop_nl else text).strip()
+                checked += 1
+                if text != str(sel.completion.values[qi, si]):
+                    bad.append(int(sel.question.values[qi]))
+    report.checks["completions_compared"] = checked
+    if bad:
+        ids = sorted(set(bad))
+        report.fail(f"completion differs from its decoded completion_ids in {len(bad)} samples (questions "
+                    f"{ids[:5]}{' ...' if len(ids) > 5 else ''})")
 
 
 def _check_sae_files(attrs: dict, report: Report, ds, reencode: int, seed: int) -> None:
@@ -184,11 +251,11 @@ def _check_sae_files(attrs: dict, report: Report, ds, reencode: int, seed: int) 
         if reencode:
             _reencode(ds, layer, sae, reencode, seed, report)
     report.checks["sae_hashes_verified_layers"] = checked
-    if reencode:
-        report.checks["reencoded_rows_per_layer"] = reencode
 
 
 def _reencode(ds, layer: int, sae, n: int, seed: int, report: Report) -> None:
+    """Re-encode ``n`` random stored completion-end rows and ``n`` prompt-end rows with the SAE;
+    the stored codes must be the TopK of the stored residual."""
     import torch
 
     done = np.flatnonzero(ds.done.values)
@@ -196,15 +263,32 @@ def _reencode(ds, layer: int, sae, n: int, seed: int, report: Report) -> None:
         return
     rng = np.random.default_rng(seed)
     S = ds.sizes["sample"]
+    k = ds.sizes["k"]
     picks = rng.choice(done.size * S, size=min(n, done.size * S), replace=False)
-    q, s = done[picks // S], picks % S
-    sub = ds[["resid", "codes_idx", "codes_val", "resid_nonfinite"]].sel(layer=layer)
-    for qi, si in zip(q, s):
-        row = sub.isel(question=int(qi), sample=int(si)).load()
-        if int(row.resid_nonfinite) > 0:
+    rows = [("completion", int(done[p // S]), int(p % S)) for p in picks]
+    rows += [("prompt", int(q), None) for q in rng.choice(done, size=min(n, done.size), replace=False)]
+    sub = ds[["resid", "codes_idx", "codes_val", "resid_nonfinite", "resid_prompt", "prompt_codes_idx",
+              "prompt_codes_val", "resid_prompt_nonfinite"]].sel(layer=layer)
+    matched = {"completion": 0, "prompt": 0}
+    for where, qi, si in rows:
+        if where == "completion":
+            row = sub[["resid", "codes_idx", "codes_val", "resid_nonfinite"]].isel(question=qi, sample=si).load()
+            x, idx_s, val_s, nonfinite = row.resid, row.codes_idx, row.codes_val, row.resid_nonfinite
+        else:
+            row = sub[["resid_prompt", "prompt_codes_idx", "prompt_codes_val", "resid_prompt_nonfinite"]].isel(
+                question=qi).load()
+            x, idx_s, val_s, nonfinite = row.resid_prompt, row.prompt_codes_idx, row.prompt_codes_val, \
+                row.resid_prompt_nonfinite
+        if int(nonfinite) > 0:
             continue
-        idx, val = sae.encode_topk(torch.from_numpy(row.resid.values.astype(np.float32))[None], k=ds.sizes["k"])
-        if not np.array_equal(idx[0].numpy(), row.codes_idx.values.astype(np.int64)) or \
-                not np.allclose(val[0].numpy(), row.codes_val.values, rtol=1e-4, atol=1e-5):
-            report.fail(f"layer {layer}, question {int(ds.question[qi])}, sample {int(si)}: stored codes differ from "
-                        "re-encoding the stored residual with the SAE")
+        idx, val = sae.encode_topk(torch.from_numpy(x.values.astype(np.float32))[None], k=k)
+        if np.array_equal(idx[0].numpy(), idx_s.values.astype(np.int64)) and \
+                np.allclose(val[0].numpy(), val_s.values, rtol=1e-4, atol=1e-5):
+            matched[where] += 1
+        else:
+            at = f"sample {si}" if si is not None else "prompt end"
+            report.fail(f"layer {layer}, question {int(ds.question[qi])}, {at}: stored codes differ from "
+                        "re-encoding the stored activation with the SAE")
+    key = "reencoded_rows_matching"
+    report.checks.setdefault(key, {})[str(layer)] = {w: f"{matched[w]} of {sum(r[0] == w for r in rows)}"
+                                                     for w in matched}

@@ -284,6 +284,8 @@ def calibrated_test(X: sp.csr_matrix, is_ambiguous: np.ndarray, params: PaperPar
     X = sp.csr_matrix(X)
     design = ("equal-size blocks, labels permuted " + ("within strata" if strata is not None else "over all questions"))
     na, nu = int(is_amb.sum()), int((~is_amb).sum())
+    if n_perm == 0:
+        return Calibrated(design, reason="n_perm = 0: the calibrated test was not run")
     if min(na, nu) < params.min_group:
         return Calibrated(design, reason=f"the {'ambiguous' if na < nu else 'unambiguous'} group has {min(na, nu)} "
                                          f"questions (< min_group = {params.min_group}): no calibrated p-value")

@@ -71,3 +71,15 @@ class DatasetError(QsaeError):
 class LakeDamagedError(QsaeError):
     """Objects that done questions need are missing, empty or do not decode: zarr would read
     fill values there and the analyses would silently compute other numbers."""
+
+
+class ConcurrentCreationError(QsaeError):
+    """Another capture is creating the same store right now (or did seconds ago): this one
+    stops without touching it. Trying again later finds the store made, or re-creates it if
+    that creation died."""
+
+    transient = True
+
+
+class IncompleteStoreError(SchemaError):
+    """A store whose creation never finished (its identity marked as being created)."""

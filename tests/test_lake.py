@@ -176,3 +176,88 @@ def test_same_code_works_on_remote_urls(scheme, request):
     assert int(ds.done.sum()) == 16
     with pytest.raises(ConfigMismatchError):
         QuestionLake.open_or_create(url, small_spec(n_samples=2), storage_options=opts)
+
+
+# ------------------------------------------ creation that survives a crash and a race (issue 28)
+def test_an_interrupted_creation_is_recreated_by_the_next_capture(tmp_path, monkeypatch):
+    import errno
+
+    from qsae.errors import ConcurrentCreationError, IncompleteStoreError
+
+    url = str(tmp_path / "lake.zarr")
+    real = zarr.Group.create_array
+    calls = {"n": 0}
+
+    def dies_after_five(self, *a, **kw):  # a full disk, or a kill, half-way through creation
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(zarr.Group, "create_array", dies_after_five)
+    with pytest.raises(OSError):
+        QuestionLake.open_or_create(url, small_spec())
+    monkeypatch.setattr(zarr.Group, "create_array", real)
+    with pytest.raises(IncompleteStoreError, match="being created, or its creation was interrupted"):
+        open_lake(url)  # readers are told what it is
+    with pytest.raises(ConcurrentCreationError, match="another capture is creating"):
+        QuestionLake.open_or_create(url, small_spec())  # seconds later it may still be another writer's
+    monkeypatch.setenv("QSAE_CREATE_STALE_S", "0")
+    with pytest.raises(ConfigMismatchError, match="seed"):  # another config: the real reason, store untouched
+        QuestionLake.open_or_create(url, small_spec(lineage={"seed": 1}))
+    lake = QuestionLake.open_or_create(url, small_spec())  # the same config: re-created, no --mode overwrite
+    assert lake.pending_shards() == list(range(lake.n_shards)) and "creating" not in lake.attrs
+    lake.write_shard(0, random_shard(lake, 0))
+    # a store from before the creating mark: a group without schema_version is re-created too
+    legacy = str(tmp_path / "legacy.zarr")
+    zarr.open_group(legacy, mode="w").create_array("question", shape=(3,), dtype="int64")
+    assert QuestionLake.open_or_create(legacy, small_spec()).attrs["schema_version"] == SCHEMA_VERSION
+    # but never one that holds done data
+    g = zarr.open_group(url, mode="r+")
+    g.attrs["creating"] = {"token": "x", "started": 0}
+    with pytest.raises(IncompleteStoreError, match="has done questions"):
+        QuestionLake.open_or_create(url, small_spec())
+
+
+def _create_at(url, t0, seed, q):
+    import time as _time
+
+    from qsae.errors import QsaeError
+
+    while _time.time() < t0:
+        pass
+    try:
+        QuestionLake.open_or_create(url, small_spec(lineage={"seed": seed}))
+        q.put(("ok", seed))
+    except QsaeError as exc:
+        q.put((type(exc).__name__, str(exc).splitlines()[0]))
+    except Exception as exc:  # noqa: BLE001 - a raw error is what the test must not see
+        q.put(("RAW " + type(exc).__name__, str(exc)))
+
+
+@pytest.mark.slow
+def test_two_captures_creating_one_store_end_with_one_store(tmp_path):
+    import multiprocessing as mp
+    import time as _time
+
+    ctx = mp.get_context("spawn")
+    for i, seeds in enumerate([(0, 0), (0, 1), (0, 0), (0, 1)]):
+        url = str(tmp_path / f"race{i}.zarr")
+        q = ctx.Queue()
+        t0 = _time.time() + 4.0  # both processes imported and spinning by then
+        procs = [ctx.Process(target=_create_at, args=(url, t0, s, q)) for s in seeds]
+        for p in procs:
+            p.start()
+        out = [q.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join()
+        kinds = sorted(k for k, _ in out)
+        assert not any(k.startswith("RAW") for k in kinds), out
+        winners = [v for k, v in out if k == "ok"]
+        if seeds[0] == seeds[1]:
+            # the loser stops (another capture is creating it) or, if the winner finished, resumes it
+            assert len(winners) >= 1 and set(kinds) <= {"ok", "ConcurrentCreationError"}, out
+        else:
+            assert len(winners) == 1 and set(kinds) - {"ok"} <= {"ConcurrentCreationError", "ConfigMismatchError"}, out
+        lake = QuestionLake.open(url)  # one complete store, the winner's
+        assert "creating" not in lake.attrs and lake.attrs["seed"] in winners

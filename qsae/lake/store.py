@@ -18,6 +18,8 @@ import functools
 import hashlib
 import json
 import os
+import time
+import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +34,9 @@ from zarr.core.sync import sync as zarr_sync
 
 from qsae import __version__
 from qsae.errors import (
+    ConcurrentCreationError,
     ConfigMismatchError,
+    IncompleteStoreError,
     LakeDamagedError,
     NewerSchemaError,
     RegionError,
@@ -76,6 +80,8 @@ TOKEN_IDENTITY_KEYS = ("model", "model_revision", "hook", "dataset", "dataset_re
 # Attribute of lakes whose every chunk is stored (fill values included) with a crc32c checksum:
 # there a missing object is damage. Older lakes skipped all-fill chunks.
 STORES_EVERY_CHUNK = "stores_every_chunk"
+# Attribute present while a store is being created (its identity is written first).
+CREATING = "creating"
 
 
 @dataclass(frozen=True)
@@ -344,6 +350,9 @@ class Lake:
         if exists and mode == "overwrite":
             ref.delete()
             exists = False
+        if exists and _creation_state(ref) is not None:
+            _reclaim_incomplete(ref, spec)  # raises unless it was safe to remove
+            exists = False
         if exists:
             lake = cls.open(ref, mode="r+")
             diff = identity_diff(lake.attrs["config"], spec.identity())
@@ -358,8 +367,43 @@ class Lake:
 
     @classmethod
     def _create(cls, ref: StoreRef, spec: _Spec):
+        """Create the store, its identity first: the root group is written with every attribute
+        and a ``creating`` mark, then the arrays, then the mark is removed. A creation that dies
+        leaves a store recognisably incomplete (``_reclaim_incomplete`` re-creates it); two at
+        once never delete each other's (the loser gets ConcurrentCreationError)."""
+        token = uuid.uuid4().hex
+        path = ref.local_path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                path.mkdir()  # atomic: of two creators exactly one gets here
+            except FileExistsError:
+                raise ConcurrentCreationError(_busy_message(ref)) from None
+        identity = spec.identity()
+        attrs = {
+            "schema_version": SCHEMA_VERSION,
+            "kind": spec.schema.kind,
+            **{k: _jsonable(v) for k, v in spec.lineage.items()},
+            **_jsonable(spec.extra_attrs()),
+            "resid_dtype": spec.resid_dtype,
+            "qsae_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "config": identity,
+            "config_fingerprint": fingerprint(identity),
+            STORES_EVERY_CHUNK: True,
+            CREATING: {"token": token, "started": time.time(), "pid": os.getpid()},
+        }
         store = ref.zarr_store()
-        group = zarr.open_group(store=store, mode="w", zarr_format=3)
+        try:
+            group = zarr.open_group(store=store, mode="w-", zarr_format=3, attributes=attrs)
+        except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError):
+            raise ConcurrentCreationError(_busy_message(ref)) from None
+        if path is None:  # object stores have no atomic create: the last writer of the mark wins
+            time.sleep(0.2)
+            mark = dict(zarr.open_group(store=ref.zarr_store(read_only=True), mode="r", zarr_format=3,
+                                        use_consolidated=False).attrs).get(CREATING) or {}
+            if mark.get("token") != token:
+                raise ConcurrentCreationError(_busy_message(ref))
         sizes = spec.sizes()
         for name, values in spec.coords().items():
             arr = group.create_array(name, shape=values.shape, chunks=values.shape, dtype=values.dtype,
@@ -387,20 +431,7 @@ class Lake:
                 # Skip zarr's scan of every chunk for "all fill value": regions are whole shards.
                 config={"write_empty_chunks": True},
             )
-        identity = spec.identity()
-        attrs = {
-            "schema_version": SCHEMA_VERSION,
-            "kind": spec.schema.kind,
-            **{k: _jsonable(v) for k, v in spec.lineage.items()},
-            **_jsonable(spec.extra_attrs()),
-            "resid_dtype": spec.resid_dtype,
-            "qsae_version": __version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "config": identity,
-            "config_fingerprint": fingerprint(identity),
-            STORES_EVERY_CHUNK: True,
-        }
-        group.attrs.update(attrs)
+        del group.attrs[CREATING]  # the identity is complete: the store is now a lake
         _consolidate_metadata(store)
         return cls.open(ref, mode="r+")
 
@@ -632,12 +663,78 @@ def _run_concurrently(coroutines, what: str = "") -> None:
         ) from None
 
 
+def creation_stale_seconds() -> float:
+    """How long a store may stay marked as being created before it counts as abandoned."""
+    return float(os.environ.get("QSAE_CREATE_STALE_S", "120"))
+
+
+def _raw_attrs(ref: StoreRef) -> dict[str, Any] | None:
+    try:
+        g = zarr.open_group(store=ref.zarr_store(read_only=True), mode="r", zarr_format=3, use_consolidated=False)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
+        return None
+    return dict(g.attrs)
+
+
+def _creation_state(ref: StoreRef) -> dict[str, Any] | None:
+    """None for a complete store; else what is known of its unfinished creation (a ``creating``
+    mark, or, from qsae before 0.2, a group without ``schema_version``)."""
+    attrs = _raw_attrs(ref)
+    if attrs is None:
+        path = ref.local_path  # a directory claimed by mkdir whose group is not written yet
+        if path is not None and path.is_dir() and not any(path.iterdir()):
+            return {"started": path.stat().st_mtime, "identity": None}
+        return None
+    if CREATING in attrs:
+        return {"started": float(attrs[CREATING].get("started", 0)), "identity": attrs.get("config")}
+    if "schema_version" not in attrs:
+        return {"started": 0.0, "identity": None}
+    return None
+
+
+def _busy_message(ref: StoreRef) -> str:
+    state = _creation_state(ref) or {}
+    ago = time.time() - state["started"] if state.get("started") else None
+    when = f" (started {ago:.0f} s ago)" if ago is not None else ""
+    return (f"another capture is creating the store at {ref.url} right now{when}: this one stops without touching "
+            "it; run it again in a minute (it resumes that store, or re-creates it if that creation died)")
+
+
+def _reclaim_incomplete(ref: StoreRef, spec: _Spec) -> None:
+    """Remove a store whose creation never finished, when that is safe: nothing done in it, the
+    same identity (else ConfigMismatchError: the real reason), and no creation in progress
+    (else ConcurrentCreationError)."""
+    state = _creation_state(ref) or {}
+    identity = state.get("identity")
+    if identity is not None:
+        diff = identity_diff(identity, spec.identity())
+        if diff:
+            lines = "\n".join(f"  {k}: store has {a!r}, asked for {b!r}" for k, (a, b) in diff.items())
+            raise ConfigMismatchError(f"the store at {ref.url} is being created with a different config:\n{lines}\n"
+                                      "Use another --store.")
+    age = time.time() - float(state.get("started") or 0)
+    if age < creation_stale_seconds():
+        raise ConcurrentCreationError(_busy_message(ref))
+    fs, root = ref.fs()
+    if fs.exists(f"{root.rstrip('/')}/done") and [p for p in fs.find(f"{root.rstrip('/')}/done")
+                                                  if not p.endswith("zarr.json")]:
+        raise IncompleteStoreError(f"{ref.url} has done questions but an incomplete identity: refusing to touch it; "
+                                   "move it aside or delete it by hand")
+    ref.delete()
+
+
 def validate_group(group: zarr.Group, url: str = "", expect: LakeSchema | None = None) -> None:
     """Check a zarr group against its schema; raise SchemaError naming what is wrong."""
     attrs = dict(group.attrs)
+    if CREATING in attrs:
+        raise IncompleteStoreError(
+            f"{url} is being created, or its creation was interrupted: a capture with the same config re-creates "
+            "it (nothing was done in it yet)")
     version = attrs.get("schema_version")
     if version is None:
-        raise SchemaError(f"{url} is not a qsae lake: no schema_version attribute")
+        raise IncompleteStoreError(
+            f"{url} is not a qsae lake: no schema_version attribute (an interrupted creation leaves this; a capture "
+            "with the same config re-creates it when nothing was done in it)")
     if int(version) > SCHEMA_VERSION:
         raise NewerSchemaError(
             f"{url} was written with lake schema version {version}; this qsae "

@@ -456,6 +456,14 @@ def main(argv: list[str] | None = None) -> None:
         typer.echo(f"qsae: error: {exc}", err=True)
         typer.echo(f"(a {type(exc).__name__}; run with --debug for the traceback)", err=True)
         raise SystemExit(2) from None
+    except OSError as exc:  # a full disk anywhere (figures, caches, temporary files): one line too
+        import errno
+
+        if debug or exc.errno != errno.ENOSPC:
+            raise
+        typer.echo(f"qsae: error: out of disk space ({exc.filename or 'writing'}): free space and rerun; "
+                   "done regions of a lake are kept", err=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":  # python -m flows.cli

@@ -83,3 +83,11 @@ class ConcurrentCreationError(QsaeError):
 
 class IncompleteStoreError(SchemaError):
     """A store whose creation never finished (its identity marked as being created)."""
+
+
+class StoreFullError(QsaeError):
+    """The disk (or quota) under a store is full: the region being written is not marked done."""
+
+
+class ModelFileError(QsaeError):
+    """A model's files are there but cannot be read (truncated, damaged)."""

@@ -169,3 +169,95 @@ def test_bugs_still_show_their_traceback(tmp_path, monkeypatch):
     monkeypatch.setattr(qsae.lake.inspect, "inspect_store", broken)
     with pytest.raises(ZeroDivisionError, match="a bug"):  # not turned into a one-liner
         main(["inspect", str(tmp_path / "missing.zarr")])
+
+
+# ------------------------------------------------ failures that are not qsae's own (issue 28)
+def test_a_full_disk_ends_in_one_line_and_keeps_done_shards(tmp_path, tiny_qwen_dir, capsys, monkeypatch):
+    import errno
+
+    import zarr
+
+    from qsae.lake.store import QuestionLake
+
+    from .helpers import write_sae_folder
+
+    monkeypatch.delenv("QSAE_DEBUG", raising=False)
+    sae = write_sae_folder(tmp_path / "sae", 64, 128, [1])
+    real = zarr.storage.LocalStore.set
+    calls = {"n": 0}
+
+    async def fills_up(self, key, value):
+        if calls.get("shard0") and "/c/" in key:  # shard 0 fits, then the disk is full
+            calls["n"] += 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        out = await real(self, key, value)
+        calls["shard0"] = calls.get("shard0") or key == "done/c/0"
+        return out
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", fills_up)
+    store = tmp_path / "full.zarr"
+    out = _main(capsys, "capture", "--no-prefect", "--model", str(tiny_qwen_dir), "--sae", str(sae), "--layers", "1",
+                "--store", str(store), "--device", "cpu", "--limit", "4", "--set", "questions_per_shard=2",
+                "--set", "questions_per_chunk=2", "--set", "n_samples=2", "--set", "max_new_tokens=3",
+                "--set", "sae_k=5")
+    _assert_short(out, "out of disk space writing")
+    assert calls["n"] >= 1 and "the region is not marked done" in out.stderr
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", real)
+    assert QuestionLake.open(str(store)).pending_shards() == [1]  # shard 0 kept, shard 1 to rewrite
+
+
+def test_a_missing_bucket_and_a_dead_endpoint_are_one_line(s3_server, tmp_path):
+    import botocore.exceptions
+
+    from qsae.errors import StoreUnreachableError
+    from qsae.lake.store import QuestionLake, _store_error
+
+    from .helpers import small_spec
+
+    endpoint, opts = s3_server
+    with pytest.raises(StoreUnreachableError, match="bucket") as err:
+        QuestionLake.open_or_create("s3://no-such-bucket/x.zarr", small_spec(), storage_options=opts)
+    assert len(str(err.value).splitlines()) == 1
+    with socket_closed_port() as port:
+        dead = dict(opts, endpoint_url=f"http://127.0.0.1:{port}",
+                    config_kwargs={"connect_timeout": 1, "retries": {"max_attempts": 1}})
+        with pytest.raises(StoreUnreachableError, match="cannot reach"):
+            QuestionLake.open_or_create("s3://lake/dead.zarr", small_spec(), storage_options=dead)
+    # a write that loses the endpoint half-way is typed the same way
+    exc = _store_error(botocore.exceptions.EndpointConnectionError(endpoint_url=endpoint), "writing shard 3")
+    assert isinstance(exc, StoreUnreachableError) and "writing shard 3 failed, the store is unreachable" in str(exc)
+
+
+class socket_closed_port:
+    """A loopback port nothing listens on."""
+
+    def __enter__(self):
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_a_truncated_sae_or_model_file_is_named_in_one_line(tmp_path, tiny_qwen_dir, capsys, monkeypatch):
+    import shutil
+
+    from .helpers import write_sae_folder
+
+    monkeypatch.delenv("QSAE_DEBUG", raising=False)
+    sae = write_sae_folder(tmp_path / "sae", 64, 128, [1])
+    pt = sae / "layer1.sae.pt"
+    pt.write_bytes(pt.read_bytes()[:200])
+    out = _main(capsys, "capture", "--no-prefect", "--model", str(tiny_qwen_dir), "--sae", str(sae), "--layers", "1",
+                "--store", str(tmp_path / "a.zarr"), "--device", "cpu", "--limit", "2")
+    _assert_short(out, f"cannot read {pt}")
+    model = tmp_path / "model"
+    shutil.copytree(tiny_qwen_dir, model)
+    weights = next(model.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    out = _main(capsys, "capture", "--no-prefect", "--model", str(model), "--layers", "1",
+                "--store", str(tmp_path / "b.zarr"), "--device", "cpu", "--limit", "2")
+    _assert_short(out, f"cannot load the model at {model}")

@@ -39,8 +39,10 @@ from qsae.errors import (
     IncompleteStoreError,
     LakeDamagedError,
     NewerSchemaError,
+    QsaeError,
     RegionError,
     SchemaError,
+    StoreFullError,
     StoreUnreachableError,
 )
 from qsae.lake.schema import (
@@ -363,7 +365,13 @@ class Lake:
                     "Use another --store, or mode='overwrite' to start a new run there."
                 )
             return lake
-        return cls._create(ref, spec)
+        try:
+            return cls._create(ref, spec)
+        except QsaeError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - typed when it is the store's failure
+            raise _store_error(exc, f"creating the store at {url}", "nothing was written to it yet; free space "
+                               "and rerun (the capture re-creates it)") from None
 
     @classmethod
     def _create(cls, ref: StoreRef, spec: _Spec):
@@ -661,6 +669,27 @@ def _run_concurrently(coroutines, what: str = "") -> None:
             f"writing {what} timed out after {timeout:g} s: the store stopped answering "
             "(set QSAE_WRITE_TIMEOUT_S to wait longer); the region is not marked done and a rerun rewrites it"
         ) from None
+    except Exception as exc:  # noqa: BLE001 - typed below, re-raised as it was when it is not the store's
+        raise _store_error(exc, f"writing {what}") from None
+
+
+def _store_error(exc: BaseException, doing: str,
+                 after: str = "the region is not marked done; free space and rerun (done regions are kept)"
+                 ) -> BaseException:
+    """A store's failure as one line a user can act on: a full disk, an unreachable endpoint or
+    bucket; anything else unchanged."""
+    import errno
+
+    msg = str(exc).splitlines()[0] if str(exc) else ""
+    if isinstance(exc, OSError) and (exc.errno == errno.ENOSPC or "No space left" in msg):
+        return StoreFullError(f"out of disk space {doing}: {after}")
+    module = type(exc).__module__.split(".")[0]
+    if module in ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "adlfs") or isinstance(
+            exc, (ConnectionError, FileNotFoundError)):
+        hint = " (does the bucket exist?)" if "NoSuchBucket" in repr(exc) or "bucket" in msg.lower() else ""
+        return StoreUnreachableError(f"{doing} failed, the store is unreachable{hint}: {type(exc).__name__}: {msg}; "
+                                     "the region is not marked done and a rerun rewrites it")
+    return exc
 
 
 def creation_stale_seconds() -> float:

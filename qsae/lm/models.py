@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from qsae.errors import ModelNotFoundError
+from qsae.errors import ModelFileError, ModelNotFoundError
 from qsae.lm.hooks import hidden_size, text_config
 
 EMBEDDED = {
@@ -184,8 +184,17 @@ def load_model(
         lineage_name = name
     local_only = os.environ.get("HF_HUB_OFFLINE") == "1" or isinstance(path, Path)
     kwargs: dict[str, Any] = dict(trust_remote_code=trust_remote_code, revision=revision, local_files_only=local_only)
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - typed when the files are there but unreadable
+        damaged = "safetensor" in type(exc).__name__.lower() or "deserializ" in str(exc).lower() or (
+            isinstance(path, Path) and isinstance(exc, (OSError, ValueError, RuntimeError)))
+        if not damaged:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ModelFileError(f"cannot load the model at {path}: {type(exc).__name__}: {first[:300]} "
+                             "(a truncated or damaged file? copy it again)") from None
     model.to(device)
     model.eval()
     if tokenizer.pad_token_id is None:

@@ -56,6 +56,11 @@ def safe_torch_load(path: str | Path) -> Any:
             f"({detail.strip()}). qsae loads .pt files with weights_only=True only; convert "
             "the file to safetensors or a plain dict of tensors from a source you trust."
         ) from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise SAEFormatError(f"{path}: no such SAE file") from None
+        raise SAEFormatError(f"cannot read {path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+                             "(a truncated or damaged file? copy it again)") from None
 
 
 def _as_float(t: Any, name: str, source: str, dtype: torch.dtype) -> torch.Tensor:
@@ -145,7 +150,11 @@ def from_saelens_folder(folder: str | Path, *, dtype: torch.dtype = torch.float3
     norm = cfg.get("normalize_activations", "none")
     if norm not in ("none", None):
         raise SAEFormatError(f"{folder}: normalize_activations={norm!r} is not supported (only 'none')")
-    sd = load_file(str(w_path))
+    try:
+        sd = load_file(str(w_path))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own types for a damaged file
+        raise SAEFormatError(f"cannot read {w_path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+                             "(a truncated or damaged file? copy it again)") from None
     _require(sd, ("W_enc", "W_dec", "b_enc", "b_dec"), str(folder), "SAELens")
     W_enc, W_dec, b_enc, b_dec = (_as_float(sd[n], n, str(folder), dtype) for n in ("W_enc", "W_dec", "b_enc", "b_dec"))
     d_in, d_sae = int(cfg.get("d_in", W_enc.shape[0])), int(cfg.get("d_sae", W_enc.shape[-1]))

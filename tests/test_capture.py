@@ -171,11 +171,16 @@ def test_sae_of_another_model_is_refused(qwen_run, tmp_path):
         plan_capture(cfg.model_copy(update={"sae": str(sae), "store": str(tmp_path / "x.zarr")}))
 
 
-def test_long_prompts_truncated_or_refused(qwen_run, tmp_path):
+def test_long_prompts_truncated_or_refused(qwen_run, tmp_path, caplog):
+    import logging
+
     cfg, _ = qwen_run
+    assert CaptureConfig().max_prompt_tokens == 512  # a budget by default: one long row never costs 50x silently
     cut = cfg.model_copy(update={"store": str(tmp_path / "cut.zarr"), "max_prompt_tokens": 8, "limit": 2,
                                  "questions_per_shard": 2})
-    run_capture(cut)
+    with caplog.at_level(logging.WARNING, logger="qsae.jobs.capture"):
+        run_capture(cut)
+    assert "2 prompts are longer than 8 tokens and are cut from the left (ids [" in caplog.text
     ds = open_lake(cut.store)
     assert ds.prompt_truncated.values.all() and (ds.prompt_len.values == 8).all()
     with pytest.raises(DatasetError, match="longer than 8 tokens"):

@@ -261,3 +261,19 @@ def test_a_truncated_sae_or_model_file_is_named_in_one_line(tmp_path, tiny_qwen_
     out = _main(capsys, "capture", "--no-prefect", "--model", str(model), "--layers", "1",
                 "--store", str(tmp_path / "b.zarr"), "--device", "cpu", "--limit", "2")
     _assert_short(out, f"cannot load the model at {model}")
+
+
+def test_one_non_integer_id_is_said_not_silent(tmp_path, caplog):
+    import json as _json
+    import logging
+
+    from qsae.lm.datasets import load_questions
+
+    path = tmp_path / "mixed.jsonl"
+    rows = [{"id": i, "question": f"Q{i}?", "possible_answers": '["a"]'} for i in range(5)]
+    rows[3]["id"] = "x-3"
+    path.write_text("\n".join(_json.dumps(r) for r in rows))
+    with caplog.at_level(logging.WARNING, logger="qsae.lm.datasets"):
+        qs = load_questions(str(path))
+    assert qs.dataset_ids() is not None  # derived ids for every question, as before
+    assert "1 of 5 ids are not integers ('x-3')" in caplog.text

@@ -138,11 +138,11 @@ class CapturePlan:
 
 
 def prompt_budget(cfg: CaptureConfig, lm: LoadedModel) -> int:
-    """How many prompt tokens fit: the configured cap, else context length - max_new_tokens."""
-    if cfg.max_prompt_tokens is not None:
-        return cfg.max_prompt_tokens
+    """How many prompt tokens a question may use: ``max_prompt_tokens`` (default 512: one
+    over-long row must not cost 50x silently), never more than context - max_new_tokens."""
     ctx = getattr(lm.model.config.get_text_config(), "max_position_embeddings", None) or 4096
-    return int(ctx) - cfg.sampling.max_new_tokens
+    room = int(ctx) - cfg.sampling.max_new_tokens
+    return room if cfg.max_prompt_tokens is None else min(cfg.max_prompt_tokens, room)
 
 
 def plan_capture(cfg: CaptureConfig) -> CapturePlan:
@@ -159,6 +159,10 @@ def plan_capture(cfg: CaptureConfig) -> CapturePlan:
     if long and cfg.on_long_prompt == "refuse":
         raise DatasetError(f"{len(long)} prompts are longer than {budget} tokens (ids {long[:10]}); "
                            "set on_long_prompt='truncate' to cut them from the left")
+    if long:
+        log.warning("%d prompts are longer than %d tokens and are cut from the left (ids %s%s); "
+                    "on_long_prompt='refuse' refuses them, max_prompt_tokens sets the budget", len(long), budget,
+                    long[:10], " ..." if len(long) > 10 else "")
     any_sae = next(iter(saes.values()), None)
     spec = LakeSpec(
         question_ids=qs.ids(), dataset_ids=qs.dataset_ids(), layers=cfg.layers, n_samples=cfg.sampling.n_samples, d_model=lm.d_model,

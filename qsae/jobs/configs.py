@@ -69,7 +69,10 @@ class CaptureConfig(_StoreFields, BaseModel):
                                      description="how completions are sampled (the lake's `sampling` lineage)")
     seed: int = Field(0, description="seed of the per-(question, sample) random streams: the same seed gives the same lake")
     prompt_template: str = Field("Q: {question}\nA:", description="the prompt, with {question} for the question text")
-    max_prompt_tokens: int | None = Field(None, description="default: model context - sampling.max_new_tokens")
+    max_prompt_tokens: int | None = Field(512, ge=1, description="prompts longer than this many tokens are cut from "
+                                                              "the left or refused (on_long_prompt), with their "
+                                                              "count and ids logged; None: the model's context - "
+                                                              "sampling.max_new_tokens")
     on_long_prompt: Literal["truncate", "refuse"] = Field("truncate", description="truncate a prompt longer than the budget from the left, or refuse the dataset")
     resid_dtype: Literal["float16", "float32"] = Field("float16", description="on-disk dtype of the activations (float16 overflow is clipped and counted)")
     questions_per_shard: int = Field(64, ge=1, description="questions per shard: the unit of work, of resume and of one write")

@@ -42,7 +42,7 @@ def _outer(arr) -> tuple[int, ...]:
     return tuple(shards) if shards is not None else tuple(arr.chunks)
 
 
-def _objects(lake) -> dict[str, int] | None:
+def list_objects(lake) -> dict[str, int]:
     """Every object under the store's root with its size in bytes (one listing)."""
     fs, root = lake.ref.fs()
     root = root.rstrip("/")
@@ -79,11 +79,12 @@ def required_objects(lake, done: np.ndarray):
             yield name, arr, arr.metadata.encode_chunk_key(coords), units, index
 
 
-def find_damage(lake, decode: bool = False, limit: int | None = None) -> list[Damage]:
+def find_damage(lake, decode: bool = False, limit: int | None = None,
+                objects: dict[str, int] | None = None) -> list[Damage]:
     """Objects that done regions need and that are missing, empty or (with ``decode``) do not
     decode; ``limit`` stops after that many. A missing object counts only in lakes that store
     every chunk (attribute ``stores_every_chunk``); older ones skipped all-fill chunks."""
-    objects = _objects(lake)
+    objects = list_objects(lake) if objects is None else objects
     every = bool(lake.attrs.get("stores_every_chunk"))  # older lakes skipped all-fill chunks
     done = lake.done_mask()
     qids = np.asarray(lake.group[lake.schema.unit][:]) if lake.schema.unit in lake.group.array_keys() else None
@@ -110,12 +111,12 @@ def find_damage(lake, decode: bool = False, limit: int | None = None) -> list[Da
     return out
 
 
-def undone_with_data(lake) -> list[int]:
+def undone_with_data(lake, objects: dict[str, int] | None = None) -> list[int]:
     """Shards not marked done whose every data object is present: an interrupted write (the
     next capture rewrites them) or a lost ``done`` object."""
     if not lake.attrs.get("stores_every_chunk"):
         return []
-    objects = _objects(lake)
+    objects = list_objects(lake) if objects is None else objects
     done = lake.done_mask()
     out = []
     data = {n: a for n, a in lake.arrays.items() if n != "done"}

@@ -17,6 +17,7 @@ import datetime as _dt
 import functools
 import hashlib
 import json
+import logging
 import os
 import time
 import uuid
@@ -61,6 +62,7 @@ from qsae.lake.schema import (
 )
 from qsae.lake.storage import StoreRef
 
+log = logging.getLogger("qsae.lake")
 
 def _consolidate_metadata(store) -> None:
     """zarr's consolidate_metadata without its warning that consolidation is not in the v3 spec
@@ -836,9 +838,10 @@ def consolidate(target: str | StoreRef, storage_options: dict | None = None) -> 
 def require_intact(lake: Lake, shown: int = 5) -> None:
     """LakeDamagedError naming the objects done questions need that are missing or empty (one
     listing of the store: cheap enough for every analysis that opens a lake)."""
-    from qsae.lake.integrity import find_damage
+    from qsae.lake.integrity import find_damage, list_objects, undone_with_data
 
-    damage = find_damage(lake, limit=shown + 1)
+    objects = list_objects(lake)
+    damage = find_damage(lake, limit=shown + 1, objects=objects)
     if damage:
         more = " (and more)" if len(damage) > shown else ""
         lines = "\n".join(f"  {d}" for d in damage[:shown])
@@ -846,6 +849,12 @@ def require_intact(lake: Lake, shown: int = 5) -> None:
             f"{lake.url} is damaged: objects that done questions need are missing or empty{more}:\n{lines}\n"
             f"zarr would read fill values there. Run `qsae verify {lake.url}` for the full list; "
             "recapture those questions (or restore the files) before analysing.")
+    pending = undone_with_data(lake, objects)
+    if pending:
+        n = sum(lake.shard_region(k).stop - lake.shard_region(k).start for k in pending)
+        log.warning("%s: shards %s hold all their data but are not marked done (an interrupted capture, or a lost "
+                    "`done` object): their %d questions are left out of this analysis; rerun the capture to finish "
+                    "them, `qsae verify` to check", lake.url, pending, n)
 
 
 def open_lake(target: str | StoreRef, storage_options: dict | None = None, group: str | None = None,

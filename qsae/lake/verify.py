@@ -29,6 +29,7 @@ class Report:
     store: str
     problems: list[str] = field(default_factory=list)
     checks: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # states that may be legitimate: said, not failed
 
     @property
     def ok(self) -> bool:
@@ -39,12 +40,14 @@ class Report:
             self.problems.append(msg)
 
     def to_json(self) -> str:
-        return json.dumps({"store": self.store, "ok": self.ok, "problems": self.problems, "checks": self.checks}, indent=1)
+        return json.dumps({"store": self.store, "ok": self.ok, "problems": self.problems, "warnings": self.warnings,
+                           "checks": self.checks}, indent=1)
 
     def text(self) -> str:
         lines = [f"store: {self.store}", f"status: {'OK' if self.ok else 'PROBLEMS FOUND'}"]
         lines += [f"  {k}: {v}" for k, v in self.checks.items()]
         lines += [f"  - {p}" for p in self.problems]
+        lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
@@ -161,9 +164,11 @@ def verify(target: str | StoreRef, storage_options: dict | None = None, reencode
                                   else "none (lake written before qsae 0.2): decoding checked, missing all-fill "
                                        "chunks cannot be told from lost ones")
     pending_with_data = undone_with_data(lake)
-    if pending_with_data:
-        report.fail(f"shards {pending_with_data}: all data written but not marked done: an interrupted capture "
-                    "(rerun it with the same config to finish) or a lost `done` object")
+    if pending_with_data:  # an interrupted capture looks exactly like a lost `done` object: said, not failed
+        report.warnings.append(f"shards {pending_with_data}: all data written but not marked done: an interrupted "
+                               "capture (rerun it with the same config to finish) or a lost `done` object; the "
+                               "analyses leave these questions out and say so")
+    report.checks["shards_with_data_not_done"] = pending_with_data
     n = ds.sizes["question"]
     report.checks.update(questions=n, layers=[int(x) for x in ds.layer.values],
                          shards_pending=len(lake.pending_shards()))

@@ -11,6 +11,7 @@ import csv
 import hashlib
 import io
 import json
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -19,6 +20,7 @@ from typing import Any, Literal
 
 from qsae.errors import DatasetError
 
+log = logging.getLogger("qsae.lm.datasets")
 OnError = Literal["skip", "raise"]
 EMBEDDED_DATASETS = {"popqa-demo": "popqa_demo.jsonl"}
 EMBEDDED_TEXTS = {"wiki-demo": "wiki_paragraphs.jsonl"}
@@ -113,7 +115,12 @@ def _rows_from_records(records: Iterable[tuple[int, Any]], require_answers: bool
     ``dataset_id`` and the coordinate is ``derive_question_id`` of it."""
     records = list(records)
     raw_ids = [rec.get("id", row) for row, rec in records if isinstance(rec, dict)]
-    as_strings = any(_integer_id(r) is None for r in raw_ids)
+    odd = [r for r in raw_ids if _integer_id(r) is None]
+    as_strings = bool(odd)
+    if odd and len(odd) < len(raw_ids):  # one stray id switches every question to derived numbers: say so
+        log.warning("%d of %d ids are not integers (%s%s): every question's number is derived from its id as a "
+                    "string (kept in `dataset_id`); fix those ids to keep the integer ids as they are",
+                    len(odd), len(raw_ids), ", ".join(repr(r) for r in odd[:5]), " ..." if len(odd) > 5 else "")
     questions, problems, seen, derived = [], [], set(), {}
     for row, rec in records:
         if isinstance(rec, RowProblem):

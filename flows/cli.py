@@ -425,9 +425,21 @@ def show_job_logs() -> None:
     stdout as its own output (Prefect runs also forward them: PREFECT_LOGGING_EXTRA_LOGGERS)."""
     import logging
 
+    class CurrentStdout(logging.StreamHandler):
+        """Writes to whatever sys.stdout is when a line is logged (not when the handler was made:
+        a redirected or captured stdout may be closed by then)."""
+
+        @property
+        def stream(self):  # type: ignore[override]
+            return sys.stdout
+
+        @stream.setter
+        def stream(self, value) -> None:
+            pass
+
     logger = logging.getLogger("qsae")
     if not any(getattr(h, "_qsae_cli", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stdout)
+        handler = CurrentStdout()
         handler.setFormatter(logging.Formatter("%(message)s"))
         handler._qsae_cli = True  # type: ignore[attr-defined]
         logger.addHandler(handler)

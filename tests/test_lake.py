@@ -194,8 +194,10 @@ def test_an_interrupted_creation_is_recreated_by_the_next_capture(tmp_path, monk
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(self, *a, **kw)
 
+    from qsae.errors import StoreFullError
+
     monkeypatch.setattr(zarr.Group, "create_array", dies_after_five)
-    with pytest.raises(OSError):
+    with pytest.raises(StoreFullError, match="out of disk space creating the store"):
         QuestionLake.open_or_create(url, small_spec())
     monkeypatch.setattr(zarr.Group, "create_array", real)
     with pytest.raises(IncompleteStoreError, match="being created, or its creation was interrupted"):

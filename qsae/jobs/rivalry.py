@@ -484,8 +484,6 @@ def finish_rivalry(plan: RivalryPlan, results: list[LayerResult]) -> RivalryResu
         _plt().close(fig)
     log.info("rivalry (%s) over layers %s: %s p %s, Holm %s", cfg.protocol, layers, name.replace("p_", ""),
              [_f(x) for x in p_main], [_f(x) for x in p_holm])
-    for c in cautions:
-        log.warning("caution: %s", c)
     return RivalryResult(group, summary, by_layer, {r.layer: r for r in results}, figures, images)
 
 

@@ -7,9 +7,16 @@ from pathlib import Path
 
 import numpy as np
 
-from qsae.lake.store import LakeLayout, LakeSpec, QuestionLake
+from qsae.lake.store import LakeLayout, LakeSpec, QuestionLake, consolidate
 
 S, K, D_SAE = 20, 50, 32768
+
+
+def _partial(lake: QuestionLake) -> None:
+    """This synthetic lake fills only some arrays: it says so, so the analyses' check that every
+    chunk of a done question is stored (``stores_every_chunk``) does not apply to it."""
+    del lake.group.attrs["stores_every_chunk"]
+    consolidate(lake.ref)
 
 
 def uniform_rows(rng, n):
@@ -52,6 +59,7 @@ def build_prompt_lake(root: Path, n: int, seed: int = 0, shard: int = 512) -> st
     spec = LakeSpec(np.arange(n), [20], S, 8, 4, D_SAE, K, "float16", LakeLayout(shard, 4), lineage)
     url = str(root / "prompt.zarr")
     lake = QuestionLake.open_or_create(url, spec, mode="overwrite")
+    _partial(lake)
     for sh in range(lake.n_shards):
         r = lake.shard_region(sh)
         m = r.stop - r.start
@@ -80,6 +88,7 @@ def build_code_lake(root: Path, n: int, kind: str = "uniform", seed: int = 0, sh
     spec = LakeSpec(np.arange(n), [20], S, 8, 4, D_SAE, K, "float16", LakeLayout(shard, 4), lineage)
     url = str(root / f"{kind}.zarr")
     lake = QuestionLake.open_or_create(url, spec, mode="overwrite")
+    _partial(lake)
     for sh in range(lake.n_shards):
         r = lake.shard_region(sh)
         m = r.stop - r.start

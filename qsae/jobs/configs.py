@@ -247,8 +247,10 @@ class RivalryConfig(_StoreFields, BaseModel):
     min_questions: int = Field(1, ge=1, description="paper: keep features active in at least this many questions")
     n_perm: int = Field(1000, ge=0, description="label permutations of the calibrated test")
     n_null: int = Field(1, ge=1, description="feature-marginal null draws per excess in the calibrated test")
-    replicates: int = Field(16, ge=2, description="draws of the observed statistic (blocks, null draws) averaged "
+    replicates: int = Field(32, ge=2, description="draws of the observed statistic (blocks, null draws) averaged "
                                                   "for the calibrated test")
+    noise_pairs: int = Field(200, ge=2, description="relabellings drawn twice to measure the statistic's "
+                                                    "Monte-Carlo noise (taken out of the reference)")
     min_group: int = Field(20, ge=2, description="fewest questions a group needs for a calibrated p-value "
                                                  "(below it the layer says why there is none)")
     strata: str = Field("auto", description="question variable the calibrated test stratifies by (labels permuted "
@@ -266,8 +268,8 @@ class RivalryConfig(_StoreFields, BaseModel):
         from qsae.analysis.rivalry import PaperParams
 
         return PaperParams(self.percentile, self.min_mean, self.max_features, self.feature_seed,
-                           self.min_questions, self.n_null, replicates=self.replicates, min_group=self.min_group,
-                           min_stratum=self.min_stratum)
+                           self.min_questions, self.n_null, replicates=self.replicates,
+                           noise_pairs=self.noise_pairs, min_group=self.min_group, min_stratum=self.min_stratum)
 
 
 class CompareConfig(BaseModel):

@@ -106,8 +106,8 @@ class PaperParams:
     min_questions: int = 1
     n_null: int = 1
     report_draws: int = 10
-    replicates: int = 16
-    noise_pairs: int = 64
+    replicates: int = 32
+    noise_pairs: int = 200
     min_group: int = 20
     min_stratum: int = 10
 

@@ -54,29 +54,35 @@ def list_objects(lake) -> dict[str, int]:
     return out
 
 
-def required_objects(lake, done: np.ndarray):
-    """(array name, zarr array, object key, unit range or None, index) of every object a done
-    region needs. ``done`` is the lake's done mask (the ``done`` array's own objects are
-    required for every done unit too)."""
+def required_objects(lake, mask: np.ndarray, names: list[str] | None = None):
+    """(array name, zarr array, object key, unit range or None, index) of every object that
+    holds a unit selected by ``mask`` (for the done mask: every object a done region needs;
+    the coordinate arrays, which have no unit dimension, always). ``names`` restricts the
+    arrays (coordinates then left out). Only the selected objects are enumerated."""
     unit = lake.schema.unit
-    arrays = dict(lake.arrays)
-    for name in lake.schema.coords:
-        if name in lake.group.array_keys():
-            arrays[name] = lake.group[name]
+    arrays = dict(lake.arrays) if names is None else {n: lake.arrays[n] for n in names}
+    if names is None:
+        for name in lake.schema.coords:
+            if name in lake.group.array_keys():
+                arrays[name] = lake.group[name]
     for name, arr in arrays.items():
         dims = tuple(arr.metadata.dimension_names or ())
         outer = _outer(arr)
         grid = [max(1, math.ceil(s / c)) for s, c in zip(arr.shape, outer)]
         axis = dims.index(unit) if unit in dims else None
+        if axis is not None:  # only the chunk rows along the unit axis that hold a selected unit
+            step = outer[axis]
+            rows = np.unique(np.flatnonzero(mask) // step)
+            grid[axis] = 1
         for coords in np.ndindex(*grid):
-            units = None
-            if axis is not None:
-                u0 = coords[axis] * outer[axis]
-                units = (u0, min(u0 + outer[axis], arr.shape[axis]))
-                if not done[units[0]:units[1]].any():
-                    continue
-            index = tuple(slice(c * o, min((c + 1) * o, s)) for c, o, s in zip(coords, outer, arr.shape))
-            yield name, arr, arr.metadata.encode_chunk_key(coords), units, index
+            for row in (rows if axis is not None else [None]):
+                c = list(coords)
+                units = None
+                if axis is not None:
+                    c[axis] = int(row)
+                    units = (int(row) * step, min((int(row) + 1) * step, arr.shape[axis]))
+                index = tuple(slice(i * o, min((i + 1) * o, n)) for i, o, n in zip(c, outer, arr.shape))
+                yield name, arr, arr.metadata.encode_chunk_key(tuple(c)), units, index
 
 
 def find_damage(lake, decode: bool = False, limit: int | None = None,
@@ -114,31 +120,15 @@ def find_damage(lake, decode: bool = False, limit: int | None = None,
 def undone_with_data(lake, objects: dict[str, int] | None = None) -> list[int]:
     """Shards not marked done whose every data object is present: an interrupted write (the
     next capture rewrites them) or a lost ``done`` object."""
-    if not lake.attrs.get("stores_every_chunk"):
+    done = lake.done_mask()
+    if not lake.attrs.get("stores_every_chunk") or done.all():
         return []
     objects = list_objects(lake) if objects is None else objects
-    done = lake.done_mask()
-    out = []
-    data = {n: a for n, a in lake.arrays.items() if n != "done"}
-    for shard in range(lake.n_shards):
-        region = lake.shard_region(shard)
-        if done[region].all():
-            continue
-        mask = np.zeros_like(done)
-        mask[region] = True
-        needed = [(n, k) for n, _a, k, _u, _i in required_objects(_Only(lake, data), mask)]
-        if needed and all(f"{n}/{k}" in objects for n, k in needed):
-            out.append(shard)
-    return out
-
-
-class _Only:
-    """A view of a lake restricted to some arrays (for ``required_objects``)."""
-
-    def __init__(self, lake, arrays):
-        self.schema, self.group, self.arrays = lake.schema, _NoCoords(), arrays
-
-
-class _NoCoords:
-    def array_keys(self):
-        return []
+    shard = lake.layout.shard
+    complete: dict[int, bool] = {}
+    data = [n for n in lake.arrays if n != "done"]
+    for name, _arr, key, units, _index in required_objects(lake, ~done, names=data):
+        if units is not None:
+            k = units[0] // shard
+            complete[k] = complete.get(k, True) and f"{name}/{key}" in objects
+    return sorted(k for k, ok in complete.items() if ok and not done[lake.shard_region(k)].all())

@@ -227,7 +227,6 @@ class Calibrated:
     noise_sd: float | None = None  # sd of one evaluation's Monte-Carlo noise (blocks, null draws)
     p_perm_single: float | None = None  # the plain permutation p of one observed draw (randomised)
     perm_statistics: np.ndarray = field(repr=False, default_factory=lambda: np.empty(0))
-    replicate_p: np.ndarray = field(repr=False, default_factory=lambda: np.empty(0))
 
     def as_dict(self) -> dict[str, Any]:
         out = {"design": self.design, "p_less": self.p_less, "p_less_mc_se": self.p_less_mc_se,

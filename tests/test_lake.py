@@ -263,3 +263,24 @@ def test_two_captures_creating_one_store_end_with_one_store(tmp_path):
             assert len(winners) == 1 and set(kinds) - {"ok"} <= {"ConcurrentCreationError", "ConfigMismatchError"}, out
         lake = QuestionLake.open(url)  # one complete store, the winner's
         assert "creating" not in lake.attrs and lake.attrs["seed"] in winners
+
+
+def test_an_empty_claimed_folder_and_a_foreign_folder(tmp_path, monkeypatch):
+    """A creation killed right after claiming its folder leaves it empty: re-created once stale;
+    a folder holding other files is never taken for a lake."""
+    import os
+
+    from qsae.errors import ConcurrentCreationError
+
+    url = tmp_path / "claimed.zarr"
+    url.mkdir()
+    with pytest.raises(ConcurrentCreationError):
+        QuestionLake.open_or_create(str(url), small_spec())
+    os.utime(url, (0, 0))  # long ago
+    assert QuestionLake.open_or_create(str(url), small_spec()).attrs["schema_version"] == SCHEMA_VERSION
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "todo.txt").write_text("x")
+    with pytest.raises(SchemaError, match="exists and is not a qsae lake"):
+        QuestionLake.open_or_create(str(foreign), small_spec())
+    assert (foreign / "todo.txt").exists()

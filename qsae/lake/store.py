@@ -354,7 +354,7 @@ class Lake:
         if exists and mode == "overwrite":
             ref.delete()
             exists = False
-        if exists and _creation_state(ref) is not None:
+        if _creation_state(ref) is not None:  # an unfinished creation (or an empty claimed folder)
             _reclaim_incomplete(ref, spec)  # raises unless it was safe to remove
             exists = False
         if exists:
@@ -388,6 +388,10 @@ class Lake:
             try:
                 path.mkdir()  # atomic: of two creators exactly one gets here
             except FileExistsError:
+                if not path.is_dir() or (any(path.iterdir()) and _raw_attrs(ref) is None
+                                         and not (path / "zarr.json").exists()):
+                    raise SchemaError(f"{ref.url} exists and is not a qsae lake (a file, or a folder holding other "
+                                      "files): choose another --store") from None
                 raise ConcurrentCreationError(_busy_message(ref)) from None
         identity = spec.identity()
         attrs = {

@@ -31,8 +31,13 @@ def test_unknown_layer_is_refused_before_anything_is_written(tiny_qwen_dir, tmp_
 
 
 def test_unreachable_stores_give_a_clear_error(tmp_path):
+    from qsae.errors import SchemaError
+
     with pytest.raises(StoreUnreachableError, match="no lake at"):
         open_lake(str(tmp_path / "missing.zarr"))
+    (tmp_path / "lakes").mkdir()  # a folder of lakes, not a lake: reachable, so not "unreachable"
+    with pytest.raises(SchemaError, match="exists but is not a qsae lake"):
+        open_lake(str(tmp_path / "lakes"))
     opts = {"key": "k", "secret": "s", "endpoint_url": "http://127.0.0.1:9", "client_kwargs": {"region_name": "us-east-1"},
             "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}}}
     with pytest.raises(StoreUnreachableError, match=r"s3://nowhere/lake.zarr"):
@@ -103,6 +108,13 @@ def test_qwen_scope_codes_keep_negative_values_and_verify_counts_them(tmp_path, 
     g = zarr.open_group(cfg.store, mode="r+")
     g.attrs["sae_topk_relu"] = {"1": True}  # claim ReLU'd codes: the negatives are now errors
     assert any("negative or non-finite" in p for p in verify(cfg.store).problems)
+
+
+def test_a_layer_the_lake_lacks_is_a_layer_error(good_lake):
+    _, cfg = good_lake
+    ds = open_lake(cfg.store)
+    with pytest.raises(LayerError, match=r"layer 12 is not in this lake \(layers \[1\]\)"):
+        ds.qsae.feature_activation([3], layer=12)
 
 
 def test_verifier_passes_a_good_lake_and_reencodes_it(good_lake):

@@ -100,6 +100,9 @@ class QsaeAccessor:
             raise ValueError(f"features must be in 0..{d_sae - 1}")
         idx, val = _codes(self._ds, which)
         if layer is not None:
+            have = [int(x) for x in self._ds.layer.values]
+            if int(layer) not in have:
+                raise LayerError(f"layer {layer} is not in this lake (layers {have})")
             idx, val = idx.sel(layer=layer), val.sel(layer=layer)
         out = xr.apply_ufunc(
             _activation_of, idx, val, kwargs={"features": feats},

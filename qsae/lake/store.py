@@ -458,6 +458,10 @@ class Lake:
             store = ref.zarr_store(read_only=(mode == "r"))
             group = zarr.open_group(store=store, mode=mode, zarr_format=3, use_consolidated=False)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+            path = ref.local_path
+            if path is not None and path.exists():  # reachable, just not a lake
+                raise SchemaError(f"{url} exists but is not a qsae lake (no zarr group there): name a lake's "
+                                  "folder, e.g. storage/lakes/demo.zarr") from None
             raise StoreUnreachableError(f"no lake at {url}: {exc}") from exc
         except Exception as exc:  # transport errors come from many libraries (botocore, aiohttp, ...)
             raise StoreUnreachableError(f"cannot open the store at {url}: {type(exc).__name__}: {exc}") from exc

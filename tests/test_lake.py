@@ -213,6 +213,10 @@ def test_an_interrupted_creation_is_recreated_by_the_next_capture(tmp_path, monk
     # a store from before the creating mark: a group without schema_version is re-created too
     legacy = str(tmp_path / "legacy.zarr")
     zarr.open_group(legacy, mode="w").create_array("question", shape=(3,), dtype="int64")
+    monkeypatch.setenv("QSAE_CREATE_STALE_S", "30")
+    with pytest.raises(ConcurrentCreationError):  # just written: it may be another writer's group in progress
+        QuestionLake.open_or_create(legacy, small_spec())
+    monkeypatch.setenv("QSAE_CREATE_STALE_S", "0")
     assert QuestionLake.open_or_create(legacy, small_spec()).attrs["schema_version"] == SCHEMA_VERSION
     # but never one that holds done data
     g = zarr.open_group(url, mode="r+")

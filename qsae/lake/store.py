@@ -388,8 +388,8 @@ class Lake:
             try:
                 path.mkdir()  # atomic: of two creators exactly one gets here
             except FileExistsError:
-                if not path.is_dir() or (any(path.iterdir()) and _raw_attrs(ref) is None
-                                         and not (path / "zarr.json").exists()):
+                if not path.is_dir() or (not (path / "zarr.json").exists() and any(
+                        p.name != "zarr.json" and not (p / "zarr.json").exists() for p in path.iterdir())):
                     raise SchemaError(f"{ref.url} exists and is not a qsae lake (a file, or a folder holding other "
                                       "files): choose another --store") from None
                 raise ConcurrentCreationError(_busy_message(ref)) from None
@@ -708,11 +708,12 @@ def creation_stale_seconds() -> float:
 
 
 def _raw_attrs(ref: StoreRef) -> dict[str, Any] | None:
+    """The root group's attributes as stored, None when there is no readable group (yet)."""
     try:
         g = zarr.open_group(store=ref.zarr_store(read_only=True), mode="r", zarr_format=3, use_consolidated=False)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
-        return None
-    return dict(g.attrs)
+        return dict(g.attrs)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError, ValueError, OSError):
+        return None  # absent, or another writer is half-way through writing it
 
 
 def _creation_state(ref: StoreRef) -> dict[str, Any] | None:
@@ -726,9 +727,23 @@ def _creation_state(ref: StoreRef) -> dict[str, Any] | None:
         return None
     if CREATING in attrs:
         return {"started": float(attrs[CREATING].get("started", 0)), "identity": attrs.get("config")}
-    if "schema_version" not in attrs:
-        return {"started": 0.0, "identity": None}
+    if "schema_version" not in attrs:  # qsae before 0.2 wrote the identity last; or a write in progress
+        return {"started": _root_mtime(ref), "identity": None}
     return None
+
+
+def _root_mtime(ref: StoreRef) -> float:
+    """When the root group's metadata was last written (0 when it cannot be told): an
+    incomplete store counts as abandoned only once this is older than the stale time."""
+    try:
+        fs, root = ref.fs()
+        info = fs.info(f"{root.rstrip('/')}/zarr.json")
+    except Exception:  # noqa: BLE001 - unknown age: treated as old, as before the mark existed
+        return 0.0
+    when = info.get("mtime") or info.get("LastModified") or info.get("created")
+    if hasattr(when, "timestamp"):
+        return float(when.timestamp())
+    return float(when or 0.0)
 
 
 def _busy_message(ref: StoreRef) -> str:

@@ -333,8 +333,10 @@ class Lake:
         # Array handles opened once: each group lookup costs a metadata read. Every chunk is
         # stored, fill values included (zarr's default skips all-fill chunks), so a missing
         # object in a done region is damage, never "all fill" (``qsae.lake.integrity``).
-        with zarr.config.set({"array.write_empty_chunks": True}):
-            self.arrays: dict[str, zarr.Array] = {v.name: group[v.name] for v in self.variables}
+        # Per array, not through zarr's global config: Prefect runs tasks in threads, and a
+        # process-wide setting entered and left by one thread would leave another's arrays without it.
+        self.arrays: dict[str, zarr.Array] = {v.name: group[v.name].with_config({"write_empty_chunks": True})
+                                              for v in self.variables}
 
     # ----------------------------------------------------------------- open/create
     @classmethod

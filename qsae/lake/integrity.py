@@ -86,13 +86,13 @@ def required_objects(lake, mask: np.ndarray, names: list[str] | None = None):
 
 
 def find_damage(lake, decode: bool = False, limit: int | None = None,
-                objects: dict[str, int] | None = None) -> list[Damage]:
+                objects: dict[str, int] | None = None, done: np.ndarray | None = None) -> list[Damage]:
     """Objects that done regions need and that are missing, empty or (with ``decode``) do not
     decode; ``limit`` stops after that many. A missing object counts only in lakes that store
     every chunk (attribute ``stores_every_chunk``); older ones skipped all-fill chunks."""
     objects = list_objects(lake) if objects is None else objects
     every = bool(lake.attrs.get("stores_every_chunk"))  # older lakes skipped all-fill chunks
-    done = lake.done_mask()
+    done = lake.done_mask() if done is None else done
     qids = np.asarray(lake.group[lake.schema.unit][:]) if lake.schema.unit in lake.group.array_keys() else None
     out: list[Damage] = []
     for name, arr, key, units, index in required_objects(lake, done):
@@ -117,10 +117,10 @@ def find_damage(lake, decode: bool = False, limit: int | None = None,
     return out
 
 
-def undone_with_data(lake, objects: dict[str, int] | None = None) -> list[int]:
+def undone_with_data(lake, objects: dict[str, int] | None = None, done: np.ndarray | None = None) -> list[int]:
     """Shards not marked done whose every data object is present: an interrupted write (the
     next capture rewrites them) or a lost ``done`` object."""
-    done = lake.done_mask()
+    done = lake.done_mask() if done is None else done
     if not lake.attrs.get("stores_every_chunk") or done.all():
         return []
     objects = list_objects(lake) if objects is None else objects

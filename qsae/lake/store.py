@@ -865,8 +865,8 @@ def require_intact(lake: Lake, shown: int = 5) -> None:
     listing of the store: cheap enough for every analysis that opens a lake)."""
     from qsae.lake.integrity import find_damage, list_objects, undone_with_data
 
-    objects = list_objects(lake)
-    damage = find_damage(lake, limit=shown + 1, objects=objects)
+    objects, done = list_objects(lake), lake.done_mask()  # one listing, one read of `done`
+    damage = find_damage(lake, limit=shown + 1, objects=objects, done=done)
     if damage:
         more = " (and more)" if len(damage) > shown else ""
         lines = "\n".join(f"  {d}" for d in damage[:shown])
@@ -874,7 +874,7 @@ def require_intact(lake: Lake, shown: int = 5) -> None:
             f"{lake.url} is damaged: objects that done questions need are missing or empty{more}:\n{lines}\n"
             f"zarr would read fill values there. Run `qsae verify {lake.url}` for the full list; "
             "recapture those questions (or restore the files) before analysing.")
-    pending = undone_with_data(lake, objects)
+    pending = undone_with_data(lake, objects, done)
     if pending:
         n = sum(lake.shard_region(k).stop - lake.shard_region(k).start for k in pending)
         log.warning("%s: shards %s hold all their data but are not marked done (an interrupted capture, or a lost "

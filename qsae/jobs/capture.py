@@ -4,10 +4,12 @@ The stored activation is the lake's ``hook``: the residual after each layer (``r
 or that layer's MLP output (``mlp_out``, what the 9B release's SAE reads); the variables keep
 the names ``resid``/``resid_prompt`` either way and the lake's ``hook`` attribute says which.
 
-For each batch of questions: S seeded samples per question through ``generate``
-(``qsae.lm.sampling``), then ONE hooked forward pass over prompt + completion that stops after
-the deepest requested layer and keeps two positions per row: the prompt's last token and
-the completion's last token. Residuals are converted to the lake dtype on the device
+For each batch of questions (``qsae.lm.generate``): each prompt is prefilled once, which gives
+the prompt's last-token activations and the exact first-step entropy; its cache is expanded to
+the S samples, which decode with the seeded sampler (``qsae.lm.sampling``); each finished row
+is fed its last token once more, which captures the completion's last-token activation, and
+leaves the batch. (``decode="two_pass"``: the reference path, ``generate`` then one hooked
+forward over prompt + completion.) Residuals are converted to the lake dtype on the device
 (float16 overflow clipped and counted), SAE codes are the TopK of the stored residual,
 computed on the device; only (k indices, k values) ever reach the host. A shard is handed
 to a bounded background writer while the model works on the next one.
@@ -30,7 +32,6 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
 from qsae.errors import DatasetError, SAEFormatError
 from qsae.jobs.configs import CaptureConfig
@@ -39,16 +40,10 @@ from qsae.lake.store import LakeLayout, LakeSpec, QuestionLake
 from qsae.lake.writer import background_writer
 from qsae.lm.convert import to_lake_dtype
 from qsae.lm.datasets import Question, QuestionSet, format_prompt, is_correct, load_questions
-from qsae.lm.hooks import check_layers, run_with_capture
+from qsae.lm.generate import Draw, sample_and_capture
+from qsae.lm.hooks import check_layers
 from qsae.lm.models import LoadedModel, load_model
-from qsae.lm.sampling import (
-    SAMPLER_ID,
-    SeededTopPSampler,
-    StopOnTokens,
-    empirical_entropy,
-    model_generation_defaults_ignored,
-    newline_token_ids,
-)
+from qsae.lm.sampling import SAMPLER_ID, empirical_entropy, newline_token_ids
 from qsae.sae.formats import load_saes
 from qsae.sae.model import SAE, check_sae_matches_model
 
@@ -190,14 +185,14 @@ class BatchResult:
     arrays: dict[str, np.ndarray]
     new_tokens: int
     prompt_tokens: int
-    seconds: dict[str, float] = field(default_factory=dict)  # generate / forward / encode
+    seconds: dict[str, float] = field(default_factory=dict)  # prefill / decode (or generate / forward) / encode
 
 
 def capture_batch(
     lm: LoadedModel, saes: dict[int, SAE], questions: Sequence[Question], cfg: CaptureConfig, budget: int,
 ) -> BatchResult:
     """Sample, measure and capture one batch of questions (all S samples each)."""
-    tok, model, dev = lm.tokenizer, lm.model, lm.device
+    tok = lm.tokenizer
     S, B, T = cfg.sampling.n_samples, len(questions), cfg.sampling.max_new_tokens
     t0 = time.perf_counter()
     prompts, truncated = [], np.zeros(B, bool)
@@ -207,68 +202,35 @@ def capture_batch(
             ids, truncated[i] = ids[-budget:], True
         prompts.append(ids)
     plen = np.array([len(p) for p in prompts])
-    P = int(plen.max())
-    pad = tok.pad_token_id
-    # Generation input: left-padded prompts, each repeated S times.
-    gen_ids = torch.full((B, P), pad, dtype=torch.long)
-    gen_mask = torch.zeros((B, P), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        gen_ids[i, P - len(p):] = torch.tensor(p)
-        gen_mask[i, P - len(p):] = 1
-    gen_ids = gen_ids.repeat_interleave(S, 0).to(dev)
-    gen_mask = gen_mask.repeat_interleave(S, 0).to(dev)
-    rows = [(q.id, s) for q in questions for s in range(S)]
-    sampler = SeededTopPSampler(rows, P, cfg.seed, cfg.sampling.temperature, cfg.sampling.top_p)
-    stops = [StopOnTokens(newline_token_ids(tok), P)] if cfg.sampling.stop_at_newline else []
-    gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=T, pad_token_id=pad,
-                               eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-    with torch.inference_mode(), model_generation_defaults_ignored(model):
-        out = model.generate(input_ids=gen_ids, attention_mask=gen_mask, generation_config=gen_cfg,
-                             logits_processor=LogitsProcessorList([sampler]),
-                             stopping_criteria=StoppingCriteriaList(stops))
-    new = out[:, P:].cpu()
-    t_gen = time.perf_counter()
-    R = B * S
-    stop_set = set(newline_token_ids(tok).tolist()) if cfg.sampling.stop_at_newline else set()
     eos = tok.eos_token_id
-    eos_set = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
-    lengths = np.empty(R, np.int32)
-    comp_ids = np.full((R, T), -1, np.int32)
+    eos_ids = [] if eos is None else (list(eos) if isinstance(eos, list) else [eos])
+    stop = torch.tensor(eos_ids, dtype=torch.long)
+    if cfg.sampling.stop_at_newline:
+        stop = torch.unique(torch.cat([newline_token_ids(tok), stop]))
+    draw = Draw(n_samples=S, seed=cfg.seed, temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
+                max_new_tokens=T, stop_ids=stop, pad_id=tok.pad_token_id)
+    hook = cfg.resolved_hook(saes)
+    sampled = sample_and_capture(cfg.decode, lm.model, prompts, [q.id for q in questions], draw, cfg.layers, hook,
+                                 **({"eos_token_id": eos, "bos_token_id": tok.bos_token_id}
+                                    if cfg.decode == "two_pass" else {}))
+    t_model = time.perf_counter()
+    R = B * S
+    lengths = sampled.lengths
     texts = np.empty(R, dtype=object)
-    new_np = new.numpy()
     for r in range(R):
-        seq = new_np[r]
-        end = next((j + 1 for j, t in enumerate(seq) if t in eos_set or t in stop_set), len(seq))
-        lengths[r] = end
-        comp_ids[r, :end] = seq[:end]
-        text = tok.decode(seq[:end].tolist(), skip_special_tokens=True)
+        text = tok.decode(sampled.tokens[r, :lengths[r]].tolist(), skip_special_tokens=True)
         texts[r] = (text.split("\n")[0] if cfg.sampling.stop_at_newline else text).strip()
-    # One hooked forward over prompt + completion, right-padded (exact for causal models).
-    L = int((plen.repeat(S) + lengths).max())
-    fwd_ids = torch.full((R, L), pad, dtype=torch.long)
-    fwd_mask = torch.zeros((R, L), dtype=torch.long)
-    positions = torch.empty((R, 2), dtype=torch.long)
-    for r in range(R):
-        p = prompts[r // S]
-        seq = p + comp_ids[r, : lengths[r]].tolist()
-        fwd_ids[r, : len(seq)] = torch.tensor(seq)
-        fwd_mask[r, : len(seq)] = 1
-        positions[r] = torch.tensor([len(p) - 1, len(seq) - 1])
-    mlp = cfg.resolved_hook(saes) == "mlp_out"
-    _, cap = run_with_capture(model, fwd_ids.to(dev), fwd_mask.to(dev), layers=[] if mlp else cfg.layers,
-                              mlp_layers=cfg.layers if mlp else [], positions=positions.to(dev), stop_early=True)
-    t_fwd = time.perf_counter()
-    arrays = _layer_arrays(cap.mlp if mlp else cap.resid, saes, cfg, B, S)
-    first_token = sampler.first_token.numpy().reshape(B, S).astype(np.int32)
+    arrays = _layer_arrays(sampled.prompt_acts, sampled.completion_acts, saes, cfg, B, S)
+    first_token = sampled.first_token.reshape(B, S).astype(np.int32)
     correct = np.array([is_correct(texts[r], questions[r // S].answers) for r in range(R)]).reshape(B, S)
     arrays.update(
-        entropy=sampler.first_entropy.numpy().reshape(B, S)[:, 0].astype(np.float64),
+        entropy=sampled.entropy,
         sample_entropy=np.array([empirical_entropy(first_token[i]) for i in range(B)]),
-        nucleus_entropy=sampler.first_nucleus_entropy.numpy().reshape(B, S)[:, 0].astype(np.float64),
+        nucleus_entropy=sampled.nucleus_entropy,
         first_token=first_token,
-        first_logprob=sampler.first_logprob.numpy().reshape(B, S).astype(np.float32),
+        first_logprob=sampled.first_logprob.reshape(B, S),
         completion=texts.reshape(B, S).astype(str),
-        completion_ids=comp_ids.reshape(B, S, T),
+        completion_ids=sampled.tokens.reshape(B, S, T),
         completion_len=lengths.reshape(B, S),
         correct=correct,
         question_text=np.array([q.question for q in questions], dtype=str),
@@ -278,7 +240,7 @@ def capture_batch(
         **row_field_arrays(questions),
     )
     t_end = time.perf_counter()
-    seconds = {"generate": t_gen - t0, "forward": t_fwd - t_gen, "encode_and_convert": t_end - t_fwd}
+    seconds = {**sampled.seconds, "encode_and_convert": t_end - t_model}
     return BatchResult(arrays, int(lengths.sum()), int(plen.sum()) * S, seconds)
 
 
@@ -302,7 +264,8 @@ def row_field_arrays(questions: Sequence[Question]) -> dict[str, np.ndarray]:
     return out
 
 
-def _layer_arrays(resid: dict[int, torch.Tensor], saes: dict[int, SAE], cfg: CaptureConfig, B: int, S: int) -> dict[str, np.ndarray]:
+def _layer_arrays(prompt_acts: dict[int, torch.Tensor], completion_acts: dict[int, torch.Tensor],
+                  saes: dict[int, SAE], cfg: CaptureConfig, B: int, S: int) -> dict[str, np.ndarray]:
     """Per-layer residual variables and codes, stacked over layers (layer axis first)."""
     per: dict[str, list[np.ndarray]] = {}
 
@@ -310,8 +273,7 @@ def _layer_arrays(resid: dict[int, torch.Tensor], saes: dict[int, SAE], cfg: Cap
         per.setdefault(name, []).append(value.cpu().numpy())
 
     for layer in cfg.layers:
-        x = resid[layer]  # (R, 2, d): prompt end, completion end
-        comp, prompt = x[:, 1], x[::S, 0]
+        comp, prompt = completion_acts[layer], prompt_acts[layer]  # (R, d), (B, d)
         for prefix, rows, shape in (("resid", comp, (B, S)), ("resid_prompt", prompt, (B,))):
             stored, norm, over, nonfinite = to_lake_dtype(rows, cfg.resid_dtype)
             add(prefix, stored.reshape(*shape, -1))

@@ -78,6 +78,10 @@ class CaptureConfig(_StoreFields, BaseModel):
     questions_per_shard: int = Field(64, ge=1, description="questions per shard: the unit of work, of resume and of one write")
     questions_per_chunk: int = Field(4, ge=1, description="questions per inner zarr chunk (the unit of a random read)")
     questions_per_batch: int = Field(8, ge=1, description="questions per generate/forward batch (each with all its samples)")
+    decode: Literal["one_pass", "two_pass"] = Field(
+        "one_pass", description="one_pass: each prompt prefilled once, activations captured while decoding; "
+                                "two_pass: transformers' generate on every prompt x S, then a second forward "
+                                "(the reference path, slower; the same draws)")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1 ...")
     dtype: str = Field("auto", description="model dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16")
     store: str = Field("storage/lakes/demo.zarr", description="lake URL: a path, s3://bucket/x.zarr, ...")

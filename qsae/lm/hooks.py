@@ -132,6 +132,32 @@ def capture(
             h.remove()
 
 
+def forward_with_capture(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    layers: Sequence[int] = (),
+    mlp_layers: Sequence[int] = (),
+    positions: torch.Tensor | None = None,
+    stop_early: bool = True,
+    **forward_kwargs,
+):
+    """One hooked forward pass that returns ``(model_output or None, Captured)``.
+
+    ``forward_kwargs`` go to the model (a cache, position ids, ``logits_to_keep``); with
+    ``stop_early`` the pass ends after the deepest hooked point and the output is None.
+    """
+    output = None
+    with capture(model, layers, mlp_layers, positions=positions, stop_early=stop_early) as cap:
+        try:
+            with torch.inference_mode():
+                output = model(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs)
+        except _StopForward:
+            pass
+    return output, cap
+
+
 def run_with_capture(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -143,19 +169,13 @@ def run_with_capture(
     stop_early: bool = True,
     **forward_kwargs,
 ):
-    """One forward pass that returns ``(model_output or None, Captured)``.
+    """One forward pass without a cache that returns ``(model_output or None, Captured)``.
 
     With ``stop_early`` the pass ends after the deepest hooked point and the output is None
     (no logits): use it when only activations are wanted.
     """
-    output = None
-    with capture(model, layers, mlp_layers, positions=positions, stop_early=stop_early) as cap:
-        try:
-            with torch.inference_mode():
-                output = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **forward_kwargs)
-        except _StopForward:
-            pass
-    return output, cap
+    return forward_with_capture(model, input_ids, attention_mask, layers=layers, mlp_layers=mlp_layers,
+                                positions=positions, stop_early=stop_early, use_cache=False, **forward_kwargs)
 
 
 @contextmanager

@@ -19,6 +19,7 @@ import hashlib
 import struct
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -75,27 +76,88 @@ class SeededTopPSampler(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         step = input_ids.shape[1] - self.prompt_len
-        logp = torch.log_softmax(scores.float() / self.temperature, dim=-1)
-        sorted_logp, order = logp.sort(dim=-1, descending=True)
-        sorted_p = sorted_logp.exp()
-        before = sorted_p.cumsum(-1) - sorted_p  # mass of strictly more likely tokens
-        kept = torch.where(before < self.top_p, sorted_p, torch.zeros_like(sorted_p))
-        cdf = kept.cumsum(-1)
-        u = torch.tensor([uniform(self.seed, q, s, step) for q, s in self.rows], dtype=cdf.dtype, device=cdf.device)
-        target = u[:, None] * cdf[:, -1:]
-        pos = (cdf <= target).sum(-1, keepdim=True).clamp_(max=cdf.shape[1] - 1)
-        # Never step past the nucleus (float rounding at the end of the cdf).
-        n_kept = (kept > 0).sum(-1, keepdim=True)
-        pos = torch.minimum(pos, n_kept - 1)
-        token = order.gather(-1, pos)
+        us = row_uniforms(self.seed, self.rows, step)
+        picked = pick_tokens(scores, us, self.temperature, self.top_p, first=step == 0)
+        token = picked.token[:, None]
         if step == 0:
-            self.first_entropy = entropy_from_logits(scores, self.temperature).cpu()
-            self.first_nucleus_entropy = nucleus_entropy(kept).cpu()
-            self.first_logprob = logp.gather(-1, token).squeeze(-1).cpu()
-            self.first_token = token.squeeze(-1).cpu()
+            self.first_entropy = picked.entropy.cpu()
+            self.first_nucleus_entropy = picked.nucleus_entropy.cpu()
+            self.first_logprob = picked.logprob.cpu()
+            self.first_token = picked.token.cpu()
         out = torch.full_like(scores, float("-inf"))
         out.scatter_(-1, token, 0.0)
         return out
+
+
+def row_uniforms(seed: int, rows: Sequence[tuple[int, int]], step: int) -> torch.Tensor:
+    """The hashed uniform of each (question id, sample) row at ``step``, as float64."""
+    return torch.tensor([uniform(seed, q, s, step) for q, s in rows], dtype=torch.float64)
+
+
+@dataclass
+class Picked:
+    """One step's draws: token per row, its log-probability, and at the first step the entropies."""
+
+    token: torch.Tensor
+    logprob: torch.Tensor
+    entropy: torch.Tensor | None = None
+    nucleus_entropy: torch.Tensor | None = None
+
+
+# Candidates sorted first; a row whose nucleus is wider than this is sorted over the whole vocabulary.
+NUCLEUS_CANDIDATES = 1024
+
+
+def _nucleus(logp: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept probabilities in descending order, zeros past the nucleus; their token ids).
+
+    Only the nucleus matters, so the ``NUCLEUS_CANDIDATES`` most likely tokens are sorted
+    (``topk``); rows whose nucleus does not fit in them are sorted whole. Both give the same
+    kept prefix as a full sort (the test checks it against the full-sort reference).
+    """
+    n, vocab = logp.shape
+    k = min(vocab, NUCLEUS_CANDIDATES)
+    top_logp, order = logp.topk(k, dim=-1, sorted=True)
+    top_p_ = top_logp.exp()
+    before = top_p_.cumsum(-1) - top_p_  # mass of strictly more likely tokens
+    kept = torch.where(before < top_p, top_p_, torch.zeros_like(top_p_))
+    wide = (before[:, -1] < top_p).nonzero().squeeze(-1) if k < vocab else before.new_zeros(0, dtype=torch.long)
+    if wide.numel():  # the nucleus may reach past the candidates: sort these rows whole
+        full_logp, full_order = logp[wide].sort(dim=-1, descending=True)
+        full_p = full_logp.exp()
+        full_before = full_p.cumsum(-1) - full_p
+        full_kept = torch.where(full_before < top_p, full_p, torch.zeros_like(full_p))
+        width = int((full_kept > 0).sum(-1).max())
+        if width > k:
+            pad = torch.zeros((n, width - k), dtype=kept.dtype, device=kept.device)
+            kept = torch.cat([kept, pad], dim=1)
+            order = torch.cat([order, torch.zeros((n, width - k), dtype=order.dtype, device=order.device)], dim=1)
+        kept[wide] = 0
+        kept[wide, :width] = full_kept[:, :width]
+        order[wide, :width] = full_order[:, :width]
+    return kept, order
+
+
+def pick_tokens(scores: torch.Tensor, us: torch.Tensor, temperature: float, top_p: float, first: bool = False) -> Picked:
+    """Inverse-CDF draw of each row's token within the top-p nucleus of softmax(scores / T).
+
+    The one definition of a draw: ``generate``'s processor and qsae's own decode loop both
+    call it, so the same uniforms give the same tokens whichever path runs.
+    """
+    logp = torch.log_softmax(scores.float() / temperature, dim=-1)
+    kept, order = _nucleus(logp, top_p)
+    cdf = kept.cumsum(-1)
+    target = us.to(device=cdf.device, dtype=cdf.dtype)[:, None] * cdf[:, -1:]
+    pos = (cdf <= target).sum(-1, keepdim=True).clamp_(max=cdf.shape[1] - 1)
+    # Never step past the nucleus (float rounding at the end of the cdf).
+    n_kept = (kept > 0).sum(-1, keepdim=True)
+    pos = torch.minimum(pos, n_kept - 1)
+    token = order.gather(-1, pos)
+    out = Picked(token.squeeze(-1), logp.gather(-1, token).squeeze(-1))
+    if first:
+        out.entropy = entropy_from_logits(scores, temperature)
+        out.nucleus_entropy = nucleus_entropy(kept)
+    return out
 
 
 class StopOnTokens(StoppingCriteria):

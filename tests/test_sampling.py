@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import scipy.stats
 import torch
 from transformers import TopPLogitsWarper
 
-from qsae.lm.sampling import SeededTopPSampler, empirical_entropy, entropy_from_logits, uniform
+from qsae.lm.sampling import (
+    SeededTopPSampler,
+    empirical_entropy,
+    entropy_from_logits,
+    nucleus_entropy,
+    pick_tokens,
+    uniform,
+)
 
 
 def _pick(sampler, logits, prompt_len=3, step=0):
@@ -72,3 +80,40 @@ def test_entropies_against_scipy():
     sampler = SeededTopPSampler([(1, 0), (2, 0), (3, 0)], 2, 0, 0.7, 0.9)
     _pick(sampler, logits, prompt_len=2)
     np.testing.assert_allclose(sampler.first_entropy.numpy(), ref, rtol=1e-10)
+
+
+def _full_sort_draw(scores, us, temperature, top_p):
+    """The sampler as first written (the whole vocabulary sorted): the reference for pick_tokens."""
+    logp = torch.log_softmax(scores.float() / temperature, dim=-1)
+    sorted_logp, order = logp.sort(dim=-1, descending=True)
+    sorted_p = sorted_logp.exp()
+    before = sorted_p.cumsum(-1) - sorted_p
+    kept = torch.where(before < top_p, sorted_p, torch.zeros_like(sorted_p))
+    cdf = kept.cumsum(-1)
+    target = us.to(cdf.dtype)[:, None] * cdf[:, -1:]
+    pos = (cdf <= target).sum(-1, keepdim=True).clamp_(max=cdf.shape[1] - 1)
+    pos = torch.minimum(pos, (kept > 0).sum(-1, keepdim=True) - 1)
+    return order.gather(-1, pos).squeeze(-1), nucleus_entropy(kept)
+
+
+@pytest.mark.parametrize("vocab", [50, 3000])
+def test_candidate_nucleus_draws_what_a_full_sort_draws(vocab, monkeypatch):
+    """pick_tokens sorts only the top candidates (full sort for rows whose nucleus is wider):
+    the same tokens and nucleus entropies as sorting the whole vocabulary, narrow and wide rows."""
+    import qsae.lm.sampling as sampling
+
+    candidates = 16 if vocab < 64 else 64
+    monkeypatch.setattr(sampling, "NUCLEUS_CANDIDATES", candidates)  # so that many rows need the fallback
+    g = torch.Generator().manual_seed(5)
+    wide = 0
+    for scale in (0.3, 1.0, 3.0, 10.0):
+        scores = torch.randn(300, vocab, generator=g) * scale
+        us = torch.rand(300, generator=g, dtype=torch.float64)
+        for temperature, top_p in ((1.0, 0.9), (0.7, 0.95), (1.0, 1.0), (2.0, 0.5)):
+            got = pick_tokens(scores, us, temperature, top_p, first=True)
+            want, want_h = _full_sort_draw(scores, us, temperature, top_p)
+            assert torch.equal(got.token, want)
+            torch.testing.assert_close(got.nucleus_entropy, want_h)
+            p = torch.softmax(scores / temperature, -1).sort(-1, descending=True).values
+            wide += int(((p.cumsum(-1) - p) < top_p).sum(-1).gt(candidates).sum())
+    assert wide > 100  # the fallback really ran

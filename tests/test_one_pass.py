@@ -87,7 +87,9 @@ def test_one_pass_draws_exactly_the_reference_in_float64(tiny_qwen_dir, smollm2)
     qs = load_questions("popqa-demo", limit=9).questions
     prompts = [tok(format_prompt("Q: {question}\nA:", q)).input_ids for q in qs]
     assert len({len(p) for p in prompts}) > 1  # left padding exercised
-    stop = torch.unique(torch.cat([newline_token_ids(tok), torch.tensor([tok.eos_token_id])]))
+    # a random model seldom draws a newline: a quarter of the vocabulary also ends a row, so
+    # rows leave the batch at different steps
+    stop = torch.unique(torch.cat([newline_token_ids(tok), torch.arange(0, len(tok), 4)]))
     draw = Draw(n_samples=4, seed=3, temperature=1.0, top_p=0.9, max_new_tokens=7, stop_ids=stop,
                 pad_id=tok.pad_token_id)
     ended_early = 0
@@ -104,4 +106,4 @@ def test_one_pass_draws_exactly_the_reference_in_float64(tiny_qwen_dir, smollm2)
             torch.testing.assert_close(one.prompt_acts[layer], two.prompt_acts[layer], rtol=1e-7, atol=1e-7)
             torch.testing.assert_close(one.completion_acts[layer], two.completion_acts[layer], rtol=1e-7, atol=1e-7)
         ended_early += int((one.lengths < 7).sum())
-    assert ended_early > 0  # rows left the batch before the others
+    assert ended_early > 20  # rows left the batch before the others

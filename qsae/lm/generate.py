@@ -36,8 +36,8 @@ from qsae.lm.sampling import (
 
 DecodePath = Literal["one_pass", "two_pass"]
 # Rows of logits turned into float32 and sorted at once by the sampler: bounds its memory to a
-# fixed ~6 x SAMPLER_ELEMENTS x 4 bytes instead of growing with the batch.
-SAMPLER_ELEMENTS = 1 << 24
+# fixed ~12 x SAMPLER_ELEMENTS x 4 bytes instead of growing with the batch.
+SAMPLER_ELEMENTS = 1 << 22
 
 
 @dataclass

@@ -10,6 +10,8 @@ storage) or ``raise-once:<marker>`` (raise OSError the first time, creating <mar
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import os
 import sys
 import time
@@ -36,6 +38,45 @@ def raise_once(marker: str) -> Callable[[str, slice], None]:
             raise OSError(f"injected fault after writing region {region.start}:{region.stop} (before done)")
 
     return hook
+
+
+@contextmanager
+def oom_above_rows(model, rows: int):
+    """The first forward pass over more than ``rows`` batch rows raises a device out-of-memory
+    error (as CUDA would), once; yields {"count", "error"}."""
+    import torch
+
+    raised: dict = {"count": 0, "error": None}
+
+    def pre_hook(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and ids.shape[0] > rows and raised["count"] == 0:
+            raised["count"] += 1
+            raised["error"] = torch.OutOfMemoryError(f"injected: CUDA out of memory at {ids.shape[0]} rows")
+            raise raised["error"]
+
+    handle = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        yield raised
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def record_batch_widths(model):
+    """Records the prompt width of every prefill (a forward over more than one token)."""
+    widths: list[int] = []
+
+    def pre_hook(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and ids.shape[1] > 1:
+            widths.append(int(ids.shape[1]))
+
+    handle = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        yield widths
+    finally:
+        handle.remove()
 
 
 def from_spec(spec: str) -> Callable[[str, slice], None]:

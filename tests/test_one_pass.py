@@ -107,3 +107,52 @@ def test_one_pass_draws_exactly_the_reference_in_float64(tiny_qwen_dir, smollm2)
             torch.testing.assert_close(one.completion_acts[layer], two.completion_acts[layer], rtol=1e-7, atol=1e-7)
         ended_early += int((one.lengths < 7).sum())
     assert ended_early > 20  # rows left the batch before the others
+
+
+def test_out_of_memory_halves_the_batch_and_loses_nothing(tmp_path, smollm2):
+    """A device out of memory inside a batch (injected: any forward over more than 6 rows)
+    halves questions_per_batch and retries that batch: the lake equals one captured at the
+    halved size from the start, every shard is written once, the back-off is in the attributes."""
+    import torch
+
+    from qsae.jobs.capture import get_model
+
+    from .fault_inject import oom_above_rows
+
+    sae = write_sae_folder(tmp_path / "sae", 576, 128, [3])
+    base = dict(model="smollm2", sae=str(sae), layers=[3], sae_k=4, n_samples=3, max_new_tokens=4, limit=8,
+                questions_per_shard=4, questions_per_chunk=2, device="cpu", dtype="float32", seed=2)
+    ref_cfg = CaptureConfig(**base, questions_per_batch=2, store=str(tmp_path / "ref.zarr"))
+    _, ref_stats = run_capture(ref_cfg)
+    cfg = CaptureConfig(**base, questions_per_batch=4, store=str(tmp_path / "oom.zarr"))
+    with oom_above_rows(get_model(cfg).lm.model, 6) as raised:
+        _, stats = run_capture(cfg)
+    assert raised["count"] == 1 and isinstance(raised["error"], torch.OutOfMemoryError)
+    assert stats.oom_backoffs == [{"shard": 0, "from": 4, "to": 2}] and stats.questions_per_batch == 2
+    lake, ref = open_lake(cfg.store), open_lake(ref_cfg.store)
+    assert lake.attrs["capture_oom_backoffs"] == [{"shard": 0, "from": 4, "to": 2}]
+    a, b = lake.load(), ref.load()
+    assert a.done.all()
+    for name in ("completion_ids", "entropy", "first_logprob", "resid", "codes_idx", "resid_prompt"):
+        np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
+    assert stats.bytes_written == ref_stats.bytes_written  # each shard written once
+
+
+def test_prompts_are_batched_shortest_first_and_stored_in_dataset_order(tmp_path, smollm2):
+    """Within a shard, batches take prompts by length (less padding); the lake keeps the dataset's order."""
+    from qsae.jobs.capture import get_model
+
+    from .fault_inject import record_batch_widths
+
+    sae = write_sae_folder(tmp_path / "sae", 576, 128, [3])
+    cfg = CaptureConfig(model="smollm2", sae=str(sae), layers=[3], sae_k=4, n_samples=2, max_new_tokens=3, limit=8,
+                        questions_per_shard=8, questions_per_chunk=2, questions_per_batch=2, device="cpu",
+                        dtype="float32", store=str(tmp_path / "l.zarr"))
+    with record_batch_widths(get_model(cfg).lm.model) as widths:
+        run_capture(cfg)
+    ds = open_lake(cfg.store).load()
+    plen = ds.prompt_len.values
+    assert widths == sorted(widths) and widths[-1] == plen.max() and len(set(plen)) > 1
+    from qsae.lm.datasets import load_questions
+
+    assert [str(t) for t in ds.question_text.values] == [q.question for q in load_questions("popqa-demo", limit=8).questions]

@@ -41,7 +41,8 @@ from qsae.lake.writer import background_writer
 from qsae.lm.convert import to_lake_dtype
 from qsae.lm.datasets import Question, QuestionSet, format_prompt, is_correct, load_questions
 from qsae.lm.generate import Draw, sample_and_capture
-from qsae.lm.hooks import check_layers
+from qsae.lm.hooks import check_layers, text_config
+from qsae.lm.memory import auto_questions_per_batch
 from qsae.lm.models import LoadedModel, load_model
 from qsae.lm.sampling import SAMPLER_ID, empirical_entropy, newline_token_ids
 from qsae.sae.formats import load_saes
@@ -165,7 +166,10 @@ def plan_capture(cfg: CaptureConfig) -> CapturePlan:
         d_sae=any_sae.d_sae if any_sae else None, k=(cfg.sae_k or any_sae.k) if any_sae else None,
         resid_dtype=cfg.resid_dtype, layout=LakeLayout(cfg.questions_per_shard, cfg.questions_per_chunk),
         lineage={**capture_lineage(cfg, lm.name, lm.revision, qs, saes),
-                 "vocab_size": int(lm.model.config.get_text_config().vocab_size)},
+                 "vocab_size": int(lm.model.config.get_text_config().vocab_size),
+                 # provenance, not identity: how the draws were computed (the same draws either way)
+                 "decode": {"path": cfg.decode, "experts": decode_experts(lm, cfg.decode),
+                            "device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch.")}},
     )
     lake = QuestionLake.open_or_create(cfg.ref, spec, mode=cfg.mode)
     if qs.problems and "dataset_problems" not in lake.attrs:
@@ -318,6 +322,8 @@ class CaptureStats:
     wall_seconds: float = 0.0
     bytes_written: int = 0
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    questions_per_batch: int = 0
+    oom_backoffs: list[dict[str, int]] = field(default_factory=list)
 
     @property
     def tokens_per_second(self) -> float:
@@ -341,6 +347,7 @@ def capture_shards(
     if list(lake.question_ids()) != qs.ids():
         raise DatasetError(f"the store's questions differ from {qs.name}: wrong store or dataset?")
     budget = prompt_budget(cfg, lm)
+    batch_size = resolve_questions_per_batch(cfg, lm, budget)
     stats = CaptureStats(list(shards))
     total = sum(lake.shard_region(s).stop - lake.shard_region(s).start for s in shards)
     with tqdm(total=total, unit="q", desc="capture", disable=not progress) as bar, \
@@ -351,23 +358,40 @@ def capture_shards(
                 region = lake.shard_region(shard)
                 shard_qs = qs.questions[region]
                 buf = _empty_shard(lake, len(shard_qs))
-                for start in range(0, len(shard_qs), cfg.questions_per_batch):
-                    batch = shard_qs[start:start + cfg.questions_per_batch]
+                # shortest prompts first: a batch pads to its longest prompt
+                lengths = [min(len(_encode_prompt(lm, cfg, q)), budget) for q in shard_qs]
+                order = np.argsort(lengths, kind="stable")
+                start = 0
+                while start < len(shard_qs):
+                    rows = order[start:start + batch_size]
+                    batch = [shard_qs[i] for i in rows]
                     t = time.perf_counter()
-                    result = capture_batch(lm, saes, batch, cfg, budget)
+                    try:
+                        result = capture_batch(lm, saes, batch, cfg, budget)
+                    except torch.OutOfMemoryError:
+                        if batch_size == 1:
+                            raise
+                        smaller = max(1, len(batch) // 2)
+                        log.warning("shard %d: out of device memory at %d questions per batch; retrying the batch at %d "
+                                    "(nothing was written)", shard, len(batch), smaller)
+                        stats.oom_backoffs.append({"shard": int(shard), "from": len(batch), "to": smaller})
+                        batch_size = smaller
+                        _free_device_memory(lm.device)
+                        continue
                     stats.compute_seconds += time.perf_counter() - t
                     for name, value in result.arrays.items():
                         if name not in buf:  # an optional variable this (older) lake lacks
                             continue
                         qaxis = 1 if lake.arrays[name].metadata.dimension_names[0] == "layer" else 0
                         index = [slice(None)] * buf[name].ndim
-                        index[qaxis] = slice(start, start + len(batch))
+                        index[qaxis] = rows
                         buf[name][tuple(index)] = value
                     for phase, sec in result.seconds.items():
                         stats.phase_seconds[phase] = stats.phase_seconds.get(phase, 0.0) + sec
                     stats.new_tokens += result.new_tokens
                     stats.prompt_tokens += result.prompt_tokens
                     bar.update(len(batch))
+                    start += len(batch)
                 writer.submit(shard, {k: (v.astype(str) if v.dtype == object else v) for k, v in buf.items()})
                 stats.questions += len(shard_qs)
                 stats.samples += len(shard_qs) * cfg.sampling.n_samples
@@ -378,7 +402,44 @@ def capture_shards(
     stats.write_seconds = writer.write_seconds
     stats.bytes_written = writer.bytes_written
     stats.wall_seconds = time.perf_counter() - t0
+    stats.questions_per_batch = batch_size
+    if stats.oom_backoffs:
+        lake.update_attrs(capture_oom_backoffs=list(lake.attrs.get("capture_oom_backoffs", [])) + stats.oom_backoffs)
     return stats
+
+
+def _free_device_memory(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def resolve_questions_per_batch(cfg: CaptureConfig, lm: LoadedModel, budget: int) -> int:
+    """``questions_per_batch``, or for ``auto`` what the free device memory holds (the memory
+    model of ``qsae.lm.memory`` at the longest prompt the budget allows; 8 on a CPU)."""
+    if cfg.questions_per_batch != "auto":
+        return int(cfg.questions_per_batch)
+    n = auto_questions_per_batch(lm.model.config, lm.dtype, lm.device, cfg.sampling.n_samples,
+                                 budget + cfg.sampling.max_new_tokens, decode_experts(lm, cfg.decode), cfg.decode)
+    if lm.device.type == "cuda":
+        log.info("questions_per_batch auto: %d (free device memory, %d samples per question)", n, cfg.sampling.n_samples)
+    return n
+
+
+def decode_experts(lm: LoadedModel, path: str) -> str | None:
+    """The MoE experts implementation decoding runs with (None for a dense model): the model's
+    own in the one-pass loop; generate's switch to batched_mm on an accelerator in two_pass."""
+    get = getattr(lm.model, "get_experts_implementation", None)
+    impl = get() if get is not None else None
+    if isinstance(impl, dict):
+        impl = next(iter(impl.values()), None)
+    if impl is None or not getattr(text_config(lm.model), "num_experts", None):
+        return None
+    if path == "two_pass" and lm.device.type != "cpu" and impl == "grouped_mm":
+        return "batched_mm"
+    return str(impl)
 
 
 def run_capture(cfg: CaptureConfig, progress: bool = False) -> tuple[QuestionLake, CaptureStats]:

@@ -77,7 +77,9 @@ class CaptureConfig(_StoreFields, BaseModel):
     resid_dtype: Literal["float16", "float32"] = Field("float16", description="on-disk dtype of the activations (float16 overflow is clipped and counted)")
     questions_per_shard: int = Field(64, ge=1, description="questions per shard: the unit of work, of resume and of one write")
     questions_per_chunk: int = Field(4, ge=1, description="questions per inner zarr chunk (the unit of a random read)")
-    questions_per_batch: int = Field(8, ge=1, description="questions per generate/forward batch (each with all its samples)")
+    questions_per_batch: int | Literal["auto"] = Field(
+        "auto", description="questions per batch (each with all its samples); auto: what the free GPU memory holds "
+                            "(qsae.lm.memory), 8 on a CPU. A GPU out of memory halves it and retries the batch")
     decode: Literal["one_pass", "two_pass"] = Field(
         "one_pass", description="one_pass: each prompt prefilled once, activations captured while decoding; "
                                 "two_pass: transformers' generate on every prompt x S, then a second forward "

@@ -156,3 +156,30 @@ def test_prompts_are_batched_shortest_first_and_stored_in_dataset_order(tmp_path
     from qsae.lm.datasets import load_questions
 
     assert [str(t) for t in ds.question_text.values] == [q.question for q in load_questions("popqa-demo", limit=8).questions]
+
+
+def test_memory_model_counts_the_cache_the_loop_holds(tiny_qwen_dir):
+    """row_bytes' state components equal the bytes of the cache tensors per sampled row after the
+    prefill is expanded x S (conv and float32 recurrent states, K/V at the prompt length)."""
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from qsae.lm.memory import row_bytes
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen_dir, dtype=torch.float32).eval()
+    B, S, P = 2, 3, 9
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(input_ids=torch.randint(0, 1000, (B, P)), cache=cache, use_cache=True, logits_to_keep=1)
+    cache.reorder_cache(torch.arange(B).repeat_interleave(S))
+    linear = kv = 0
+    for layer in cache.layers:
+        for t in list(getattr(layer, "conv_states", {}).values()) + list(getattr(layer, "recurrent_states", {}).values()):
+            linear += 0 if t is None else t.numel() * t.element_size()
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            kv += 0 if t is None or not isinstance(t, torch.Tensor) else t.numel() * t.element_size()
+    pred = row_bytes(model.config, torch.float32, P)
+    assert linear > 0 and kv > 0
+    assert pred.linear_state * B * S == linear and pred.kv_cache * B * S == kv
+    assert row_bytes(model.config, torch.float32, P, "two_pass", "batched_mm").total > pred.total

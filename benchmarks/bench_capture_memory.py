@@ -23,7 +23,6 @@ from qsae.lm.datasets import format_prompt, load_questions
 from qsae.lm.generate import Draw, one_pass, two_pass
 from qsae.lm.memory import measured_row_bytes, row_bytes
 from qsae.lm.models import load_model
-from qsae.lm.sampling import newline_token_ids
 
 MB = 1 << 20
 

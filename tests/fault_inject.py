@@ -10,12 +10,11 @@ storage) or ``raise-once:<marker>`` (raise OSError the first time, creating <mar
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import os
 import sys
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 
 
 def pause(marker: str, skip: int = 0, seconds: float = 120.0) -> Callable[[str, slice], None]:

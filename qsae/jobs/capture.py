@@ -198,7 +198,6 @@ def capture_batch(
     """Sample, measure and capture one batch of questions (all S samples each)."""
     tok = lm.tokenizer
     S, B, T = cfg.sampling.n_samples, len(questions), cfg.sampling.max_new_tokens
-    t0 = time.perf_counter()
     prompts, truncated = [], np.zeros(B, bool)
     for i, q in enumerate(questions):
         ids = _encode_prompt(lm, cfg, q)

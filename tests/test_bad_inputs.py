@@ -57,8 +57,8 @@ def test_nonfinite_and_overflowing_activations_are_flagged_not_hidden(tmp_path):
     sae_dir = write_sae_folder(tmp_path / "sae", 4, 16, [0])
     sae = load_sae(sae_dir, layer=0, k=3)
     cfg = CaptureConfig(layers=[0], n_samples=2, sae_k=3)
-    resid = {0: torch.stack([x, x], dim=1)}  # (R=4, 2 positions, d=4); B=2 questions x S=2
-    arrays = _layer_arrays(resid, {0: sae}, cfg, B=2, S=2)
+    # completion ends (R=4 rows, d=4) and prompt ends (B=2 questions); S=2
+    arrays = _layer_arrays({0: x[::2]}, {0: x}, {0: sae}, cfg, B=2, S=2)
     assert arrays["resid_nonfinite"].reshape(-1).tolist() == [0, 1, 1, 0]
     assert arrays["resid_overflow"].reshape(-1).tolist() == [0, 0, 0, 2]
     flagged = arrays["resid_nonfinite"].reshape(-1) > 0

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
-from qsae.lm.hooks import MLP, RESID, capture, forward_with_capture
+from qsae.lm.hooks import MLP, RESID, forward_with_capture
 from qsae.lm.sampling import (
     SeededTopPSampler,
     StopOnTokens,
@@ -264,4 +264,4 @@ def sample_and_capture(path: DecodePath, model: torch.nn.Module, prompts: Sequen
     raise ValueError(f"unknown decode path {path!r} (one_pass or two_pass)")
 
 
-__all__ = ["DecodePath", "Draw", "Sampled", "capture", "left_pad", "one_pass", "sample_and_capture", "two_pass"]
+__all__ = ["DecodePath", "Draw", "Sampled", "left_pad", "one_pass", "sample_and_capture", "two_pass"]

@@ -55,27 +55,30 @@ def _activation_of(idx: np.ndarray, val: np.ndarray, features: np.ndarray) -> np
     return np.where(hit, val[..., None, :], 0).sum(-1).astype(np.float32)
 
 
-def _block_counts(idx: np.ndarray, val: np.ndarray, d_sae: int) -> np.ndarray:
-    """Per-layer firing counts of one (layer, question[, sample], k) block -> (layer, 1, d_sae)."""
-    out = np.zeros((idx.shape[0], 1, d_sae), dtype=np.int64)
+def _block_counts(idx: np.ndarray, val: np.ndarray, d_sae: int, weighted: bool = False) -> np.ndarray:
+    """Per-layer firing counts (or, ``weighted``, activation sums) of one (layer, question[,
+    sample], k) block -> (layer, 1, d_sae)."""
+    out = np.zeros((idx.shape[0], 1, d_sae), dtype=np.float64 if weighted else np.int64)
     for li in range(idx.shape[0]):
         active = val[li] != 0  # Qwen-Scope TopK keeps negative values: active too
-        out[li, 0] = np.bincount(idx[li][active].astype(np.int64), minlength=d_sae)
+        weights = val[li][active].astype(np.float64) if weighted else None
+        out[li, 0] = np.bincount(idx[li][active].astype(np.int64), weights, minlength=d_sae)
     return out
 
 
-def _feature_counts(idx: xr.DataArray, val: xr.DataArray, d_sae: int) -> xr.DataArray:
-    """(layer, feature) firing counts, block by block along questions (lazy on dask)."""
+def _feature_counts(idx: xr.DataArray, val: xr.DataArray, d_sae: int, weighted: bool = False) -> xr.DataArray:
+    """(layer, feature) firing counts (or activation sums), block by block along questions (lazy on dask)."""
+    dtype = np.float64 if weighted else np.int64
     if hasattr(idx.data, "dask"):
         import dask.array as da
 
         i, v = idx.data, val.data.rechunk(idx.data.chunks)
         tail = tuple(range(2, i.ndim))
-        blocks = da.map_blocks(_block_counts, i, v, d_sae=d_sae, dtype=np.int64, drop_axis=tail, new_axis=2,
-                               chunks=(i.chunks[0], (1,) * len(i.chunks[1]), (d_sae,)))
+        blocks = da.map_blocks(_block_counts, i, v, d_sae=d_sae, weighted=weighted, dtype=dtype, drop_axis=tail,
+                               new_axis=2, chunks=(i.chunks[0], (1,) * len(i.chunks[1]), (d_sae,)))
         data = blocks.sum(axis=1)
     else:
-        data = _block_counts(np.asarray(idx), np.asarray(val), d_sae)[:, 0]
+        data = _block_counts(np.asarray(idx), np.asarray(val), d_sae, weighted)[:, 0]
     return xr.DataArray(data, dims=("layer", "feature"), coords={"layer": idx.layer.values, "feature": np.arange(d_sae)})
 
 
@@ -145,15 +148,80 @@ class QsaeAccessor:
 
     def firing_frequency(self, layer: int | None = None, which: Which = "completion", done_only: bool = True) -> xr.DataArray:
         """Fraction of (done) tokens on which each feature fires, per layer (lazy on dask)."""
+        return self._per_feature(layer, which, done_only, weighted=False).rename("firing_frequency")
+
+    def mean_activation(self, layer: int | None = None, which: Which = "completion", done_only: bool = True) -> xr.DataArray:
+        """Mean activation of each feature over (done) tokens, zeros included, per layer (lazy on dask)."""
+        return self._per_feature(layer, which, done_only, weighted=True).rename("mean_activation")
+
+    def _per_feature(self, layer: int | None, which: Which, done_only: bool, weighted: bool) -> xr.DataArray:
         idx, val = _codes(self._ds, which)
         d_sae = int(self._ds.attrs["d_sae"])
         done = self._ds.done
         val = val.where(done, 0) if done_only else val
-        counts = _feature_counts(idx, val.transpose(*idx.dims), d_sae)
+        totals = _feature_counts(idx, val.transpose(*idx.dims), d_sae, weighted)
         tokens = done.sum() * (self._ds.sizes["sample"] if which == "completion" else 1) if done_only else \
             self._ds.sizes["question"] * (self._ds.sizes["sample"] if which == "completion" else 1)
-        freq = (counts / tokens).rename("firing_frequency")
-        return freq.sel(layer=layer) if layer is not None else freq
+        out = totals / tokens
+        return out.sel(layer=self._layer(layer)) if layer is not None else out
+
+    def answers(self) -> list[list[str]]:
+        """Each question's gold answers as a list (the lake stores them as JSON strings)."""
+        import json
+
+        out = []
+        for raw in self._ds.answers.values:
+            try:
+                value = json.loads(str(raw))
+            except ValueError:
+                value = [str(raw)]
+            out.append([str(a) for a in value] if isinstance(value, list) else [str(value)])
+        return out
+
+    def top_questions_with_samples(self, feature: int, layer: int | None = None, n: int = 10,
+                                   which: Which = "prompt", done_only: bool = True):
+        """The N questions where ``feature`` fires most (prompt end, or a question's largest
+        completion-end activation), each with its gold answers and every sample (text, correct).
+        A pandas DataFrame sorted by activation."""
+        import pandas as pd
+
+        layer = self._layer(layer)
+        act = np.asarray(self.feature_activation(feature, layer, which).isel(feature=0).values)
+        per_q = act.max(axis=1) if act.ndim == 2 else act
+        if done_only:
+            per_q = np.where(self._ds.done.values, per_q, 0)
+        n = min(n, int((per_q > 0).sum()))
+        top = np.argsort(-per_q, kind="stable")[:n]
+        answers = self.answers()
+        rows = [{"question": int(self._ds.question[q]), "activation": float(per_q[q]),
+                 "question_text": str(self._ds.question_text[q].values), "answers": answers[q],
+                 "entropy": float(self._ds.entropy[q]), "samples": [str(x) for x in self._ds.completion[q].values],
+                 "correct": [bool(x) for x in self._ds.correct[q].values]} for q in top]
+        return pd.DataFrame(rows, columns=["question", "activation", "question_text", "answers", "entropy", "samples",
+                                           "correct"])
+
+    def cofiring(self, feature: int, layer: int | None = None, n: int = 10, which: Which = "prompt",
+                 done_only: bool = True):
+        """The features that fire most often in the same tokens as ``feature``: a DataFrame of
+        (feature, together: tokens where both fire, share: together / tokens where ``feature`` fires)."""
+        import pandas as pd
+
+        layer = self._layer(layer)
+        idx, val = _codes(self._ds, which)
+        i = np.asarray(idx.sel(layer=layer).values).reshape(-1, idx.sizes["k"])
+        v = np.asarray(val.sel(layer=layer).values).reshape(-1, idx.sizes["k"])
+        if done_only:
+            keep = np.asarray(self._ds.done.values)
+            keep = np.repeat(keep, self._ds.sizes["sample"]) if which == "completion" else keep
+            i, v = i[keep], v[keep]
+        rows = ((i == feature) & (v != 0)).any(-1)
+        hits = i[rows][v[rows] != 0].astype(np.int64)
+        counts = np.bincount(hits, minlength=int(self._ds.attrs["d_sae"]))
+        counts[feature] = 0
+        top = [f for f in np.argsort(-counts, kind="stable")[:n] if counts[f] > 0]
+        fired = max(1, int(rows.sum()))
+        return pd.DataFrame({"feature": [int(f) for f in top], "together": [int(counts[f]) for f in top],
+                             "share": [counts[f] / fired for f in top]})
 
     # ------------------------------------------------------------------- selection
     def select(self, entropy: tuple[float | None, float | None] | None = None,

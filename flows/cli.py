@@ -298,6 +298,32 @@ def rivalry(
 
 
 @app.command()
+def features(
+    store: str = typer.Argument(..., help=C.FeaturesConfig.model_fields["store"].description),
+    config: Path | None = ConfigOpt,
+    layer: list[int] | None = field_opt(C.FeaturesConfig, "layers", "--layer", note="(repeat --layer N)"),
+    neuronpedia: str | None = field_opt(C.FeaturesConfig, "neuronpedia"),
+    top_n: int | None = field_opt(C.FeaturesConfig, "top_n"),
+    prefect: bool = PrefectOpt,
+    set_: list[str] | None = SetOpt,
+) -> None:
+    """Feature dashboards (static HTML, opens from file://) and an optional Neuronpedia export."""
+    from qsae.jobs.features import FeaturesConfig, run_features
+
+    cfg = build_config(FeaturesConfig, config, set_, store=store, layers=layer or None, neuronpedia=neuronpedia,
+                       top_n=top_n)
+    if prefect:
+        from flows.features import features_flow
+
+        with _prefect():
+            out = features_flow(config=cfg)
+        for key, info in out["layers"].items():
+            typer.echo(f"layer {key}: {info['features']} features fire; open {info['index']}")
+    else:
+        typer.echo(run_features(cfg).to_text())
+
+
+@app.command()
 def reconstruct(
     store: str = typer.Argument(..., help=C.ReconstructionConfig.model_fields["store"].description),
     config: Path | None = ConfigOpt,

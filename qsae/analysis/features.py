@@ -56,14 +56,16 @@ def histograms(e: Entries, d_sae: int, vmax: np.ndarray) -> np.ndarray:
 
 
 def cofiring(e: Entries, d_sae: int, features: np.ndarray, n: int = 5) -> dict[int, list[tuple[int, int]]]:
-    """For each of ``features``: the ``n`` features that fire most often in the same rows,
-    [(feature, rows in common)] (sparse X^T X on the rows where the features fire)."""
+    """For each of ``features``: the ``n`` features that fire with it most selectively,
+    [(feature, rows in common)], ranked by Jaccard index (rows in common / rows where either
+    fires): by raw counts every feature's partners would be the few that fire everywhere."""
     import scipy.sparse as sp
 
     X = sp.csr_matrix((np.ones(len(e.row), np.int32), (e.row, e.feature)), shape=(int(e.row.max(initial=-1)) + 1, d_sae))
     X.sum_duplicates()
     X.data[:] = 1
     Xc = X.tocsc()
+    fired = np.diff(Xc.indptr)
     out = {}
     for f in features.tolist():
         rows = Xc.indices[Xc.indptr[f]:Xc.indptr[f + 1]]
@@ -72,7 +74,8 @@ def cofiring(e: Entries, d_sae: int, features: np.ndarray, n: int = 5) -> dict[i
             continue
         counts = np.asarray(X[rows].sum(0)).ravel()
         counts[f] = 0
-        top = np.argsort(-counts, kind="stable")[:n]
+        jaccard = counts / np.maximum(1, rows.size + fired - counts)
+        top = np.argsort(-jaccard, kind="stable")[:n]
         out[f] = [(int(g), int(counts[g])) for g in top if counts[g] > 0]
     return out
 

@@ -225,6 +225,21 @@ class ReconstructionConfig(_StoreFields, BaseModel):
     dtype: str = Field("float32", description="the model's dtype in the loop")
 
 
+class FeaturesConfig(_StoreFields, BaseModel):
+    """Feature dashboards (and a Neuronpedia export) of a question lake's SAE codes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    store: str = Field("storage/lakes/demo.zarr", description="the question lake (path or URL)")
+    storage_options: dict[str, Any] | None = Field(None, description="fsspec options for a remote store")
+    layers: list[int] | None = Field(None, description="layers to build (default: every layer of the lake)")
+    top_n: int = Field(10, ge=1, description="top questions and top completions shown per feature")
+    logit_effects: bool = Field(True, description="decoder logit effects through the unembedding, read from the "
+                                                  "model's safetensors when the model is local (else skipped, with the reason)")
+    neuronpedia: str | None = Field(None, description="also write Neuronpedia's per-feature JSON batches under this folder")
+    load: bool = Field(True, description="read the lake into memory first (a layer's codes, one pass); False: lazily")
+
+
 class RivalryConfig(_StoreFields, BaseModel):
     """The rivalry study's parameters; the defaults are the paper's protocol."""
 

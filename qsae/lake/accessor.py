@@ -202,8 +202,9 @@ class QsaeAccessor:
 
     def cofiring(self, feature: int, layer: int | None = None, n: int = 10, which: Which = "prompt",
                  done_only: bool = True):
-        """The features that fire most often in the same tokens as ``feature``: a DataFrame of
-        (feature, together: tokens where both fire, share: together / tokens where ``feature`` fires)."""
+        """The features that fire with ``feature`` most selectively: a DataFrame of (feature,
+        together: tokens where both fire, share: together / tokens where ``feature`` fires,
+        jaccard: together / tokens where either fires), sorted by jaccard."""
         import pandas as pd
 
         layer = self._layer(layer)
@@ -216,12 +217,15 @@ class QsaeAccessor:
             i, v = i[keep], v[keep]
         rows = ((i == feature) & (v != 0)).any(-1)
         hits = i[rows][v[rows] != 0].astype(np.int64)
-        counts = np.bincount(hits, minlength=int(self._ds.attrs["d_sae"]))
+        d_sae = int(self._ds.attrs["d_sae"])
+        counts = np.bincount(hits, minlength=d_sae)
         counts[feature] = 0
-        top = [f for f in np.argsort(-counts, kind="stable")[:n] if counts[f] > 0]
+        each = np.bincount(i[v != 0].astype(np.int64), minlength=d_sae)
         fired = max(1, int(rows.sum()))
+        jaccard = counts / np.maximum(1, fired + each - counts)
+        top = [f for f in np.argsort(-jaccard, kind="stable")[:n] if counts[f] > 0]
         return pd.DataFrame({"feature": [int(f) for f in top], "together": [int(counts[f]) for f in top],
-                             "share": [counts[f] / fired for f in top]})
+                             "share": [counts[f] / fired for f in top], "jaccard": [float(jaccard[f]) for f in top]})
 
     # ------------------------------------------------------------------- selection
     def select(self, entropy: tuple[float | None, float | None] | None = None,

@@ -1,0 +1,24 @@
+"""The features flow: a thin wrapper over ``qsae.jobs.features.run_features`` with an artifact
+that links each layer's dashboard index."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from flows.storage_blocks import resolve_secret_blocks
+from qsae.jobs.features import FeaturesConfig, run_features
+
+
+@flow(name="qsae-features", log_prints=True)
+def features_flow(config: FeaturesConfig = FeaturesConfig()) -> dict[str, Any]:
+    """Build the feature dashboards (and the Neuronpedia export when asked) of a lake."""
+    logger = get_run_logger()
+    config = config.model_copy(update={"storage_options": resolve_secret_blocks(config.storage_options)})
+    result = run_features(config)
+    logger.info(result.to_text())
+    create_markdown_artifact(key="qsae-features", markdown=result.to_markdown(),
+                             description="feature dashboards: one index per layer")
+    return result.as_dict()

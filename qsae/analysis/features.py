@@ -153,23 +153,33 @@ def layer_features(ds: xr.Dataset, layer: int, top_n: int = 10, cofire_n: int = 
     )
 
 
-def answers_of(ds: xr.Dataset, q: int) -> list[str]:
-    """The gold answers of question index ``q`` as a list (the lake stores them as JSON)."""
-    raw = str(ds.answers[q].values)
+def _answers(raw: str) -> list[str]:
     try:
         out = json.loads(raw)
     except ValueError:
-        return [raw]
+        return [raw] if raw else []
     return [str(a) for a in out] if isinstance(out, list) else [str(out)]
 
 
-def question_record(ds: xr.Dataset, q: int) -> dict[str, Any]:
-    """What a dashboard shows of one question: text, gold answers, every sample (text, correct)."""
-    return {
-        "question": int(ds.question[q]),
-        "text": str(ds.question_text[q].values),
-        "answers": answers_of(ds, q),
-        "entropy": float(ds.entropy[q]),
-        "samples": [str(x) for x in ds.completion[q].values],
-        "correct": [bool(x) for x in ds.correct[q].values],
-    }
+class QuestionTable:
+    """The per-question text a dashboard shows, read from the lake once (numpy, not per-row xarray)."""
+
+    def __init__(self, ds: xr.Dataset):
+        self.ids = np.asarray(ds.question.values)
+        self.text = np.asarray(ds.question_text.values).astype(object)
+        self.answers_raw = np.asarray(ds.answers.values).astype(object) if "answers" in ds else None
+        self.entropy = np.asarray(ds.entropy.values, float)
+        self.samples = np.asarray(ds.completion.values).astype(object)
+        self.correct = np.asarray(ds.correct.values, bool) if "correct" in ds else np.zeros(self.samples.shape, bool)
+        self._cache: dict[int, dict[str, Any]] = {}
+
+    def record(self, q: int) -> dict[str, Any]:
+        """Question ``q``'s text, gold answers, entropy and every sample (text, correct)."""
+        if q not in self._cache:
+            self._cache[q] = {
+                "question": int(self.ids[q]), "text": str(self.text[q]),
+                "answers": _answers(str(self.answers_raw[q])) if self.answers_raw is not None else [],
+                "entropy": float(self.entropy[q]), "samples": [str(x) for x in self.samples[q]],
+                "correct": self.correct[q].tolist(),
+            }
+        return self._cache[q]

@@ -237,7 +237,6 @@ class FeaturesConfig(_StoreFields, BaseModel):
     logit_effects: bool = Field(True, description="decoder logit effects through the unembedding, read from the "
                                                   "model's safetensors when the model is local (else skipped, with the reason)")
     neuronpedia: str | None = Field(None, description="also write Neuronpedia's per-feature JSON batches under this folder")
-    load: bool = Field(True, description="read the lake into memory first (a layer's codes, one pass); False: lazily")
 
 
 class RivalryConfig(_StoreFields, BaseModel):

@@ -28,7 +28,7 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from qsae.analysis.features import HIST_BINS, LayerFeatures, layer_features, question_record
+from qsae.analysis.features import HIST_BINS, LayerFeatures, QuestionTable, layer_features
 from qsae.jobs.configs import FeaturesConfig
 from qsae.lake.storage import StoreRef
 from qsae.lake.store import open_lake
@@ -145,25 +145,24 @@ def _write(fs, path: str, text: str) -> None:
         f.write(text)
 
 
-def feature_records(lf: LayerFeatures, ds, effects: dict[int, dict]) -> dict[int, dict[str, Any]]:
-    """Every firing feature's page data (JSON-ready)."""
-    needed = {q for rows in lf.top_prompt.values() for q, _ in rows} | {q for rows in lf.top_completion.values() for q, _, _ in rows}
-    questions = {q: question_record(ds, q) for q in sorted(needed)}
-    comp_ids = ds.completion_ids.values if "completion_ids" in ds else None
+def feature_records(lf: LayerFeatures, questions: QuestionTable, effects: dict[int, dict],
+                    features: list[int]) -> dict[int, dict[str, Any]]:
+    """The page data (JSON-ready) of ``features``."""
     out = {}
-    for f in lf.features.tolist():
+    for f in features:
         rec: dict[str, Any] = {
             "feature": f, "freq_prompt": float(lf.freq_prompt[f]), "freq_completion": float(lf.freq_completion[f]),
             "mean": float(lf.mean_activation[f]), "max": float(lf.max_activation[f]),
             "hist": lf.hist[f].tolist(), "entropy_firing": lf.entropy_firing[f].tolist(),
-            "top_prompt": [{**questions[q], "activation": v} for q, v in lf.top_prompt.get(f, [])],
-            "top_completion": [{**{k: questions[q][k] for k in ("question", "text", "answers", "entropy")},
-                                "sample": s, "completion": questions[q]["samples"][s],
-                                "correct": questions[q]["correct"][s], "activation": v,
-                                "tokens": int((comp_ids[q, s] >= 0).sum()) if comp_ids is not None else None}
-                               for q, s, v in lf.top_completion.get(f, [])],
+            "top_prompt": [{**questions.record(q), "activation": v} for q, v in lf.top_prompt.get(f, [])],
+            "top_completion": [],
             "cofire": lf.cofire.get(f, []),
         }
+        for q, s_, v in lf.top_completion.get(f, []):
+            r = questions.record(q)
+            rec["top_completion"].append({"question": r["question"], "text": r["text"], "answers": r["answers"],
+                                          "entropy": r["entropy"], "sample": s_, "completion": r["samples"][s_],
+                                          "correct": r["correct"][s_], "activation": v})
         for g, share in lf.ambiguous_share.items():
             rec[f"share_{g}"] = float(share[f])
         if f in effects:
@@ -172,27 +171,34 @@ def feature_records(lf: LayerFeatures, ds, effects: dict[int, dict]) -> dict[int
     return out
 
 
-def write_dashboard(lf: LayerFeatures, records: dict[int, dict[str, Any]], target: StoreRef, title: str,
-                    skipped: str | None) -> str:
-    """Write index.html, feature.html and the data blocks of one layer; returns the index's URL."""
+def write_layer(lf: LayerFeatures, questions: QuestionTable, effects: dict[int, dict], target: StoreRef, title: str,
+                skipped: str | None, attrs: dict[str, Any], neuronpedia_dir: str | None = None,
+                tokenizer=None) -> tuple[str, int, list[str]]:
+    """Write one layer's dashboard block by block (256 features at a time, never all in memory)
+    and, when asked, its Neuronpedia batches. Returns (index URL, features, batch files)."""
     base = target.figures / f"features/layer_{lf.layer}"
     fs, root = fsspec.core.url_to_fs(base, **target.figures.options)
     fs.makedirs(f"{root}/data", exist_ok=True)
-    blocks: dict[int, dict[int, dict]] = {}
-    for f, rec in records.items():
-        blocks.setdefault(f // BLOCK, {})[f] = rec
-    for b, recs in blocks.items():
+    feats = lf.features.tolist()
+    rows, batches = [], []
+    by_block: dict[int, list[int]] = {}
+    for f in feats:
+        by_block.setdefault(f // BLOCK, []).append(f)
+    for b, members in by_block.items():
+        recs = feature_records(lf, questions, effects, members)
         _write(fs, f"{root}/data/block_{b:04d}.js",
                f"qsaeBlock({b}, {json.dumps(recs, separators=(',', ':'), ensure_ascii=False)});\n")
-    rows = [[f, r["freq_prompt"], r["freq_completion"], r["mean"], r["max"], r.get("share_ambiguous"),
-             r.get("share_unambiguous"), [c[0] for c in r["cofire"][:3]]] for f, r in records.items()]
+        rows += [[f, r["freq_prompt"], r["freq_completion"], r["mean"], r["max"], r.get("share_ambiguous"),
+                  r.get("share_unambiguous"), [c[0] for c in r["cofire"][:3]]] for f, r in recs.items()]
+        if neuronpedia_dir is not None:
+            batches += neuronpedia_batches(lf, recs, attrs, neuronpedia_dir, start=len(batches), tokenizer=tokenizer)
     meta = {"title": title, "layer": lf.layer, "questions": lf.n_questions, "samples": lf.n_samples, "d_sae": lf.d_sae,
             "block": BLOCK, "entropy_edges": lf.entropy_edges.tolist(), "entropy_all": lf.entropy_all.tolist(),
             "rivalry": lf.rivalry_group, "logits_skipped": skipped}
     _write(fs, f"{root}/index.html", _INDEX.replace("__META__", _js(meta)).replace("__ROWS__", _js(rows))
            .replace("__TITLE__", html.escape(title)))
     _write(fs, f"{root}/feature.html", _FEATURE.replace("__META__", _js(meta)).replace("__TITLE__", html.escape(title)))
-    return f"{base}/index.html"
+    return f"{base}/index.html", len(feats), batches
 
 
 def _js(value: Any) -> str:
@@ -200,7 +206,7 @@ def _js(value: Any) -> str:
 
 
 def neuronpedia_batches(lf: LayerFeatures, records: dict[int, dict[str, Any]], attrs: dict[str, Any], out_dir: str,
-                        batch_size: int = 128, tokenizer=None) -> list[str]:
+                        batch_size: int = 128, start: int = 0, tokenizer=None) -> list[str]:
     """SAEDashboard's Neuronpedia output: ``batch-<i>.json`` of features with their top
     activations (the prompt's and the completion's tokens, the value at the captured token),
     the logit effects and the frequency and logit histograms."""
@@ -242,7 +248,7 @@ def neuronpedia_batches(lf: LayerFeatures, records: dict[int, dict[str, Any]], a
             })
         batch = {"model_id": attrs.get("model"), "layer": lf.layer, "sae_set": attrs.get("sae_source"),
                  "hook": attrs.get("hook"), "features": items}
-        path = f"{root}/batch-{i // batch_size}.json"
+        path = f"{root}/batch-{start + i // batch_size}.json"
         _write(fs, path, json.dumps(batch, ensure_ascii=False))
         written.append(path)
     return written
@@ -251,8 +257,7 @@ def neuronpedia_batches(lf: LayerFeatures, records: dict[int, dict[str, Any]], a
 def run_features(cfg: FeaturesConfig) -> FeaturesResult:
     """Every requested layer's dashboard (and the Neuronpedia export when asked)."""
     t0 = time.perf_counter()
-    lake = open_lake(cfg.ref)
-    ds = lake.load() if cfg.load else lake.dataset
+    ds = open_lake(cfg.ref)  # lazy: a layer's codes and the question text are read, never the residuals
     attrs = dict(ds.attrs)
     if "codes_idx" not in ds:
         from qsae.errors import SchemaError
@@ -261,23 +266,23 @@ def run_features(cfg: FeaturesConfig) -> FeaturesResult:
     layers = cfg.layers or [int(x) for x in ds.layer.values]
     result = FeaturesResult(store=cfg.store)
     tokenizer = None
+    questions = QuestionTable(ds)
+    if cfg.neuronpedia and _model_folder(attrs) is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(_model_folder(attrs), local_files_only=True)
     for layer in layers:
         rivalry, group = _rivalry_for(cfg, layer)
         lf = layer_features(ds, layer, top_n=cfg.top_n, rivalry=rivalry, rivalry_group=group)
         effects, skipped = logit_effects(attrs, layer, lf.features) if cfg.logit_effects else ({}, "not asked")
         if skipped and cfg.logit_effects:
             log.info("layer %d: decoder logit effects skipped: %s", layer, skipped)
-        records = feature_records(lf, ds, effects)
         title = f"{attrs.get('model', 'model')} · layer {layer} · {attrs.get('sae_source', 'SAE')}"
-        index = write_dashboard(lf, records, cfg.ref, title, skipped)
-        info = {"features": len(records), "index": index, "logit_effects_skipped": skipped}
-        if cfg.neuronpedia:
-            if tokenizer is None and _model_folder(attrs) is not None:
-                from transformers import AutoTokenizer
-
-                tokenizer = AutoTokenizer.from_pretrained(_model_folder(attrs), local_files_only=True)
-            info["neuronpedia"] = neuronpedia_batches(lf, records, attrs, f"{cfg.neuronpedia.rstrip('/')}/layer_{layer}",
-                                                      tokenizer=tokenizer)
+        np_dir = f"{cfg.neuronpedia.rstrip('/')}/layer_{layer}" if cfg.neuronpedia else None
+        index, n, batches = write_layer(lf, questions, effects, cfg.ref, title, skipped, attrs, np_dir, tokenizer)
+        info: dict[str, Any] = {"features": n, "index": index, "logit_effects_skipped": skipped}
+        if np_dir:
+            info["neuronpedia"] = batches
             result.neuronpedia = cfg.neuronpedia
         result.layers[int(layer)] = info
     result.seconds = time.perf_counter() - t0

@@ -98,3 +98,31 @@ def test_every_deployment_in_prefect_yaml_validates_against_its_flow():
         # and what the Prefect API enforces on a deployment's runs: the parameters' JSON schema
         schema = parameter_schema(flow.fn).model_dump_for_openapi()
         validate(dep.get("parameters", {}), schema, raise_on_error=True, ignore_required=True)
+
+
+def test_features_flow_links_the_dashboards_and_reads_the_rivalry_groups(flow_lake):
+    """After a rivalry run, the dashboards show each feature's share of prompt-end firing in the
+    ambiguous and unambiguous groups; the artifact links each layer's index."""
+    import json
+    from pathlib import Path
+
+    from flows.features import features_flow
+    from qsae.jobs.features import FeaturesConfig
+
+    tmp, cfg = flow_lake
+    capture_flow(config=cfg)
+    if not Path(cfg.store, "rivalry", "layer_2", "paper").exists():  # the rivalry test ran first, or run it
+        rivalry_flow(config=RivalryConfig(store=cfg.store, rule="median", entropy="exact", n_perm=19, n_boot=50))
+    out = features_flow(config=FeaturesConfig(store=cfg.store, layers=[2], top_n=3))
+    index = Path(out["layers"]["2"]["index"])
+    assert index.exists()
+    art = prefect_artifacts("qsae-features")[0].data
+    assert str(index) in art and "| 2 |" in art
+    recs = {}
+    for block in (index.parent / "data").glob("block_*.js"):
+        text = block.read_text()
+        recs.update(json.loads(text[text.index(",") + 1:text.rindex(")")]))
+    shares = [(r["share_ambiguous"], r["share_unambiguous"]) for r in recs.values() if r["freq_prompt"] > 0]
+    assert shares and all(0 <= a <= 1 and 0 <= u <= 1 and a + u <= 1 + 1e-9 for a, u in shares)
+    assert any(abs(a + u - 1) < 1e-9 for a, u in shares)
+    assert "rivalry/layer_2/paper" in index.read_text()

@@ -161,3 +161,41 @@ def test_what_a_user_sees_in_chromium(feature_lake, tmp_path):
     text = str(ds.question_text[q].values)
     assert text.replace("'", "&#39;") in page or text in page or text.replace('"', "&quot;") in page
     assert (tmp_path / "feature.png").stat().st_size > 10_000
+
+
+def test_token_lake_dashboard_encodes_with_the_named_sae(tmp_path, smollm2):
+    """A token lake (qsae collect): --sae encodes the stored activations; each feature's top
+    contexts are token windows whose highlighted token is the top-activating one, by brute force."""
+    import torch
+
+    from qsae.errors import SAEFormatError
+    from qsae.jobs.collect import CollectConfig, collect
+    from qsae.sae.formats import load_sae
+
+    cfg = CollectConfig(model="smollm2", layers=[3], context_length=16, windows_per_batch=3, max_tokens=6 * 15,
+                        resid_dtype="float32", device="cpu", dtype="float32", store=str(tmp_path / "tok.zarr"))
+    collect(cfg, lm=smollm2)
+    sae_dir = write_sae_folder(tmp_path / "sae", 576, 64, [3])
+    with pytest.raises(SAEFormatError, match="token lake"):
+        run_features(FeaturesConfig(store=cfg.store, top_n=3))
+    res = run_features(FeaturesConfig(store=cfg.store, sae=str(sae_dir), sae_k=4, top_n=3, neuronpedia=str(tmp_path / "np")))
+    index = Path(res.layers[3]["index"])
+    recs = {}
+    for block in (index.parent / "data").glob("block_*.js"):
+        text = block.read_text()
+        recs.update({int(k): v for k, v in json.loads(text[text.index(",") + 1:text.rindex(")")]).items()})
+    ds = open_lake(cfg.store).load()
+    sae = load_sae(str(sae_dir), layer=3, k=4)
+    idx, val = sae.encode_topk(torch.from_numpy(ds.acts.values[0].astype(np.float32)))
+    dense = np.zeros((ds.sizes["token"], sae.d_sae))
+    np.put_along_axis(dense, idx.numpy().astype(np.int64), val.detach().numpy(), axis=1)
+    dense[ds.special.values] = 0
+    assert set(recs) == set(np.flatnonzero((dense != 0).any(0)))
+    f = max(recs, key=lambda g: recs[g]["max"])
+    best = int(np.argmax(dense[:, f]))
+    top = recs[f]["top_contexts"][0]
+    assert top["token"] == best and top["tok"] == smollm2.tokenizer.decode([int(ds.token_id[best])])
+    np.testing.assert_allclose(top["activation"], dense[best, f], rtol=1e-5)
+    batch = json.loads(next((tmp_path / "np" / "layer_3").glob("batch-*.json")).read_text())
+    act = batch["features"][0]["activations"][0]
+    assert act["position"] == "token" and len(act["tokens"]) == len(act["values"])

@@ -102,6 +102,28 @@ class LayerFeatures:
     cofire: dict[int, list[tuple[int, int]]]
     ambiguous_share: dict[str, np.ndarray] = field(default_factory=dict)  # group -> (d_sae,) share of prompt firing
     rivalry_group: str | None = None
+    kind: str = "questions"  # or "tokens": a token lake, top_prompt rows are token indices
+
+
+def token_layer_features(idx: np.ndarray, val: np.ndarray, keep: np.ndarray, layer: int, d_sae: int,
+                         top_n: int = 10, cofire_n: int = 5) -> LayerFeatures:
+    """A token lake's layer: the same statistics from (tokens, k) codes an SAE gave its stored
+    activations (``keep``: the done, non-special tokens); one position, so the "prompt" fields
+    hold the tokens' and the completion fields stay empty."""
+    e = entries(idx, val, keep)
+    count = np.bincount(e.feature, minlength=d_sae)
+    vmax = np.full(d_sae, -np.inf)
+    np.maximum.at(vmax, e.feature, e.value)
+    vmax = np.where(np.isfinite(vmax), vmax, 0.0)
+    zero = np.zeros(d_sae)
+    return LayerFeatures(
+        layer=int(layer), d_sae=d_sae, n_questions=e.n_rows, n_samples=0, features=np.flatnonzero(count > 0),
+        freq_prompt=count / max(1, e.n_rows), freq_completion=zero,
+        mean_activation=np.bincount(e.feature, e.value, d_sae) / max(1, e.n_rows), max_activation=vmax,
+        hist=histograms(e, d_sae, vmax), entropy_edges=np.zeros(0), entropy_all=np.zeros(0, np.int64),
+        entropy_firing=np.zeros((d_sae, 0), np.int64), top_prompt=top_per_feature(e, top_n), top_completion={},
+        cofire=cofiring(e, d_sae, np.flatnonzero(count > 0), cofire_n) if len(e.row) else {}, kind="tokens",
+    )
 
 
 def layer_features(ds: xr.Dataset, layer: int, top_n: int = 10, cofire_n: int = 5,

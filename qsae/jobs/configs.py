@@ -237,6 +237,8 @@ class FeaturesConfig(_StoreFields, BaseModel):
     logit_effects: bool = Field(True, description="decoder logit effects through the unembedding, read from the "
                                                   "model's safetensors when the model is local (else skipped, with the reason)")
     neuronpedia: str | None = Field(None, description="also write Neuronpedia's per-feature JSON batches under this folder")
+    sae: str | None = Field(None, description="for a token lake (qsae collect): the SAE that encodes its activations")
+    sae_k: int | None = Field(None, description="k for that SAE's codes (default: the SAE's)")
 
 
 class RivalryConfig(_StoreFields, BaseModel):

@@ -28,7 +28,7 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from qsae.analysis.features import HIST_BINS, LayerFeatures, QuestionTable, layer_features
+from qsae.analysis.features import HIST_BINS, LayerFeatures, QuestionTable, layer_features, token_layer_features
 from qsae.jobs.configs import FeaturesConfig
 from qsae.lake.storage import StoreRef
 from qsae.lake.store import open_lake
@@ -145,9 +145,11 @@ def _write(fs, path: str, text: str) -> None:
         f.write(text)
 
 
-def feature_records(lf: LayerFeatures, questions: QuestionTable, effects: dict[int, dict],
+def feature_records(lf: LayerFeatures, questions: QuestionTable | TokenContexts, effects: dict[int, dict],
                     features: list[int]) -> dict[int, dict[str, Any]]:
     """The page data (JSON-ready) of ``features``."""
+    if isinstance(questions, TokenContexts):
+        return _token_records(lf, questions, effects, features)
     out = {}
     for f in features:
         rec: dict[str, Any] = {
@@ -165,6 +167,44 @@ def feature_records(lf: LayerFeatures, questions: QuestionTable, effects: dict[i
                                           "correct": r["correct"][s_], "activation": v})
         for g, share in lf.ambiguous_share.items():
             rec[f"share_{g}"] = float(share[f])
+        if f in effects:
+            rec["logits"] = effects[f]
+        out[f] = rec
+    return out
+
+
+class TokenContexts:
+    """Token windows around a token lake's tokens, decoded with the model's tokenizer."""
+
+    def __init__(self, ds, tokenizer, width: int = 8):
+        self.ids = np.asarray(ds.token_id.values)
+        self.doc = np.asarray(ds.doc.values)
+        self.tok = tokenizer
+        self.width = width
+
+    def window(self, t: int) -> dict[str, Any]:
+        lo, hi = max(0, t - self.width), min(len(self.ids), t + 4)
+        same = self.doc[lo:hi] == self.doc[t]
+        ids = self.ids[lo:hi]
+        left = [int(i) for i, ok in zip(ids[:t - lo], same[:t - lo]) if ok]
+        right = [int(i) for i, ok in zip(ids[t - lo + 1:], same[t - lo + 1:]) if ok]
+
+        def text(x: list[int]) -> str:
+            return self.tok.decode(x) if self.tok is not None else " ".join(map(str, x))
+
+        return {"token": t, "doc": int(self.doc[t]), "left": text(left), "tok": text([int(self.ids[t])]),
+                "right": text(right)}
+
+
+def _token_records(lf: LayerFeatures, ctx: TokenContexts, effects: dict[int, dict], features: list[int]) -> dict[int, dict]:
+    out = {}
+    for f in features:
+        rec: dict[str, Any] = {
+            "feature": f, "freq_prompt": float(lf.freq_prompt[f]), "freq_completion": 0.0,
+            "mean": float(lf.mean_activation[f]), "max": float(lf.max_activation[f]), "hist": lf.hist[f].tolist(),
+            "entropy_firing": [], "top_prompt": [], "top_completion": [], "cofire": lf.cofire.get(f, []),
+            "top_contexts": [{**ctx.window(t), "activation": v} for t, v in lf.top_prompt.get(f, [])],
+        }
         if f in effects:
             rec["logits"] = effects[f]
         out[f] = rec
@@ -194,7 +234,7 @@ def write_layer(lf: LayerFeatures, questions: QuestionTable, effects: dict[int, 
             batches += neuronpedia_batches(lf, recs, attrs, neuronpedia_dir, start=len(batches), tokenizer=tokenizer)
     meta = {"title": title, "layer": lf.layer, "questions": lf.n_questions, "samples": lf.n_samples, "d_sae": lf.d_sae,
             "block": BLOCK, "entropy_edges": lf.entropy_edges.tolist(), "entropy_all": lf.entropy_all.tolist(),
-            "rivalry": lf.rivalry_group, "logits_skipped": skipped}
+            "rivalry": lf.rivalry_group, "logits_skipped": skipped, "kind": lf.kind}
     _write(fs, f"{root}/index.html", _INDEX.replace("__META__", _js(meta)).replace("__ROWS__", _js(rows))
            .replace("__TITLE__", html.escape(title)))
     _write(fs, f"{root}/feature.html", _FEATURE.replace("__META__", _js(meta)).replace("__TITLE__", html.escape(title)))
@@ -229,6 +269,10 @@ def neuronpedia_batches(lf: LayerFeatures, records: dict[int, dict[str, Any]], a
                 toks = tokens_of(f"Q: {row['text']}\nA:")
                 acts.append({"tokens": toks, "values": [0.0] * (len(toks) - 1) + [row["activation"]],
                              "position": "prompt_end", "question": row["question"]})
+            for row in r.get("top_contexts", []):
+                left = tokens_of(row["left"]) if row["left"] else []
+                acts.append({"tokens": [*left, row["tok"]], "values": [0.0] * len(left) + [row["activation"]],
+                             "position": "token", "token": row["token"]})
             for row in r["top_completion"]:
                 toks = tokens_of(row["completion"])
                 acts.append({"tokens": toks, "values": [0.0] * (len(toks) - 1) + [row["activation"]],
@@ -259,6 +303,8 @@ def run_features(cfg: FeaturesConfig) -> FeaturesResult:
     t0 = time.perf_counter()
     ds = open_lake(cfg.ref)  # lazy: a layer's codes and the question text are read, never the residuals
     attrs = dict(ds.attrs)
+    if "acts" in ds and "token_id" in ds:
+        return _run_token_features(cfg, ds, attrs, t0)
     if "codes_idx" not in ds:
         from qsae.errors import SchemaError
 
@@ -285,6 +331,53 @@ def run_features(cfg: FeaturesConfig) -> FeaturesResult:
             info["neuronpedia"] = batches
             result.neuronpedia = cfg.neuronpedia
         result.layers[int(layer)] = info
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _run_token_features(cfg: FeaturesConfig, ds, attrs: dict[str, Any], t0: float) -> FeaturesResult:
+    """A token lake (``qsae collect``): the SAE named by ``cfg.sae`` encodes the stored
+    activations block by block; the top contexts are token windows with the token highlighted."""
+    import torch
+
+    from qsae.errors import SAEFormatError
+    from qsae.sae.formats import load_sae
+
+    if not cfg.sae:
+        raise SAEFormatError(f"{cfg.store} is a token lake (activations, no codes): name the SAE that encodes them "
+                             "with --set sae=<folder or repo id>")
+    folder = _model_folder(attrs)
+    tokenizer = None
+    if folder is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    ctx = TokenContexts(ds, tokenizer)
+    keep = np.asarray(ds.done.values, bool) & ~np.asarray(ds.special.values, bool)
+    result = FeaturesResult(store=cfg.store)
+    layers = cfg.layers or [int(x) for x in ds.layer.values]
+    for layer in layers:
+        sae = load_sae(cfg.sae, layer=layer, k=cfg.sae_k)
+        k = cfg.sae_k or sae.k
+        n = ds.sizes["token"]
+        idx = np.zeros((n, k), np.int32)
+        val = np.zeros((n, k), np.float32)
+        acts = ds.acts.sel(layer=layer)
+        for a in range(0, n, 8192):
+            x = torch.from_numpy(np.asarray(acts[a:a + 8192].values, np.float32))
+            x = torch.nan_to_num(x)  # a non-finite row (flagged in the lake) gets a meaningless code, masked below
+            i, v = sae.encode_topk(x, k=k)
+            idx[a:a + len(x)], val[a:a + len(x)] = i.numpy(), v.detach().numpy()
+        ok = keep & np.isfinite(np.asarray(ds.norm.sel(layer=layer).values))
+        lf = token_layer_features(idx, val, ok, layer, sae.d_sae, top_n=cfg.top_n)
+        lineage = {**attrs, "sae_source": cfg.sae, "sae_sha256": {str(layer): sae.info.sha256}}
+        effects, skipped = logit_effects(lineage, layer, lf.features) if cfg.logit_effects else ({}, "not asked")
+        title = f"{attrs.get('model', 'model')} · layer {layer} · {cfg.sae} · token lake"
+        np_dir = f"{cfg.neuronpedia.rstrip('/')}/layer_{layer}" if cfg.neuronpedia else None
+        index, nf, batches = write_layer(lf, ctx, effects, cfg.ref, title, skipped, lineage, np_dir, tokenizer)
+        result.layers[int(layer)] = {"features": nf, "index": index, "logit_effects_skipped": skipped,
+                                     **({"neuronpedia": batches} if np_dir else {})}
+        result.neuronpedia = cfg.neuronpedia
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -318,7 +411,8 @@ _INDEX = """<!doctype html><html><head><meta charset="utf-8"><title>__TITLE__</t
 <th class="l">fires with</th></tr></thead><tbody></tbody></table>
 <script>
 const META=__META__, ROWS=__ROWS__;
-document.getElementById('meta').textContent=META.questions+' questions x '+META.samples+' samples; '+ROWS.length+
+if(META.kind==='tokens'){document.querySelectorAll('th')[1].textContent='firing frequency';}
+document.getElementById('meta').textContent=(META.kind==='tokens'?META.questions+' tokens; ':META.questions+' questions x '+META.samples+' samples; ')+ROWS.length+
  ' of '+META.d_sae+' features fire'+(META.rivalry?'; ambiguity from '+META.rivalry:'; no rivalry result: no ambiguity shares');
 let key=1, desc=true;
 const fmt=v=>v===null||v===undefined?'':(Math.abs(v)<0.001&&v!==0?v.toExponential(2):(+v).toFixed(4));
@@ -353,6 +447,11 @@ function show(f,r){
   (r.share_ambiguous!==undefined?'; of its prompt-end firing '+(100*r.share_ambiguous).toFixed(1)+'% in ambiguous, '+
   (100*r.share_unambiguous).toFixed(1)+'% in unambiguous questions':'')+'</p>';
  h+='<h2>Activation histogram</h2>'+bars(r.hist)+'<p class="muted">0 .. '+r.max.toPrecision(3)+'</p>';
+ if(META.kind==='tokens'){
+  h+='<h2>Top contexts</h2><table><tr><th>act</th><th class="l">context (the token highlighted)</th><th>doc</th></tr>'+
+   r.top_contexts.map(c=>'<tr><td>'+c.activation.toFixed(3)+'</td><td class="l">'+esc(c.left)+'<span class="tok">'+esc(c.tok)+'</span>'+esc(c.right)+
+   '</td><td>'+c.doc+'</td></tr>').join('')+'</table>';
+ } else {
  h+='<h2>Entropy of the questions where it fires (orange) vs all questions (blue)</h2><div style="display:flex;gap:2em">'+
   bars(r.entropy_firing,'alt')+bars(META.entropy_all)+'</div><p class="muted">'+META.entropy_edges[0].toFixed(2)+' .. '+
   META.entropy_edges[META.entropy_edges.length-1].toFixed(2)+' nats</p>';
@@ -362,7 +461,8 @@ function show(f,r){
  h+='<h2>Top completions by completion-end activation</h2><table><tr><th>act</th><th class="l">question</th><th class="l">completion (captured token: its end)</th><th>correct</th></tr>'+
   r.top_completion.map(c=>'<tr><td>'+c.activation.toFixed(3)+'</td><td class="l">'+esc(c.text)+'</td><td class="l">'+esc(c.completion)+
   '<span class="tok">&#8629;</span></td><td class="'+(c.correct?'ok':'no')+'">'+(c.correct?'yes':'no')+'</td></tr>').join('')+'</table>';
- h+='<h2>Fires with (prompt end)</h2><p>'+(r.cofire.length?r.cofire.map(c=>'<a href="#'+c[0]+'">'+c[0]+'</a> ('+c[1]+')').join(', '):'none')+'</p>';
+ }
+ h+='<h2>Fires with '+(META.kind==='tokens'?'(same token)':'(prompt end)')+'</h2><p>'+(r.cofire.length?r.cofire.map(c=>'<a href="#'+c[0]+'">'+c[0]+'</a> ('+c[1]+')').join(', '):'none')+'</p>';
  h+='<h2>Decoder logit effects</h2>'+(r.logits?'<table><tr><th class="l">promotes</th><th></th><th class="l">suppresses</th><th></th></tr>'+
   r.logits.pos.map((p,i)=>'<tr><td class="l">'+esc(JSON.stringify(p[0]))+'</td><td>'+p[1].toFixed(3)+'</td><td class="l">'+esc(JSON.stringify(r.logits.neg[i][0]))+'</td><td>'+r.logits.neg[i][1].toFixed(3)+'</td></tr>').join('')+'</table>'
   :'<p class="muted">skipped: '+esc(META.logits_skipped||'not computed')+'</p>');

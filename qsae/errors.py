@@ -50,6 +50,10 @@ class LineageError(QsaeError):
     another SAE than the one named, so feature indices would silently mean other features)."""
 
 
+class UsageError(QsaeError):
+    """A command that cannot run as given (e.g. a capture with no --store: it would write into the demo's lake)."""
+
+
 class ConfigMismatchError(QsaeError):
     """An existing store was created with a different config than the one asked for."""
 

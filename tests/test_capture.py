@@ -160,8 +160,10 @@ def test_same_seed_gives_identical_lake_and_resume_skips_done(tmp_path, qwen_run
 def test_other_config_on_existing_store_is_refused(qwen_run, tmp_path):
     cfg, _ = qwen_run
     for change in ({"n_samples": 4}, {"layers": [1]}, {"temperature": 0.7}, {"resid_dtype": "float32"}):
-        with pytest.raises(ConfigMismatchError, match="different config"):
+        with pytest.raises(ConfigMismatchError, match="different config") as err:
             plan_capture(cfg.model_copy(update=change))
+        # the way out that deletes data says how much it deletes
+        assert "mode='overwrite' would DELETE it, with its 5 done of 5 questions" in str(err.value)
 
 
 def test_sae_of_another_model_is_refused(qwen_run, tmp_path):

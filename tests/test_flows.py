@@ -126,3 +126,21 @@ def test_features_flow_links_the_dashboards_and_reads_the_rivalry_groups(flow_la
     assert shares and all(0 <= a <= 1 and 0 <= u <= 1 and a + u <= 1 + 1e-9 for a, u in shares)
     assert any(abs(a + u - 1) < 1e-9 for a, u in shares)
     assert "rivalry/layer_2/paper" in index.read_text()
+
+
+def test_select_by_rivalry_group_finds_the_store_it_was_opened_from(flow_lake):
+    """ds.qsae.select(group=...) reads the rivalry groups beside the store the dataset came from."""
+    tmp, cfg = flow_lake
+    capture_flow(config=cfg)
+    from pathlib import Path
+
+    if not Path(cfg.store, "rivalry", "layer_2", "paper").exists():
+        rivalry_flow(config=RivalryConfig(store=cfg.store, rule="median", entropy="exact", n_perm=19, n_boot=50))
+    ds = open_lake(cfg.store)
+    mine = ds.qsae.select(group="ambiguous", rivalry="rivalry/layer_2/paper")
+    explicit = ds.qsae.select(group="ambiguous", rivalry="rivalry/layer_2/paper", store=cfg.store)
+    assert 0 < mine.sizes["question"] == explicit.sizes["question"] < ds.sizes["question"]
+    with pytest.raises(ValueError, match="name the result"):
+        ds.qsae.select(group="ambiguous")  # two layers: which result is ambiguous
+    one = open_lake(cfg.store).isel(layer=[1])
+    assert one.qsae.select(group="ambiguous").sizes["question"] == mine.sizes["question"]

@@ -235,7 +235,8 @@ class QsaeAccessor:
         """Questions by entropy range, correctness of their samples, rivalry group or dataset id.
 
         ``group`` ('ambiguous'/'unambiguous') reads the rivalry result group ``rivalry``
-        (e.g. 'rivalry/layer_15/paper') of ``store``. ``dataset_ids`` are the dataset's
+        (default for a one-layer lake: 'rivalry/layer_<L>/paper') of ``store`` (default: the
+        store this dataset was opened from with ``open_lake``). ``dataset_ids`` are the dataset's
         own ids (``dataset_id`` for string ids, else the ``question`` coordinate); unknown
         ones raise a KeyError naming them.
         """
@@ -258,8 +259,16 @@ class QsaeAccessor:
             c = self._ds.correct.values
             keep &= {"any": c.any(1), "all": c.all(1), "none": ~c.any(1)}[correct]
         if group is not None:
-            if rivalry is None or store is None:
-                raise ValueError("select(group=...) needs rivalry='rivalry/layer_<L>/<protocol>' and store=")
+            store = store or self._ds.encoding.get("qsae_store")
+            storage_options = storage_options or self._ds.encoding.get("qsae_storage_options")
+            layers = [int(x) for x in self._ds.layer.values] if "layer" in self._ds.dims else []
+            if rivalry is None and len(layers) == 1:
+                rivalry = f"rivalry/layer_{layers[0]}/paper"
+            if rivalry is None:
+                raise ValueError(f"select(group=...) on a lake with layers {layers}: name the result, "
+                                 "e.g. rivalry='rivalry/layer_15/paper'")
+            if store is None:
+                raise ValueError("select(group=...) needs store= (this dataset was not opened with qsae.open_lake)")
             from qsae.lake.store import open_lake
 
             g = open_lake(store, storage_options=storage_options, group=rivalry).group.values

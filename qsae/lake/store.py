@@ -364,9 +364,14 @@ class Lake:
             diff = identity_diff(lake.attrs["config"], spec.identity())
             if diff:
                 lines = "\n".join(f"  {k}: store has {a!r}, asked for {b!r}" for k, (a, b) in diff.items())
+                done = int(np.asarray(lake.arrays["done"][:]).sum()) if "done" in lake.arrays else 0
+                total = int(lake.arrays["done"].shape[0]) if "done" in lake.arrays else 0
+                loss = (f"mode='overwrite' would DELETE it, with its {done} done of {total} "
+                        f"{'questions' if spec.schema.kind == 'questions' else 'tokens'}" if done else
+                        "mode='overwrite' would delete it (nothing in it is done yet)")
                 raise ConfigMismatchError(
                     f"the store at {url} was written with a different config:\n{lines}\n"
-                    "Use another --store, or mode='overwrite' to start a new run there."
+                    f"Use another --store; {loss} and start a new run there."
                 )
             return lake
         try:
@@ -897,4 +902,8 @@ def open_lake(target: str | StoreRef, storage_options: dict | None = None, group
             require_intact(lake)
     path, opts = ref.xarray_target()
     kwargs.setdefault("consolidated", None)
-    return xr.open_zarr(path, storage_options=opts or None, group=group, **kwargs)
+    ds = xr.open_zarr(path, storage_options=opts or None, group=group, **kwargs)
+    # where it came from, for the accessor (``ds.qsae.select(group=...)`` reads the rivalry groups beside it)
+    ds.encoding["qsae_store"] = ref.absolute
+    ds.encoding["qsae_storage_options"] = ref.storage_options
+    return ds

@@ -124,10 +124,7 @@ def capture(
     cfg = build_config(CaptureConfig, config, set_, model=model, sae=sae, sae_k=sae_k, hook=hook, layers=parse_layers(layers),
                        dataset=dataset, store=store, n_samples=samples, limit=limit,
                        max_new_tokens=max_new_tokens, device=device, mode=mode)
-    named = store is not None or any(s.split("=", 1)[0].strip() == "store" for s in set_ or []) or (
-        config is not None and "store" in ((json.loads(config.read_text()) if config.suffix == ".json"
-                                            else yaml.safe_load(config.read_text())) or {}))
-    if not named:  # a capture writes only into a lake the user named (the default is the demo's)
+    if "store" not in cfg.model_fields_set:  # written only into a lake the user named (option, file or --set)
         from qsae.errors import UsageError
 
         raise UsageError(f"name the lake to write with --store PATH (without it the capture would write into "

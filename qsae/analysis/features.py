@@ -33,7 +33,6 @@ class Entries:
 def entries(idx: np.ndarray, val: np.ndarray, keep_rows: np.ndarray) -> Entries:
     """Flatten (rows, k) codes to entries of the kept rows whose value is non-zero (Qwen-Scope's
     negative TopK values count as firing, as everywhere in qsae)."""
-    rows, k = idx.shape
     active = (val != 0) & keep_rows[:, None]
     r, j = np.nonzero(active)
     return Entries(r.astype(np.int64), idx[r, j].astype(np.int64), val[r, j].astype(np.float32), int(keep_rows.sum()))

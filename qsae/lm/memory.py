@@ -89,7 +89,7 @@ def row_bytes(config: Any, dtype: torch.dtype, seq_len: int, path: str = "one_pa
     return RowBytes(linear, kv, logits, scratch, sampler, linear_scratch, prefill)
 
 
-def fixed_bytes(config: Any, dtype: torch.dtype) -> int:
+def fixed_bytes() -> int:
     """Memory the one-pass loop needs whatever the batch: its sampler chunk (float32 work on
     ``SAMPLER_ELEMENTS`` logits), a few vocabulary-sized rows."""
     from qsae.lm.generate import SAMPLER_ELEMENTS
@@ -107,7 +107,7 @@ def auto_questions_per_batch(config: Any, dtype: torch.dtype, device: torch.devi
     free, _ = torch.cuda.mem_get_info(device)
     kernel = "fla" if _has_fla() else "torch"
     per_question = n_samples * row_bytes(config, dtype, seq_len, path, experts, kernel).total
-    usable = headroom * free - fixed_bytes(config, dtype)
+    usable = headroom * free - fixed_bytes()
     return int(max(1, min(most, usable // per_question)))
 
 

@@ -1,11 +1,5 @@
 """Prefect flows: thin orchestration (retries, mapping, artifacts) around ``qsae`` functions.
 
-The jobs log through stdlib loggers under ``qsae``; deployments forward them into each run's
-logs (``PREFECT_LOGGING_EXTRA_LOGGERS=qsae`` in ``prefect.yaml``), which needs the logger to
-pass INFO records (a library leaves its level unset, so the root's WARNING would drop them).
+The jobs log through stdlib loggers under ``qsae``; each flow module forwards them into the
+run's logs (``flows.logs.forward_qsae_logs``), with or without ``PREFECT_LOGGING_EXTRA_LOGGERS``.
 """
-
-import logging
-
-if logging.getLogger("qsae").level == logging.NOTSET:
-    logging.getLogger("qsae").setLevel(logging.INFO)

@@ -13,10 +13,13 @@ from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.logs import forward_qsae_logs
 from flows.policies import retry_unless_bad_input
 from flows.storage_blocks import resolve_secret_blocks
 from qsae.jobs.capture import CaptureConfig, capture_shards, plan_capture, store_path_for
 from qsae.lake.store import QuestionLake
+
+forward_qsae_logs()  # the jobs' log lines in each run's logs
 
 
 @task(name="prepare-store", cache_policy=NO_CACHE)

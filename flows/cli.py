@@ -7,9 +7,11 @@ that only read a lake import no Prefect and no torch.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ import typer
 import yaml
 
 from qsae.jobs import configs as C  # torch-free: the options' help comes from the fields' descriptions
+from qsae.jobs.preflight import preflight  # torch-free
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="qsae: an activation data lake for SAE interpretability research.")
@@ -70,14 +73,56 @@ def parse_layers(layers: str | None) -> list[int] | None:
         raise typer.BadParameter(f"--layers expects comma-separated integers, got {layers!r}") from None
 
 
+class _ShortQsaeErrors(logging.Formatter):
+    """Prefect's console lines as they are, except a record carrying one of qsae's own errors:
+    one line (which run failed, and with which error), without the traceback. The run's logs
+    in the UI keep the whole record; the command's last lines give the reason once."""
+
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        from qsae.errors import QsaeError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, QsaeError):
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None, "args": (),
+                                            "msg": f"failed: {type(exc).__name__}: {first[:160]}"})
+        elif "\\n" in (msg := record.getMessage()) and msg.startswith("Finished in state Failed"):
+            # a failed state's repr carries the whole multi-line reason: its first line says enough here
+            record = logging.makeLogRecord({**record.__dict__, "args": (), "msg": msg.split("\\n")[0] + " ...)"})
+        return self.inner.format(record)
+
+
+@contextmanager
+def _prefect_console_on_stdout() -> Iterator[None]:
+    """Prefect's console handler writes to stdout for the command's duration (stderr is for the
+    error alone, as with --no-prefect), with qsae's errors one line each (``_ShortQsaeErrors``)."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger()] + [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)]
+    saved = []
+    for lg in loggers:
+        for h in getattr(lg, "handlers", []):
+            if isinstance(h, PrefectConsoleHandler) and not isinstance(h.formatter, _ShortQsaeErrors):
+                saved.append((h, h.formatter, h.console.file))
+                h.setFormatter(_ShortQsaeErrors(h.formatter))
+                h.console.file = None  # rich then writes to whatever sys.stdout is at each line
+    try:
+        yield
+    finally:
+        for h, formatter, file in saved:
+            h.setFormatter(formatter)
+            h.console.file = file
+
+
 @contextmanager
 def _prefect(server=None):
     """A Prefect API for the flow: PREFECT_API_URL if set, else a temporary server of our own
     (``server``, if the command launched it early to overlap its start with other work)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "qsae")  # the jobs' loggers in the run's logs
-    import logging
-
     from flows.server import prefect_api
 
     qsae_logger = logging.getLogger("qsae")
@@ -86,7 +131,7 @@ def _prefect(server=None):
         qsae_logger.removeHandler(h)
     t0 = time.perf_counter()
     try:
-        with prefect_api(typer.echo, server=server) as url:
+        with _prefect_console_on_stdout(), prefect_api(typer.echo, server=server) as url:
             TIMES["Prefect server start (wait)"] = time.perf_counter() - t0
             yield url
     finally:
@@ -119,9 +164,7 @@ def capture(
     set_: list[str] | None = SetOpt,
 ) -> None:
     """Sample completions and capture residuals + SAE codes into a question lake."""
-    from qsae.jobs.capture import CaptureConfig, run_capture
-
-    cfg = build_config(CaptureConfig, config, set_, model=model, sae=sae, sae_k=sae_k, hook=hook, layers=parse_layers(layers),
+    cfg = build_config(C.CaptureConfig, config, set_, model=model, sae=sae, sae_k=sae_k, hook=hook, layers=parse_layers(layers),
                        dataset=dataset, store=store, n_samples=samples, limit=limit,
                        max_new_tokens=max_new_tokens, device=device, mode=mode)
     if "store" not in cfg.model_fields_set:  # written only into a lake the user named (option, file or --set)
@@ -129,6 +172,9 @@ def capture(
 
         raise UsageError(f"name the lake to write with --store PATH (without it the capture would write into "
                          f"{cfg.store}, the demo's lake; `qsae demo` builds that one)")
+    preflight(cfg)
+    from qsae.jobs.capture import run_capture
+
     if prefect:
         from flows.capture import capture_flow
 
@@ -230,11 +276,11 @@ def collect(
     set_: list[str] | None = SetOpt,
 ) -> None:
     """Stream a text corpus through a model into a token lake (for SAE training)."""
-    from qsae.jobs.collect import CollectConfig
+    cfg = build_config(C.CollectConfig, config, set_, model=model, dataset=dataset, layers=parse_layers(layers),
+                       hook=hook, store=store, max_tokens=max_tokens)
+    preflight(cfg)  # paths, columns and layers, before a server starts or a model loads
     from qsae.jobs.collect import collect as run
 
-    cfg = build_config(CollectConfig, config, set_, model=model, dataset=dataset, layers=parse_layers(layers),
-                       hook=hook, store=store, max_tokens=max_tokens)
     if prefect:
         from flows.train import collect_flow
 
@@ -258,10 +304,11 @@ def train(
     set_: list[str] | None = SetOpt,
 ) -> None:
     """Train a TopK or ReLU+L1 SAE from a token lake; writes a SAELens folder."""
-    from qsae.jobs.train import TrainConfig, train_sae
-
-    cfg = build_config(TrainConfig, config, set_, store=store, layer=layer, architecture=architecture, k=k,
+    cfg = build_config(C.TrainConfig, config, set_, store=store, layer=layer, architecture=architecture, k=k,
                        out=out, epochs=epochs)
+    preflight(cfg)  # paths, columns and layers, before a server starts or a model loads
+    from qsae.jobs.train import train_sae
+
     if prefect:
         from flows.train import train_flow
 
@@ -286,10 +333,11 @@ def rivalry(
     set_: list[str] | None = SetOpt,
 ) -> None:
     """Feature rivalry, the paper's protocol by default, with calibrated p-values for every layer."""
-    from qsae.jobs.rivalry import RivalryConfig, render_text, run_rivalry
-
-    cfg = build_config(RivalryConfig, config, set_, store=store, layers=layer or None, protocol=protocol, rule=rule,
+    cfg = build_config(C.RivalryConfig, config, set_, store=store, layers=layer or None, protocol=protocol, rule=rule,
                        entropy=entropy, n_perm=n_perm, strata=strata)
+    preflight(cfg)  # paths, columns and layers, before a server starts or a model loads
+    from qsae.jobs.rivalry import render_text, run_rivalry
+
     if prefect:
         from flows.rivalry import rivalry_flow
 
@@ -313,10 +361,11 @@ def features(
     set_: list[str] | None = SetOpt,
 ) -> None:
     """Feature dashboards (static HTML, opens from file://) and an optional Neuronpedia export."""
-    from qsae.jobs.features import FeaturesConfig, run_features
-
-    cfg = build_config(FeaturesConfig, config, set_, store=store, layers=layer or None, neuronpedia=neuronpedia,
+    cfg = build_config(C.FeaturesConfig, config, set_, store=store, layers=layer or None, neuronpedia=neuronpedia,
                        top_n=top_n)
+    preflight(cfg)  # paths, columns and layers, before a server starts or a model loads
+    from qsae.jobs.features import run_features
+
     if prefect:
         from flows.features import features_flow
 
@@ -339,10 +388,11 @@ def reconstruct(
     set_: list[str] | None = SetOpt,
 ) -> None:
     """SAEBench-style reconstruction metrics per layer and position (offline; optionally with the model)."""
-    from qsae.jobs.reconstruction import ReconstructionConfig, run_reconstruction, table_rows
-
-    cfg = build_config(ReconstructionConfig, config, set_, store=store, layers=parse_layers(layers),
+    cfg = build_config(C.ReconstructionConfig, config, set_, store=store, layers=parse_layers(layers),
                        model_in_loop=model_in_loop, sae=sae)
+    preflight(cfg)  # paths, columns and layers, before a server starts or a model loads
+    from qsae.jobs.reconstruction import run_reconstruction, table_rows
+
     if prefect:
         from flows.reconstruction import reconstruction_flow
 
@@ -407,11 +457,12 @@ def compare(
     set_: list[str] | None = SetOpt,
 ) -> None:
     """Match two SAEs' features (decoder cosine, optimal assignment) and their firing in two lakes."""
-    from qsae.jobs.compare import CompareConfig, run_compare
+    cfg = build_config(C.CompareConfig, None, set_, base_sae=base_sae, finetuned_sae=finetuned_sae, layer=layer,
+                       base_lake=base_lake, finetuned_lake=finetuned_lake, inputs=inputs, out=out, threshold=threshold)
+    preflight(cfg)  # paths, columns and layers, before a server starts or a model loads
+    from qsae.jobs.compare import run_compare
     from qsae.lake.results import summary_json
 
-    cfg = build_config(CompareConfig, None, set_, base_sae=base_sae, finetuned_sae=finetuned_sae, layer=layer,
-                       base_lake=base_lake, finetuned_lake=finetuned_lake, inputs=inputs, out=out, threshold=threshold)
     if prefect:
         from flows.compare import compare_flow
 
@@ -453,7 +504,7 @@ def _root(debug: bool = typer.Option(False, "--debug", help=f"show the traceback
 
 def show_job_logs() -> None:
     """The jobs log through stdlib loggers under ``qsae``; the CLI prints their INFO lines on
-    stdout as its own output (Prefect runs also forward them: PREFECT_LOGGING_EXTRA_LOGGERS)."""
+    stdout as its own output (inside a Prefect run, flows.logs also forwards them to the run's logs)."""
     import logging
 
     class CurrentStdout(logging.StreamHandler):

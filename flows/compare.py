@@ -7,8 +7,11 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
+from flows.logs import forward_qsae_logs
 from flows.storage_blocks import resolve_secret_blocks
 from qsae.jobs.compare import CompareConfig, run_compare
+
+forward_qsae_logs()  # the jobs' log lines in each run's logs
 
 
 def summary_markdown(result) -> str:

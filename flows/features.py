@@ -8,8 +8,11 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from flows.logs import forward_qsae_logs
 from flows.storage_blocks import resolve_secret_blocks
 from qsae.jobs.features import FeaturesConfig, run_features
+
+forward_qsae_logs()  # the jobs' log lines in each run's logs
 
 
 @flow(name="qsae-features", log_prints=True)

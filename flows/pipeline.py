@@ -19,6 +19,7 @@ from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 
 from flows.capture import capture_flow, prepare_store
+from flows.logs import forward_qsae_logs
 from flows.reconstruction import reconstruction_flow
 from flows.rivalry import rivalry_flow
 from flows.storage_blocks import resolve_secret_blocks
@@ -26,6 +27,8 @@ from qsae.jobs.capture import CaptureConfig, store_path_for
 from qsae.jobs.reconstruction import ReconstructionConfig
 from qsae.jobs.rivalry import RivalryConfig
 from qsae.lake.store import QuestionLake
+
+forward_qsae_logs()  # the jobs' log lines in each run's logs
 
 
 def split_shards(pending: list[int], n: int) -> list[list[int]]:

@@ -9,6 +9,7 @@ from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.logs import forward_qsae_logs
 from flows.policies import retry_unless_bad_input
 from flows.storage_blocks import resolve_secret_blocks
 from qsae.jobs.reconstruction import (
@@ -21,6 +22,8 @@ from qsae.jobs.reconstruction import (
     plan_reconstruction,
     table_rows,
 )
+
+forward_qsae_logs()  # the jobs' log lines in each run's logs
 
 
 @task(name="reconstruction-offline", cache_policy=NO_CACHE, retries=1, retry_condition_fn=retry_unless_bad_input)

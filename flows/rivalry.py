@@ -8,6 +8,7 @@ from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.logs import forward_qsae_logs
 from flows.policies import retry_unless_bad_input
 from flows.storage_blocks import resolve_secret_blocks
 from qsae.jobs.rivalry import (
@@ -20,6 +21,8 @@ from qsae.jobs.rivalry import (
     plan_rivalry,
     rivalry_layer,
 )
+
+forward_qsae_logs()  # the jobs' log lines in each run's logs
 
 
 @task(name="rivalry-layer", cache_policy=NO_CACHE, retries=1, retry_condition_fn=retry_unless_bad_input)

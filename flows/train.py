@@ -8,9 +8,12 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.logs import forward_qsae_logs
 from flows.policies import retry_unless_bad_input
 from qsae.jobs.collect import CollectConfig, collect
 from qsae.jobs.train import TrainConfig, train_sae
+
+forward_qsae_logs()  # the jobs' log lines in each run's logs
 
 
 @task(name="collect-tokens", tags=["gpu"], retries=1, retry_condition_fn=retry_unless_bad_input, retry_delay_seconds=10, cache_policy=NO_CACHE)

@@ -132,6 +132,17 @@ def tiny_capture(model_dir, sae, store, layers=(1, 2), **kw) :
     return CaptureConfig(**base)
 
 
+def prefect_logs(text: str):
+    """The log entries the Prefect API holds whose message contains ``text`` (flushed first)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterTextSearch
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)
+    with get_client(sync_client=True) as client:
+        return client.read_logs(log_filter=LogFilter(text=LogFilterTextSearch(query=text)))
+
+
 def prefect_artifacts(key: str):
     """Artifacts with a key, newest first, read back from the Prefect API."""
     from prefect.client.orchestration import get_client

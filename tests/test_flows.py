@@ -14,7 +14,7 @@ from qsae.jobs.rivalry import RivalryConfig
 from qsae.jobs.train import TrainConfig
 from qsae.lake.store import QuestionLake, open_lake
 
-from .helpers import prefect_artifacts, tiny_capture, write_sae_folder
+from .helpers import prefect_artifacts, prefect_logs, tiny_capture, write_sae_folder
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -39,7 +39,13 @@ def test_capture_flow_maps_shards_resumes_and_reports(flow_lake):
     again = capture_flow(config=cfg)
     assert again["shards"] == [] and again["done"] == 12
     arts = prefect_artifacts("qsae-capture")
-    assert arts and "12 / 12" in arts[0].data and "xr.open_zarr" in arts[0].data
+    assert arts and "12 / 12" in arts[0].data
+    # qsae's own log lines are in the runs' logs with no PREFECT_LOGGING_EXTRA_LOGGERS set (flows.logs)
+    import os
+
+    assert "PREFECT_LOGGING_EXTRA_LOGGERS" not in os.environ
+    lines = [e for e in prefect_logs("questions captured") if e.name.startswith("qsae.")]
+    assert any("questions captured" in e.message and e.flow_run_id for e in lines), [e.message for e in lines][:5] and "xr.open_zarr" in arts[0].data
     # the flow's lake equals an in-process capture of the same config
     from qsae.jobs.capture import run_capture
 

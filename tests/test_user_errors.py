@@ -13,7 +13,7 @@ import pytest
 from qsae.errors import DatasetError
 from qsae.lm.datasets import derive_question_id, load_questions
 
-from .helpers import tiny_capture
+from .helpers import tiny_capture, write_sae_folder
 
 REPO = Path(__file__).resolve().parents[1]
 QSAE = str(Path(sys.executable).parent / "qsae")
@@ -145,18 +145,66 @@ def test_cli_prints_user_errors_short_with_exit_status_2(tmp_path, tiny_qwen_dir
         main(["inspect", str(tmp_path / "missing.zarr")])
 
 
+def _errors(text: str) -> list[str]:
+    """stderr without the progress bars of loading weights (transformers draws them on stderr)."""
+    return [line for line in text.strip().splitlines() if line.startswith(("qsae: error:", "(a ", "  "))]
+
+
+def test_common_mistakes_fail_before_a_server_or_model_starts_and_read_the_same_either_way(
+        tmp_path, tiny_qwen_dir, capsys, monkeypatch):
+    """The five mistakes of issue 26 (and two more) through Prefect (the default): exit 2, the
+    same stderr as --no-prefect, and no Prefect server started (nothing loaded: cheap checks first)."""
+    from qsae.jobs.capture import run_capture
+
+    monkeypatch.delenv("QSAE_DEBUG", raising=False)
+    sae = write_sae_folder(tmp_path / "sae", 64, 128, [1, 2])
+    lake = tmp_path / "lake.zarr"
+    run_capture(tiny_capture(tiny_qwen_dir, sae, lake, layers=(1,), limit=2, n_samples=2))
+    misspelled = tmp_path / "cols.tsv"
+    misspelled.write_text("id\tquestin\tpossible_answers\n1\tWho?\t[\"x\"]\n")
+    capture = ["capture", "--model", str(tiny_qwen_dir), "--device", "cpu", "--store", str(tmp_path / "new.zarr")]
+    mistakes = {
+        "misspelled dataset column": ([*capture, "--dataset", str(misspelled)],
+                                      "no question column: expected one of question, prompt, text, input; the rows "
+                                      "have id, questin, possible_answers (is 'questin' meant to be 'question'?)"),
+        "mistyped --sae folder": ([*capture, "--sae", str(tmp_path / "sea"), "--layers", "1"],
+                                  f"SAE source {tmp_path / 'sea'} does not exist (in {tmp_path}:"),
+        "an SAE folder without the layer": ([*capture, "--sae", str(sae), "--layers", "3"],
+                                            f"{sae} has no SAE for layer 3; it has layers [1, 2]"),
+        "a layer the model lacks": ([*capture, "--layers", "99"], "layers [99] out of range:"),
+        "mistyped --model": (["capture", "--model", str(tmp_path / "qwen"), "--store", str(tmp_path / "x.zarr")],
+                             f"no model folder at {tmp_path / 'qwen'}"),
+        "a layer the lake lacks": (["rivalry", str(lake), "--layer", "12"],
+                                   f"layer 12 is not in the lake {lake} (layers [1])"),
+        "a folder that is not a lake": (["features", str(tmp_path)], "exists but is not a qsae lake"),
+    }
+    home = tmp_path / "prefect-home"
+    for what, (args, reason) in mistakes.items():
+        through_prefect = _cli(*args, env_extra={"PREFECT_HOME": str(home), "PREFECT_API_URL": ""})
+        _assert_short(through_prefect, reason)
+        assert "Prefect server" not in through_prefect.stdout, (what, through_prefect.stdout)
+        in_process = _main(capsys, *args, "--no-prefect")
+        _assert_short(in_process, reason)
+        assert _errors(through_prefect.stderr) == _errors(in_process.stderr), what
+        assert len(_errors(in_process.stderr)) <= 3, (what, in_process.stderr)
+    assert not list(home.glob("qsae-server-*.log"))  # no temporary server was ever launched
+
+
 @pytest.mark.slow
-def test_a_prefect_run_on_bad_input_ends_with_the_reason(tmp_path, tiny_qwen_dir):
-    """Through a (temporary) Prefect server: the flow run fails, the CLI's last line says why."""
-    bad = _tsv(tmp_path / "bad.tsv", [f"{i}\ts\tp\to\tWho?\tnot json" for i in range(3)])
-    out = _cli("capture", "--model", str(tiny_qwen_dir), "--dataset", str(bad), "--store", str(tmp_path / "c.zarr"),
-               "--device", "cpu", env_extra={"PREFECT_HOME": str(tmp_path / "home")})
-    assert out.returncode == 2, out.stderr[-3000:]
-    tail = out.stderr.strip().splitlines()
-    assert tail[-1].startswith("(a DatasetError"), tail[-3:]
-    reason = next(line for line in tail if line.startswith("qsae: error: "))
-    assert "no usable questions (3 malformed rows)" in reason
-    assert tail.index(reason) >= len(tail) - 6  # the reason is at the end, after Prefect's own log lines
+def test_a_late_error_through_prefect_is_one_line_per_run_and_the_reason_at_the_end(tmp_path, tiny_qwen_dir):
+    """An error only the loaded model can find (prompts over the token budget): the flow and task
+    runs fail; Prefect's console says so in one line each (no traceback: the UI's logs keep it),
+    on stdout; stderr is the same reason as --no-prefect gives."""
+    args = ["capture", "--model", str(tiny_qwen_dir), "--device", "cpu", "--limit", "2", "--layers", "1", "--store",
+            str(tmp_path / "c.zarr"), "--set", "on_long_prompt=refuse", "--set", "max_prompt_tokens=2"]
+    out = _cli(*args, env_extra={"PREFECT_HOME": str(tmp_path / "home")})
+    _assert_short(out, "prompts are longer than 2 tokens")
+    assert "Traceback" not in out.stdout, out.stdout[-3000:]
+    failed = [line for line in out.stdout.splitlines() if "failed: DatasetError:" in line]
+    assert len(failed) == 2 and "Task run 'prepare-store" in failed[0] and "Flow run" in failed[1], out.stdout[-3000:]
+    assert all(len(line) < 400 for line in out.stdout.splitlines()), out.stdout[-3000:]
+    local = _cli(*args, "--no-prefect")
+    assert _errors(out.stderr) == _errors(local.stderr)
 
 
 def test_bugs_still_show_their_traceback(tmp_path, monkeypatch):

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from qsae.errors import DatasetError, SAEFormatError
 from qsae.jobs.configs import CaptureConfig
+from qsae.jobs.preflight import preflight
 from qsae.lake.schema import ROW_FIELDS, VARIABLES_BY_NAME
 from qsae.lake.store import LakeLayout, LakeSpec, QuestionLake
 from qsae.lake.writer import background_writer
@@ -143,6 +144,7 @@ def prompt_budget(cfg: CaptureConfig, lm: LoadedModel) -> int:
 
 def plan_capture(cfg: CaptureConfig) -> CapturePlan:
     """Load the dataset, model and SAEs, check them against each other, create/open the store."""
+    preflight(cfg)  # what needs nothing loaded first (a deployment run fails in a second, not after the model)
     qs = get_questions(cfg)
     for p in qs.problems:
         log.info("dataset %s: skipped %s", qs.name, p)

@@ -15,7 +15,7 @@ from pathlib import Path
 from qsae.jobs.capture import CaptureConfig
 from qsae.jobs.collect import CollectConfig
 from qsae.jobs.train import TrainConfig
-from qsae.lm.models import default_cache_dir
+from qsae.lm.locate import default_cache_dir
 from qsae.sae.model import file_sha256
 
 log = logging.getLogger("qsae.jobs.demo")

@@ -71,7 +71,7 @@ def _model_folder(attrs: dict[str, Any]) -> Path | None:
     path = attrs.get("model_path")
     if not path:
         return None
-    from qsae.lm.models import EMBEDDED, default_cache_dir
+    from qsae.lm.locate import EMBEDDED, default_cache_dir
 
     if path in EMBEDDED:
         folder = default_cache_dir() / "models" / path

@@ -193,10 +193,10 @@ def _tokenizer_for(attrs: dict):
     try:
         from transformers import AutoTokenizer
 
-        from qsae.lm.models import EMBEDDED
+        from qsae.lm.locate import EMBEDDED
 
         if name in EMBEDDED:  # the converted copy if there is one, else the GGUF file's own tokenizer
-            from qsae.lm.models import default_cache_dir, embedded_package_dir
+            from qsae.lm.locate import default_cache_dir, embedded_package_dir
 
             folder = default_cache_dir() / "models" / name
             if (folder / "qsae_revision.txt").exists():

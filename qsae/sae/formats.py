@@ -17,7 +17,6 @@ that needs more than tensors and plain containers is refused before any of it ru
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
 from collections.abc import Mapping, Sequence
@@ -28,14 +27,14 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from qsae.errors import SAEFormatError, SAENotCachedError, UntrustedPickleError
+from qsae.errors import SAEFormatError, UntrustedPickleError
+from qsae.sae.locate import LAYER_FILE as _LAYER_FILE
+from qsae.sae.locate import SAELENS_CFG, SAELENS_WEIGHTS, looks_like_repo_id, resolve_hf_repo, sae_path  # noqa: F401 (re-exported)
+from qsae.sae.locate import hook_of as _hook_of
 from qsae.sae.model import SAE, SAEInfo, file_sha256
 
 QWEN_SCOPE_KEYS = ("W_enc", "W_dec", "b_enc", "b_dec")
 RELU_KEYS = ("bias", "encoder.weight", "encoder.bias", "decoder.weight")
-SAELENS_CFG, SAELENS_WEIGHTS = "cfg.json", "sae_weights.safetensors"
-_LAYER_FILE = re.compile(r"layer(\d+)\.sae\.pt$")
-_HOOK_LAYER = re.compile(r"(?:blocks|layers)\.(\d+)\.")
 
 
 def k_from_name(name: str) -> int | None:
@@ -124,18 +123,6 @@ def from_relu_checkpoint(
     return SAE(W_e.T, b_e, W_d.T, bias, info, b_pre=bias)
 
 
-def _hook_of(cfg: Mapping[str, Any]) -> tuple[str, int | None, str | None]:
-    meta = cfg.get("metadata") or {}
-    hook_name = meta.get("hook_name") or cfg.get("hook_name") or ""
-    model = meta.get("model_name") or cfg.get("model_name")
-    layer = meta.get("hook_layer", cfg.get("hook_layer"))
-    if layer is None:
-        m = _HOOK_LAYER.search(hook_name)
-        layer = int(m.group(1)) if m else None
-    hook = "mlp_out" if ("mlp_out" in hook_name or hook_name.endswith(".mlp")) else "resid_post"
-    return hook, (int(layer) if layer is not None else None), model
-
-
 def from_saelens_folder(folder: str | Path, *, dtype: torch.dtype = torch.float32) -> SAE:
     """Build an SAE from a SAELens folder (architectures ``standard`` and ``topk``)."""
     folder = Path(folder)
@@ -186,26 +173,6 @@ def load_sae_file(
     return from_qwen_scope_dict(obj, source=source, sha256=sha, k=k, layer=layer, dtype=dtype)
 
 
-def resolve_hf_repo(repo_id: str, revision: str | None = None) -> Path:
-    """The local snapshot folder of a cached Hugging Face repo; never downloads."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    cache_dir = os.environ.get("HF_HUB_CACHE")  # read per call, so tests and users can redirect it
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True, cache_dir=cache_dir))
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError) as exc:
-        raise SAENotCachedError(
-            f"{repo_id} is not in the local Hugging Face cache ({type(exc).__name__}). qsae never "
-            f"downloads at run time: on a machine with access run "
-            f"`huggingface-cli download {repo_id}` (or copy the files) and set HF_HOME to that cache."
-        ) from None
-
-
-def _looks_like_repo_id(source: str) -> bool:
-    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", source)) and not Path(source).exists()
-
-
 def load_sae(
     source: str | Path, *, layer: int | None = None, k: int | None = None, hook: str | None = None,
     device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -217,9 +184,7 @@ def load_sae(
     """
     source = str(source)
     name_k = k if k is not None else k_from_name(source)
-    path = resolve_hf_repo(source) if _looks_like_repo_id(source) else Path(source).expanduser()
-    if not path.exists():
-        raise SAEFormatError(f"SAE source {source} does not exist")
+    path = sae_path(source)
     if path.is_file():
         sae = load_sae_file(path, k=name_k, layer=layer, hook=hook, dtype=dtype, source=str(path))
     elif (path / SAELENS_CFG).exists():

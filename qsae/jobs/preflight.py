@@ -1,0 +1,125 @@
+"""Checks that need nothing loaded, run before a Prefect server starts or a model loads.
+
+Each job's plan makes these checks too (a deployment run meets them first thing); the CLI
+runs them before it starts anything, so a mistyped path, a dataset column or a layer the
+lake does not have is said in about a second, in the same words either way. Torch-free.
+"""
+
+from __future__ import annotations
+
+from functools import singledispatch
+from typing import Any
+
+from qsae.errors import LayerError
+from qsae.jobs.configs import (
+    CaptureConfig,
+    CollectConfig,
+    CompareConfig,
+    FeaturesConfig,
+    ReconstructionConfig,
+    RivalryConfig,
+    TrainConfig,
+)
+from qsae.lake.storage import StoreRef
+from qsae.lake.store import Lake, QuestionLake, TokenLake
+
+
+@singledispatch
+def preflight(cfg: Any) -> None:
+    """Raise the ``QsaeError`` a run of ``cfg`` would meet later, if a cheap look finds it."""
+
+
+def check_model_layers(model: str, layers: list[int], revision: str | None = None) -> None:
+    """The model can be found (folder, cache or embedded) and has these layers (its config.json)."""
+    from qsae.lm.locate import model_config, n_layers
+
+    config = model_config(model, revision)
+    n = n_layers(config) if config else None
+    bad = [layer for layer in layers if n is not None and not 0 <= layer < n]
+    if bad:
+        raise LayerError(f"layers {bad} out of range: {model} has {n} layers (0..{n - 1})")
+
+
+def lake_layers(ref: StoreRef, layers: list[int] | None, kind: type[Lake] = Lake) -> list[int]:
+    """Open the lake (its schema and kind checked), refuse layers it lacks; the layers to use."""
+    lake = kind.open(ref)
+    have = lake.layers
+    missing = [layer for layer in layers or [] if layer not in have]
+    if missing:
+        raise LayerError(f"layer{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} "
+                         f"{'are' if len(missing) > 1 else 'is'} not in the lake {ref.url} (layers {have})")
+    return list(layers or have)
+
+
+@preflight.register
+def _capture(cfg: CaptureConfig) -> None:
+    from qsae.lake.store import store_exists
+    from qsae.lm.datasets import load_questions
+    from qsae.sae.locate import check_sae_layers
+
+    load_questions(cfg.dataset, on_error=cfg.on_bad_row, limit=cfg.limit, split=cfg.dataset_split)
+    check_model_layers(cfg.model, cfg.layers, cfg.model_revision)
+    if cfg.sae is not None:
+        check_sae_layers(cfg.sae, cfg.layers)
+    store_exists(cfg.ref)  # reachable (a dead endpoint or a missing bucket is said now)
+
+
+@preflight.register
+def _collect(cfg: CollectConfig) -> None:
+    from qsae.lm.datasets import load_texts
+
+    load_texts(cfg.dataset, text_field=cfg.text_field, split=cfg.dataset_split, limit=1)
+    check_model_layers(cfg.model, cfg.layers, cfg.model_revision)
+
+
+@preflight.register
+def _rivalry(cfg: RivalryConfig) -> None:
+    lake_layers(cfg.ref, cfg.layers, kind=QuestionLake)
+
+
+@preflight.register
+def _features(cfg: FeaturesConfig) -> None:
+    from qsae.sae.locate import sae_path
+
+    lake_layers(cfg.ref, cfg.layers)
+    if cfg.sae is not None:
+        sae_path(cfg.sae)
+
+
+@preflight.register
+def _reconstruction(cfg: ReconstructionConfig) -> None:
+    from qsae.sae.locate import sae_path
+
+    lake_layers(cfg.ref, cfg.layers)
+    if cfg.sae is not None:
+        sae_path(cfg.sae)
+    if cfg.model_in_loop and cfg.model is not None:
+        check_model_layers(cfg.model, cfg.layers or [])
+
+
+@preflight.register
+def _train(cfg: TrainConfig) -> None:
+    from qsae.sae.locate import sae_path
+
+    lake_layers(cfg.ref, [cfg.layer] if cfg.layer is not None else None, kind=TokenLake)
+    if cfg.init_from:
+        sae_path(cfg.init_from)
+
+
+@preflight.register
+def _compare(cfg: CompareConfig) -> None:
+    from qsae.sae.locate import check_sae_layers
+
+    for source in (cfg.base_sae, cfg.finetuned_sae):
+        if cfg.layer is not None:
+            check_sae_layers(source, [cfg.layer])
+        else:
+            from qsae.sae.locate import sae_path
+
+            sae_path(source)
+    for url in (cfg.base_lake, cfg.finetuned_lake):
+        if url is not None:
+            lake_layers(cfg.lake_ref(url), [cfg.layer] if cfg.layer is not None else None, kind=QuestionLake)
+
+
+__all__ = ["preflight", "check_model_layers", "lake_layers"]

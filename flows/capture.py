@@ -7,8 +7,6 @@ are rewritten whole. The task is tagged ``gpu`` so a Prefect tag concurrency lim
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -16,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.logs import forward_qsae_logs
 from flows.policies import retry_unless_bad_input
 from flows.storage_blocks import resolve_secret_blocks
-from qsae.jobs.capture import CaptureConfig, capture_shards, plan_capture, store_path_for
+from qsae.jobs.capture import CaptureConfig, CaptureResult, CaptureStats, capture_shards, plan_capture, store_path_for
 from qsae.lake.store import QuestionLake
 
 forward_qsae_logs()  # the jobs' log lines in each run's logs
@@ -33,42 +31,22 @@ def prepare_store(config: CaptureConfig) -> list[int]:
 
 
 @task(name="capture-shards", tags=["gpu"], retries=2, retry_condition_fn=retry_unless_bad_input, retry_delay_seconds=10, cache_policy=NO_CACHE)
-def capture_shards_task(config: CaptureConfig, shards: list[int]) -> dict[str, Any]:
+def capture_shards_task(config: CaptureConfig, shards: list[int]) -> CaptureStats:
     """Capture a group of shards; each is rewritten whole, so a retry is idempotent."""
     logger = get_run_logger()
     stats = capture_shards(config, shards, progress=False)
     logger.info(f"shards {shards}: {stats.questions} questions, {stats.tokens_per_second:.0f} tokens/s, "
                 f"{stats.bytes_written / 1e6:.1f} MB written")
-    return stats.as_dict()
+    return stats
 
 
 def group_shards(pending: list[int], shards_per_task: int) -> list[list[int]]:
     return [pending[i:i + shards_per_task] for i in range(0, len(pending), shards_per_task)]
 
 
-def summary_markdown(config: CaptureConfig, lake: QuestionLake, results: list[dict[str, Any]]) -> str:
-    done = int(lake.done_mask().sum())
-    n_q = sum(r["questions"] for r in results)
-    wall = sum(r["wall_seconds"] for r in results)
-    toks = sum(r["new_tokens"] + r["prompt_tokens"] for r in results)
-    mb = sum(r["bytes_written"] for r in results) / 1e6
-    return "\n".join([
-        f"# Capture: `{config.store}`",
-        "",
-        "| questions done | captured now | samples | tokens/s | MB written | layers | model |",
-        "|---|---|---|---|---|---|---|",
-        f"| {done} / {lake.n_questions} | {n_q} | {n_q * config.sampling.n_samples} | {toks / wall if wall else 0:.0f} "
-        f"| {mb:.1f} | {lake.layers} | {lake.attrs['model']} |",
-        "",
-        "Open it with:",
-        "",
-        f"```python\nimport xarray as xr\nds = xr.open_zarr({config.store!r})\n```",
-    ])
-
-
 @flow(name="qsae-capture", log_prints=True)
 def capture_flow(config: CaptureConfig = CaptureConfig(), shards_per_task: int = 4,
-                 shards: list[int] | None = None) -> dict[str, Any]:
+                 shards: list[int] | None = None) -> CaptureResult:
     """Capture every pending shard of ``config.store`` (or only ``shards``, for scale-out)."""
     config = config.model_copy(update={"store": store_path_for(config),
                                        "storage_options": resolve_secret_blocks(config.storage_options)})
@@ -80,8 +58,7 @@ def capture_flow(config: CaptureConfig = CaptureConfig(), shards_per_task: int =
     results = [f.result() for f in futures]
     lake = QuestionLake.open(config.ref, mode="r+")
     if shards is None:  # a fanned-out child leaves the store's attributes to its parent (no racing writes)
-        lake.update_attrs(last_capture={"shards": pending, "questions": sum(r["questions"] for r in results)})
-    create_markdown_artifact(markdown=summary_markdown(config, lake, results), key="qsae-capture",
-                             description=f"capture into {config.store}")
-    return {"store": config.store, "done": int(lake.done_mask().sum()), "n_questions": lake.n_questions,
-            "shards": pending, "results": results}
+        lake.update_attrs(last_capture={"shards": pending, "questions": sum(r.questions for r in results)})
+    result = CaptureResult.of(lake, pending, results)
+    create_markdown_artifact(markdown=result.to_markdown(), key="qsae-capture", description=f"capture into {config.store}")
+    return result

@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -139,6 +139,33 @@ def _prefect(server=None):
             qsae_logger.addHandler(h)
 
 
+JsonOpt = typer.Option(False, "--json", help="print the result as JSON (for scripts) instead of the summary")
+
+
+def _load(path: str) -> Any:
+    """``module:name`` imported when called: the checks run before torch and Prefect are imported."""
+    import importlib
+
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def run_job(cfg: Any, flow: str, local: str | Callable[[Any], Any], prefect: bool, as_json: bool,
+            **flow_kwargs: Any) -> Any:
+    """The one way a command runs a job: cheap checks first, then the job through its Prefect flow
+    (``flow``, which returns the job's typed result as it is) or in-process (``local``, a
+    ``module:function`` or a function of the config); then the result, rendered."""
+    preflight(cfg)
+    if prefect:
+        flow_fn = _load(flow)
+        with _prefect():
+            result = flow_fn(config=cfg, **flow_kwargs)
+    else:
+        result = (_load(local) if isinstance(local, str) else local)(cfg)
+    typer.echo(result.to_json() if as_json else result.to_text())
+    return result
+
+
 def _echo_open(store: str) -> None:
     typer.echo(f"\nstore: {store}")
     typer.echo(f'open it: python -c "import xarray as xr; print(xr.open_zarr({store!r}))"')
@@ -161,6 +188,7 @@ def capture(
     mode: str | None = field_opt(C.CaptureConfig, "mode"),
     shards_per_task: int = typer.Option(4, help="shards per Prefect task"),
     prefect: bool = PrefectOpt,
+    as_json: bool = JsonOpt,
     set_: list[str] | None = SetOpt,
 ) -> None:
     """Sample completions and capture residuals + SAE codes into a question lake."""
@@ -172,20 +200,13 @@ def capture(
 
         raise UsageError(f"name the lake to write with --store PATH (without it the capture would write into "
                          f"{cfg.store}, the demo's lake; `qsae demo` builds that one)")
-    preflight(cfg)
-    from qsae.jobs.capture import run_capture
+    def local(cfg):
+        from qsae.jobs.capture import CaptureResult, run_capture
 
-    if prefect:
-        from flows.capture import capture_flow
-
-        with _prefect():
-            result = capture_flow(config=cfg, shards_per_task=shards_per_task)
-        typer.echo(f"{result['done']} of {result['n_questions']} questions done")
-        _echo_open(result["store"])
-    else:
         lake, stats = run_capture(cfg, progress=True)
-        typer.echo(f"{stats.questions} questions captured, {stats.tokens_per_second:.0f} tokens/s")
-        _echo_open(lake.url)
+        return CaptureResult.of(lake, stats.shards, [stats])
+
+    run_job(cfg, "flows.capture:capture_flow", local, prefect, as_json, shards_per_task=shards_per_task)
 
 
 @app.command()
@@ -225,7 +246,7 @@ def demo(
                 t = time.perf_counter()
                 result = capture_flow(config=cfg, shards_per_task=1)
                 TIMES["capture (Prefect flow)"] = time.perf_counter() - t
-            typer.echo(f"{result['done']} of {result['n_questions']} questions done")
+            typer.echo(f"{result.done} of {result.n_questions} questions done")
         else:
             t = time.perf_counter()
             run_capture(cfg, progress=True)
@@ -273,22 +294,18 @@ def collect(
     store: str | None = field_opt(C.CollectConfig, "store"),
     max_tokens: int | None = field_opt(C.CollectConfig, "max_tokens"),
     prefect: bool = PrefectOpt,
+    as_json: bool = JsonOpt,
     set_: list[str] | None = SetOpt,
 ) -> None:
     """Stream a text corpus through a model into a token lake (for SAE training)."""
     cfg = build_config(C.CollectConfig, config, set_, model=model, dataset=dataset, layers=parse_layers(layers),
                        hook=hook, store=store, max_tokens=max_tokens)
-    preflight(cfg)  # paths, columns and layers, before a server starts or a model loads
-    from qsae.jobs.collect import collect as run
+    def local(cfg):
+        from qsae.jobs.collect import CollectResult, collect
 
-    if prefect:
-        from flows.train import collect_flow
+        return CollectResult.of(collect(cfg, progress=True))
 
-        with _prefect():
-            typer.echo(collect_flow(config=cfg))
-    else:
-        lake = run(cfg, progress=True)
-        typer.echo(f"{lake.n_units} tokens in {lake.url}")
+    run_job(cfg, "flows.train:collect_flow", local, prefect, as_json)
 
 
 @app.command()
@@ -301,22 +318,14 @@ def train(
     out: str | None = field_opt(C.TrainConfig, "out"),
     epochs: float | None = field_opt(C.TrainConfig, "epochs"),
     prefect: bool = PrefectOpt,
+    as_json: bool = JsonOpt,
     set_: list[str] | None = SetOpt,
 ) -> None:
     """Train a TopK or ReLU+L1 SAE from a token lake; writes a SAELens folder."""
     cfg = build_config(C.TrainConfig, config, set_, store=store, layer=layer, architecture=architecture, k=k,
                        out=out, epochs=epochs)
-    preflight(cfg)  # paths, columns and layers, before a server starts or a model loads
-    from qsae.jobs.train import train_sae
-
-    if prefect:
-        from flows.train import train_flow
-
-        with _prefect():
-            typer.echo(train_flow(config=cfg))
-    else:
-        res = train_sae(cfg, progress=True)
-        typer.echo(json.dumps({"out": str(res.out), **res.final}, indent=1))
+    run_job(cfg, "flows.train:train_flow", lambda cfg: _load("qsae.jobs.train:train_sae")(cfg, progress=True),
+            prefect, as_json)
 
 
 @app.command()
@@ -330,24 +339,14 @@ def rivalry(
     n_perm: int | None = field_opt(C.RivalryConfig, "n_perm"),
     strata: str | None = field_opt(C.RivalryConfig, "strata"),
     prefect: bool = PrefectOpt,
+    as_json: bool = JsonOpt,
     set_: list[str] | None = SetOpt,
 ) -> None:
     """Feature rivalry, the paper's protocol by default, with calibrated p-values for every layer."""
     cfg = build_config(C.RivalryConfig, config, set_, store=store, layers=layer or None, protocol=protocol, rule=rule,
                        entropy=entropy, n_perm=n_perm, strata=strata)
-    preflight(cfg)  # paths, columns and layers, before a server starts or a model loads
-    from qsae.jobs.rivalry import render_text, run_rivalry
-
-    if prefect:
-        from flows.rivalry import rivalry_flow
-
-        with _prefect():
-            out = rivalry_flow(config=cfg)
-        summary, group, figures = out["summary"], out["group"], out["figures"]
-    else:
-        res = run_rivalry(cfg, progress=True)
-        summary, group, figures = res.summary, res.group, res.figures
-    typer.echo(render_text(summary, group, figures, store))
+    run_job(cfg, "flows.rivalry:rivalry_flow", lambda cfg: _load("qsae.jobs.rivalry:run_rivalry")(cfg, progress=True),
+            prefect, as_json)
 
 
 @app.command()
@@ -358,23 +357,13 @@ def features(
     neuronpedia: str | None = field_opt(C.FeaturesConfig, "neuronpedia"),
     top_n: int | None = field_opt(C.FeaturesConfig, "top_n"),
     prefect: bool = PrefectOpt,
+    as_json: bool = JsonOpt,
     set_: list[str] | None = SetOpt,
 ) -> None:
     """Feature dashboards (static HTML, opens from file://) and an optional Neuronpedia export."""
     cfg = build_config(C.FeaturesConfig, config, set_, store=store, layers=layer or None, neuronpedia=neuronpedia,
                        top_n=top_n)
-    preflight(cfg)  # paths, columns and layers, before a server starts or a model loads
-    from qsae.jobs.features import run_features
-
-    if prefect:
-        from flows.features import features_flow
-
-        with _prefect():
-            out = features_flow(config=cfg)
-        for key, info in out["layers"].items():
-            typer.echo(f"layer {key}: {info['features']} features fire; open {info['index']}")
-    else:
-        typer.echo(run_features(cfg).to_text())
+    run_job(cfg, "flows.features:features_flow", "qsae.jobs.features:run_features", prefect, as_json)
 
 
 @app.command()
@@ -385,28 +374,14 @@ def reconstruct(
     model_in_loop: bool | None = field_opt(C.ReconstructionConfig, "model_in_loop", "--model-in-loop/--offline"),
     sae: str | None = field_opt(C.ReconstructionConfig, "sae"),
     prefect: bool = PrefectOpt,
+    as_json: bool = JsonOpt,
     set_: list[str] | None = SetOpt,
 ) -> None:
     """SAEBench-style reconstruction metrics per layer and position (offline; optionally with the model)."""
     cfg = build_config(C.ReconstructionConfig, config, set_, store=store, layers=parse_layers(layers),
                        model_in_loop=model_in_loop, sae=sae)
-    preflight(cfg)  # paths, columns and layers, before a server starts or a model loads
-    from qsae.jobs.reconstruction import run_reconstruction, table_rows
-
-    if prefect:
-        from flows.reconstruction import reconstruction_flow
-
-        with _prefect():
-            out = reconstruction_flow(config=cfg)
-        rows, figure = out["rows"], out["figure"]
-    else:
-        res = run_reconstruction(cfg)
-        rows, figure = table_rows(res.table), res.figure
-        for label, what in res.table.attrs["positions"].items():
-            typer.echo(f"{label}: {what}")
-    for row in rows:
-        typer.echo(json.dumps(row))
-    typer.echo(f"results: {store} group 'reconstruction'; figure: {figure}")
+    run_job(cfg, "flows.reconstruction:reconstruction_flow", "qsae.jobs.reconstruction:run_reconstruction", prefect,
+            as_json)
 
 
 @app.command()
@@ -454,26 +429,13 @@ def compare(
     out: str | None = field_opt(C.CompareConfig, "out"),
     threshold: float | None = field_opt(C.CompareConfig, "threshold"),
     prefect: bool = PrefectOpt,
+    as_json: bool = JsonOpt,
     set_: list[str] | None = SetOpt,
 ) -> None:
     """Match two SAEs' features (decoder cosine, optimal assignment) and their firing in two lakes."""
     cfg = build_config(C.CompareConfig, None, set_, base_sae=base_sae, finetuned_sae=finetuned_sae, layer=layer,
                        base_lake=base_lake, finetuned_lake=finetuned_lake, inputs=inputs, out=out, threshold=threshold)
-    preflight(cfg)  # paths, columns and layers, before a server starts or a model loads
-    from qsae.jobs.compare import run_compare
-    from qsae.lake.results import summary_json
-
-    if prefect:
-        from flows.compare import compare_flow
-
-        with _prefect():
-            res = compare_flow(config=cfg)
-        summary, figure = res["summary"], res["figure"]
-    else:
-        r = run_compare(cfg)
-        summary, figure = r.summary, r.figure
-    typer.echo(summary_json({k: v for k, v in summary.items() if k != "emerged_examples"}))
-    typer.echo(f"figure: {figure}")
+    run_job(cfg, "flows.compare:compare_flow", "qsae.jobs.compare:run_compare", prefect, as_json)
 
 
 @app.command("demo-compare")
@@ -484,14 +446,13 @@ def demo_compare(
     """Base vs fine-tuned on CPU: fine-tune SmolLM2 on PopQA answers, an SAE for each, compare."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from qsae.jobs.demo_compare import build_and_compare
-    from qsae.lake.results import summary_json
 
     res, baseline = build_and_compare(finetune_steps=steps, questions=questions)
-    keys = ("matched", "matched_above_0.9", "emerged", "vanished", "mean_matched_similarity")
-    typer.echo("control (base SAE vs itself continued on base activations): " + json.dumps({k: baseline[k] for k in keys}))
-    typer.echo("base SAE vs itself continued on fine-tuned activations: " + json.dumps({k: res.summary[k] for k in keys}))
-    typer.echo(summary_json({k: v for k, v in res.summary.items() if k != "emerged_examples"}))
-    typer.echo(f"figure: {res.figure}")
+    typer.echo(f"control (the base SAE vs itself continued on base activations): {baseline['matched']} matched, "
+               f"{baseline['matched_above_0.9']} above 0.9, {baseline['emerged']} emerged, {baseline['vanished']} "
+               f"vanished (mean similarity {baseline['mean_matched_similarity']:.3f})")
+    typer.echo("the base SAE vs itself continued on fine-tuned activations:")
+    typer.echo(res.to_text())
 
 
 DEBUG_ENV = "QSAE_DEBUG"

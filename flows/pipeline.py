@@ -103,10 +103,10 @@ def pipeline_flow(
         "",
         f"- lake: `{config.store}` ({lake.n_questions} questions, layers {lake.layers}); "
         f"open with `xr.open_zarr({config.store!r})`",
-        f"- rivalry ({riv['summary']['protocol']} protocol): group `{riv['group']}`, figure `{riv['figure']}`, "
+        f"- rivalry ({riv.summary['protocol']} protocol): group `{riv.group}`, figure `{riv.figure}`, "
         "calibrated one-sided p by layer "
-        + ", ".join(f"{layer}: {r['calibrated'].get('p_less')}" for layer, r in riv["summary"]["by_layer"].items()),
-        f"- reconstruction: group `reconstruction`, figure `{rec['figure']}`",
+        + ", ".join(f"{layer}: {r['calibrated'].get('p_less')}" for layer, r in riv.summary["by_layer"].items()),
+        f"- reconstruction: group `reconstruction`, figure `{rec.figure}`",
     ]
     if captures:
         lines += ["", "| capture flow run | worker | queue | shards |", "|---|---|---|---|"]

@@ -3,9 +3,7 @@ on the GPU pool when asked), then the table, artifact and figure."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from prefect import flow, get_run_logger, task, unmapped
+from prefect import flow, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
@@ -16,11 +14,11 @@ from qsae.jobs.reconstruction import (
     LayerMetrics,
     ReconstructionConfig,
     ReconstructionPlan,
+    ReconstructionResult,
     finish_reconstruction,
     model_layer,
     offline_layer,
     plan_reconstruction,
-    table_rows,
 )
 
 forward_qsae_logs()  # the jobs' log lines in each run's logs
@@ -38,24 +36,15 @@ def model_task(plan: ReconstructionPlan, layer: int) -> dict[str, float]:
 
 
 @flow(name="qsae-reconstruction", log_prints=True)
-def reconstruction_flow(config: ReconstructionConfig = ReconstructionConfig()) -> dict[str, Any]:
+def reconstruction_flow(config: ReconstructionConfig = ReconstructionConfig()) -> ReconstructionResult:
     """Plan, a task per layer, finish; the artifact labels each position."""
-    logger = get_run_logger()
     config = config.model_copy(update={"storage_options": resolve_secret_blocks(config.storage_options)})
     plan = plan_reconstruction(config)
     offline = offline_task.map(unmapped(plan), plan.layers)
     model = model_task.map(unmapped(plan), plan.layers) if config.model_in_loop else None
     result = finish_reconstruction(plan, [f.result() for f in offline], [f.result() for f in model] if model else None)
-    rows = table_rows(result.table)
-    for row in rows:
-        logger.info("layer %s %s: fve=%s cossim=%s l0=%s", row["layer"], row["position"], row["fve"], row["cossim"],
-                    row["l0"])
-    labels = result.table.attrs.get("positions") or {}
-    create_table_artifact(key="qsae-reconstruction", table=rows, description=f"SAE reconstruction metrics, {config.store}")
-    create_markdown_artifact(key="qsae-reconstruction-figure", markdown="\n".join(
-        [f"# Reconstruction metrics\n\nstore `{config.store}`, group `reconstruction`, figure `{result.figure}`", ""]
-        + [f"- **{k}**: {v}" for k, v in labels.items()]
-        + ["", "Comparable with SAEBench's core metrics: " + ("yes (text tokens)" if plan.kind == "tokens" else
-                                                               "no (question-lake positions)")]))
-    return {"rows": rows, "figure": result.figure, "positions": list(labels)}
+    create_table_artifact(key="qsae-reconstruction", table=result.rows(),
+                          description=f"SAE reconstruction metrics, {config.store}")
+    create_markdown_artifact(key="qsae-reconstruction-figure", markdown=result.to_markdown())
+    return result
 

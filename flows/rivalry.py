@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -35,13 +33,8 @@ def finish_task(plan: RivalryPlan, results: list[LayerResult]) -> RivalryResult:
     return finish_rivalry(plan, results)
 
 
-def summary_markdown(result: RivalryResult, store: str) -> str:
-    """The artifact: the result renders itself (groups, p-values with their MC error, cautions, figures)."""
-    return result.to_markdown(store)
-
-
 @flow(name="qsae-rivalry", log_prints=True)
-def rivalry_flow(config: RivalryConfig = RivalryConfig()) -> dict[str, Any]:
+def rivalry_flow(config: RivalryConfig = RivalryConfig()) -> RivalryResult:
     """Plan, a task per layer, finish; the artifact shows both p-values and the figures."""
     logger = get_run_logger()
     config = config.model_copy(update={"storage_options": resolve_secret_blocks(config.storage_options)})
@@ -50,6 +43,6 @@ def rivalry_flow(config: RivalryConfig = RivalryConfig()) -> dict[str, Any]:
     logger.info(f"{groups_line(g)}; layers {plan.layers}")
     futures = rivalry_layer_task.map(unmapped(plan), plan.layers)
     result = finish_task(plan, [f.result() for f in futures])
-    create_markdown_artifact(key="qsae-rivalry", markdown=summary_markdown(result, config.store),
+    create_markdown_artifact(key="qsae-rivalry", markdown=result.to_markdown(),
                              description=f"rivalry, {config.protocol}, layers {plan.layers}")
-    return {"group": result.group, "figure": result.figure, "figures": result.figures, "summary": result.summary}
+    return result

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -128,7 +130,21 @@ def test_firing_shifts_equal_a_direct_count(tmp_path):
     np.testing.assert_allclose(t.finetuned_frequency.values, fb)
     np.testing.assert_allclose(t.frequency_shift.values, fb[t.finetuned_feature.values] - fa[t.base_feature.values])
     assert all(perm[b] == a for a, b in zip(t.base_feature.values, t.finetuned_feature.values))
-    assert res.summary["emerged"] == 0 and len(res.summary["largest_shifts"]) == 10
+    assert res.summary["emerged"] == 0
+    shifts = t.frequency_shift.values
+    listed = res.summary["largest_shifts"]
+    # the largest shifts, and never a feature whose frequency did not move (they read as noise)
+    assert len(listed) == min(10, int((shifts != 0).sum())) and res.summary["features_shifted"] == int((shifts != 0).sum())
+    assert all(r["base_frequency"] != r["finetuned_frequency"] for r in listed)
+    assert min(abs(r["finetuned_frequency"] - r["base_frequency"]) for r in listed) >= np.sort(np.abs(shifts))[-len(listed)]
+    text = res.to_text()
+    assert "fire more or less often" in text and f"{listed[0]['base']:>6} -> {listed[0]['finetuned']}" in text
+    assert json.loads(res.to_json())["largest_shifts"] == listed
+    # a feature set compared with itself: no shift, and the summary says so instead of listing zeros
+    same = run_compare(CompareConfig(base_sae=base, finetuned_sae=base, layer=3, base_lake=lake_a,
+                                     finetuned_lake=lake_a, threshold=0.9, out=str(tmp_path / "same.zarr")))
+    assert same.summary["largest_shifts"] == [] and same.summary["features_shifted"] == 0
+    assert "no matched feature fires more or less often" in same.to_text()
     stored = xr.open_zarr(lake_b, group="compare/layer_3")
     assert stored.attrs["summary"]["matched"] == 40 and open(res.figure, "rb").read(4) == b"\x89PNG"
 

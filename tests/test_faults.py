@@ -118,7 +118,7 @@ def test_task_failing_once_is_retried_to_the_same_lake(fault_setup, prefect_serv
         result = capture_flow(config=cfg.model_copy(update={"store": store}), shards_per_task=4)
     finally:
         remove()
-    assert marker.exists() and result["done"] == 8
+    assert marker.exists() and result.done == 8
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="capture-shards")))
     assert max(r.run_count for r in runs) == 2  # failed once, then retried

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -31,13 +33,13 @@ def flow_lake(tmp_path_factory, tiny_qwen_dir):
 def test_capture_flow_maps_shards_resumes_and_reports(flow_lake):
     tmp, cfg = flow_lake
     first = capture_flow(config=cfg, shards_per_task=1, shards=[0, 2])  # a partial run, as if cut off
-    assert first["done"] == 8 and first["shards"] == [0, 2]
+    assert first.done == 8 and first.shards == [0, 2]
     lake = QuestionLake.open(cfg.store)
     assert lake.pending_shards() == [1]
     resumed = capture_flow(config=cfg, shards_per_task=2)
-    assert resumed["shards"] == [1] and resumed["done"] == 12
+    assert resumed.shards == [1] and resumed.done == 12
     again = capture_flow(config=cfg)
-    assert again["shards"] == [] and again["done"] == 12
+    assert again.shards == [] and again.done == 12
     arts = prefect_artifacts("qsae-capture")
     assert arts and "12 / 12" in arts[0].data
     # qsae's own log lines are in the runs' logs with no PREFECT_LOGGING_EXTRA_LOGGERS set (flows.logs)
@@ -60,14 +62,14 @@ def test_rivalry_and_reconstruction_flows_write_results_and_artifacts(flow_lake)
     tmp, cfg = flow_lake
     capture_flow(config=cfg)
     out = rivalry_flow(config=RivalryConfig(store=cfg.store, rule="median", entropy="exact", n_perm=19, n_boot=50))
-    assert out["group"] == "rivalry/paper" and sorted(out["summary"]["by_layer"]) == [1, 2]  # every layer
+    assert out.group == "rivalry/paper" and sorted(out.summary["by_layer"]) == [1, 2]  # every layer
     res = open_lake(cfg.store, group="rivalry/layer_2/paper")
     assert res.sizes["question"] == 12 and set(np.unique(res.group.values)) == {"ambiguous", "unambiguous"}
     art = prefect_artifacts("qsae-rivalry")[0].data
     assert "| ambiguous |" in art and "**p calibrated**" in art and "not calibrated" in art
     assert art.count("](data:image/png;base64,") >= 2  # the figures travel inside the artifact
     rec = reconstruction_flow(config=ReconstructionConfig(store=cfg.store))
-    assert [(r["layer"], r["position"]) for r in rec["rows"]] == [
+    assert [(r["layer"], r["position"]) for r in rec.rows()] == [
         (1, "prompt_end"), (1, "completion_end"), (2, "prompt_end"), (2, "completion_end")]
     table = prefect_artifacts("qsae-reconstruction")[0]
     assert table.type == "table" and "fve_legacy" in str(table.data) and "completion_end" in str(table.data)
@@ -82,7 +84,8 @@ def test_train_flow_trains_and_reports(tmp_path):
     write_token_lake(str(tmp_path / "tokens.zarr"), x)
     out = train_flow(config=TrainConfig(store=str(tmp_path / "tokens.zarr"), d_sae=64, k=3, batch_size=256, epochs=1,
                                         lr=2e-3, out=str(tmp_path / "sae"), log_every=5))
-    assert out["steps"] == 6000 // 256 and (tmp_path / "sae" / "cfg.json").exists()
+    assert out.steps == 6000 // 256 and (tmp_path / "sae" / "cfg.json").exists()
+    assert json.loads(out.to_json())["out"] == str(tmp_path / "sae") and "SAELens folder" in out.to_text()
     assert "| topk | 64 |" in prefect_artifacts("qsae-train")[0].data
 
 
@@ -120,7 +123,7 @@ def test_features_flow_links_the_dashboards_and_reads_the_rivalry_groups(flow_la
     if not Path(cfg.store, "rivalry", "layer_2", "paper").exists():  # the rivalry test ran first, or run it
         rivalry_flow(config=RivalryConfig(store=cfg.store, rule="median", entropy="exact", n_perm=19, n_boot=50))
     out = features_flow(config=FeaturesConfig(store=cfg.store, layers=[2], top_n=3))
-    index = Path(out["layers"]["2"]["index"])
+    index = Path(out.layers[2]["index"])
     assert index.exists()
     art = prefect_artifacts("qsae-features")[0].data
     assert str(index) in art and "| 2 |" in art

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -90,6 +92,18 @@ def test_offline_metrics_equal_numpy_reference(tmp_path):
         assert int(row.n_tokens) == x.shape[0] == n
     assert res.table.attrs["comparable_to_saebench"] is False and "near-duplicates" in res.table.attrs["positions"][
         "completion_end"]
+    # The result renders itself: a table in words, a caution wherever a number misleads, JSON for machines.
+    cautions = res.cautions()
+    assert cautions  # random codes: negative FVE and too few firings to call a feature dead
+    for r in res.rows():
+        said = [c for c in cautions if c.startswith(f"layer 3 {r['position']}: ")]
+        assert any("FVE" in c and "is negative" in c for c in said) == (r["fve"] < 0), (r, said)
+        assert any("did not fire in these" in c for c in said) == (
+            r["dead_features"] > 0 and r["n_tokens"] * r["l0"] < 10 * d_sae), (r, said)
+    text = res.to_text()
+    assert all(f"caution: {c}" in text for c in cautions) and "dead (of 40)" in text
+    assert [(r["layer"], r["position"]) for r in json.loads(res.to_json())["rows"]] == [
+        (3, "prompt_end"), (3, "completion_end")]
     only = run_reconstruction(ReconstructionConfig(store=lake.url, positions="completion"))
     assert list(only.table.position.values) == ["completion_end"]
     assert float(only.table.fve.sel(layer=3, position="completion_end")) == pytest.approx(float(

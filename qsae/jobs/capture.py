@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from qsae.errors import DatasetError, SAEFormatError
 from qsae.jobs.configs import CaptureConfig
 from qsae.jobs.preflight import preflight
+from qsae.jobs.report import Report, fmt
 from qsae.lake.schema import ROW_FIELDS, VARIABLES_BY_NAME
 from qsae.lake.store import LakeLayout, LakeSpec, QuestionLake
 from qsae.lake.writer import background_writer
@@ -334,6 +335,57 @@ class CaptureStats:
         d = dict(self.__dict__)
         d["tokens_per_second"] = self.tokens_per_second
         return d
+
+
+@dataclass
+class CaptureResult(Report):
+    """A capture run: the lake it wrote, how much of it is done, what this run did and how fast."""
+
+    store: str
+    done: int
+    n_questions: int
+    shards: list[int]
+    stats: list[CaptureStats]
+    layers: list[int] = field(default_factory=list)
+    model: str = ""
+    n_samples: int = 0
+
+    @classmethod
+    def of(cls, lake: QuestionLake, shards: list[int], stats: list[CaptureStats]) -> CaptureResult:
+        return cls(lake.url, int(lake.done_mask().sum()), lake.n_questions, list(shards), list(stats), lake.layers,
+                   str(lake.attrs.get("model", "")), int(lake.attrs["sampling"]["n_samples"]))
+
+    @property
+    def questions(self) -> int:
+        """Questions captured by this run."""
+        return sum(s.questions for s in self.stats)
+
+    @property
+    def tokens_per_second(self) -> float:
+        wall = sum(s.wall_seconds for s in self.stats)
+        return sum(s.new_tokens + s.prompt_tokens for s in self.stats) / wall if wall else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"store": self.store, "done": self.done, "n_questions": self.n_questions, "shards": self.shards,
+                "questions_captured": self.questions, "tokens_per_second": self.tokens_per_second,
+                "layers": self.layers, "model": self.model, "stats": [s.as_dict() for s in self.stats]}
+
+    def to_text(self) -> str:
+        now = (f"{fmt(self.questions)} captured now at {fmt(self.tokens_per_second)} tokens/s" if self.questions
+               else "nothing left to capture")
+        return (f"{fmt(self.done)} of {fmt(self.n_questions)} questions done ({now}); layers {self.layers}, "
+                f"{self.n_samples} samples each\nstore: {self.store}\n"
+                f'open it: python -c "import xarray as xr; print(xr.open_zarr({self.store!r}))"')
+
+    def to_markdown(self) -> str:
+        mb = sum(s.bytes_written for s in self.stats) / 1e6
+        return "\n".join([
+            f"# Capture: `{self.store}`", "",
+            "| questions done | captured now | samples | tokens/s | MB written | layers | model |",
+            "|---|---|---|---|---|---|---|",
+            f"| {self.done} / {self.n_questions} | {self.questions} | {self.questions * self.n_samples} | "
+            f"{self.tokens_per_second:.0f} | {mb:.1f} | {self.layers} | {self.model} |", "",
+            "Open it with:", "", f"```python\nimport xarray as xr\nds = xr.open_zarr({self.store!r})\n```"])
 
 
 def capture_shards(

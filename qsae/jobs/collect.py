@@ -13,12 +13,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from qsae.jobs.configs import CollectConfig
+from qsae.jobs.report import Report, fmt
 from qsae.lake.store import TokenLake, TokenLakeSpec
 from qsae.lake.writer import background_writer
 from qsae.lm.convert import to_lake_dtype
@@ -70,6 +72,26 @@ def make_windows(corpus: TextCorpus, tokenizer, cfg: CollectConfig) -> Windows:
         inputs = body
         special[:, 0] = True  # position 0 is an attention sink even without BOS
     return Windows(inputs, stored_from, doc, special)
+
+
+@dataclass
+class CollectResult(Report):
+    """A finished token lake: where, how many tokens, which layers."""
+
+    store: str
+    tokens: int
+    layers: list[int]
+
+    @classmethod
+    def of(cls, lake: TokenLake) -> CollectResult:
+        return cls(lake.url, lake.n_units, lake.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"store": self.store, "tokens": self.tokens, "layers": self.layers}
+
+    def to_text(self) -> str:
+        return (f"{fmt(self.tokens)} tokens of layers {self.layers} in {self.store}\n"
+                f"train an SAE on them: qsae train --store {self.store}")
 
 
 def collect(cfg: CollectConfig, progress: bool = False,

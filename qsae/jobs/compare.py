@@ -12,6 +12,7 @@ import xarray as xr
 
 from qsae.analysis.matching import FeatureMatch, firing_stats, match_features
 from qsae.jobs.configs import CompareConfig
+from qsae.jobs.report import Report, fmt
 from qsae.lake.results import lineage_of, save_figure, write_result_group
 
 log = logging.getLogger("qsae.jobs.compare")
@@ -20,12 +21,63 @@ log = logging.getLogger("qsae.jobs.compare")
 
 
 @dataclass
-class CompareResult:
+class CompareResult(Report):
+    """The feature match (and, with lakes, the firing shifts), where it was written, and its views."""
+
     group: str
     summary: dict[str, Any]
     match: FeatureMatch
     table: xr.Dataset
     figure: str | None
+    out: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"group": self.group, "out": self.out, "figure": self.figure, **self.summary}
+
+    def to_text(self) -> str:
+        s = self.summary
+        lines = [f"base vs fine-tuned SAE features{'' if s.get('layer') is None else ', layer ' + str(s['layer'])}: "
+                 f"{fmt(s['matched'])} pairs matched ({fmt(s['matched_above_0.9'])} above cosine 0.9, mean "
+                 f"{fmt(s['mean_matched_similarity'])}); {fmt(s['emerged'])} emerged and {fmt(s['vanished'])} "
+                 f"vanished (no counterpart above {s['threshold']})"]
+        if "inputs" in s:
+            lines.append(f"firing from {s['inputs']['position']} codes: {s['inputs']['meaning']}")
+            shifts = s.get("largest_shifts", [])
+            if not shifts:
+                lines.append("no matched feature fires more or less often in the fine-tuned lake")
+            else:
+                lines.append(f"{fmt(s['features_shifted'])} matched features fire more or less often; the largest "
+                             "shifts (firing frequency base -> fine-tuned):")
+                lines += [f"  {r['base']:>6} -> {r['finetuned']:<6} cos {fmt(r['similarity'])}: "
+                          f"{fmt(r['base_frequency'])} -> {fmt(r['finetuned_frequency'])}" for r in shifts]
+            for ex in s.get("emerged_examples", [])[:3]:
+                top = ex["top"][0] if ex["top"] else {}
+                lines.append(f"emerged feature {ex['feature']} fires on {100 * ex['frequency']:.1f}% of rows, most on "
+                             f"\u201c{top.get('question_text', '')}\u201d")
+        where = f"results: {self.out} group {self.group!r}; figure: {self.figure}" if self.out else \
+            "results: not written (no lake named)"
+        lines.append(where + "; --json for every field")
+        return "\n".join(lines)
+
+    def to_markdown(self) -> str:
+        s = self.summary
+        lines = [f"# Base vs fine-tuned features (layer {s['layer']})", "",
+                 "| matched | matched > 0.9 | emerged | vanished | threshold | mean matched similarity |",
+                 "|---|---|---|---|---|---|",
+                 f"| {s['matched']} | {s['matched_above_0.9']} | {s['emerged']} | {s['vanished']} | {s['threshold']} | "
+                 f"{s['mean_matched_similarity']:.3f} |", ""]
+        if s.get("largest_shifts"):
+            lines += ["Largest firing-frequency shifts among matched features:", "",
+                      "| base | fine-tuned | similarity | freq base | freq fine-tuned |", "|---|---|---|---|---|"]
+            lines += [f"| {r['base']} | {r['finetuned']} | {r['similarity']:.3f} | {r['base_frequency']:.4f} | "
+                      f"{r['finetuned_frequency']:.4f} |" for r in s["largest_shifts"]]
+        for ex in s.get("emerged_examples", [])[:5]:
+            top = ex["top"][0] if ex["top"] else {}
+            lines.append(f"- emerged feature {ex['feature']} (fires on {100 * ex['frequency']:.1f}% of samples), most on: "
+                         f"“{top.get('question_text', '')}” → “{top.get('completion', '')}”")
+        if self.figure:
+            lines += ["", f"figure: `{self.figure}`"]
+        return "\n".join(lines)
 
 
 def _decoder(source: str, layer: int | None) -> tuple[np.ndarray, dict[str, Any]]:
@@ -134,7 +186,8 @@ def run_compare(cfg: CompareConfig) -> CompareResult:
         table["finetuned_mean_activation"] = ("finetuned", act_b)
         shift = freq_b[match.b] - freq_a[match.a]
         table["frequency_shift"] = ("pair", shift)
-        order = np.argsort(-np.abs(shift))[: cfg.top_n]
+        order = [i for i in np.argsort(-np.abs(shift), kind="stable")[: cfg.top_n] if shift[i] != 0]
+        summary["features_shifted"] = int((shift != 0).sum())  # of the matched pairs; zero shifts are not listed
         summary["largest_shifts"] = [
             {"base": int(match.a[i]), "finetuned": int(match.b[i]), "similarity": float(match.similarity[i]),
              "base_frequency": float(freq_a[match.a[i]]), "finetuned_frequency": float(freq_b[match.b[i]])}
@@ -158,7 +211,7 @@ def run_compare(cfg: CompareConfig) -> CompareResult:
         write_result_group(out, group, table, {"kind": "compare", "summary": summary, "params": cfg.model_dump(),
                                                "lineage": lineage})
         fig_url = save_figure(compare_figure(match, freq_a, freq_b), out, f"{group}/figure.png")
-    return CompareResult(group, summary, match, table, fig_url)
+    return CompareResult(group, summary, match, table, fig_url, out.url if out else None)
 
 
 def compare_figure(match: FeatureMatch, freq_a: np.ndarray | None, freq_b: np.ndarray | None):

@@ -30,6 +30,7 @@ import numpy as np
 
 from qsae.analysis.features import HIST_BINS, LayerFeatures, QuestionTable, layer_features, token_layer_features
 from qsae.jobs.configs import FeaturesConfig
+from qsae.jobs.report import Report
 from qsae.lake.storage import StoreRef
 from qsae.lake.store import open_lake
 
@@ -38,7 +39,7 @@ BLOCK = 256
 
 
 @dataclass
-class FeaturesResult:
+class FeaturesResult(Report):
     """Where each layer's dashboard went, and what it holds."""
 
     store: str
@@ -60,7 +61,7 @@ class FeaturesResult:
         rows = "\n".join(f"| {layer} | {info['features']} | `{info['index']}` |" for layer, info in self.layers.items())
         return f"# Feature dashboards\n\n{self.store}\n\n| layer | features firing | index |\n|---|---|---|\n{rows}\n"
 
-    def as_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {"store": self.store, "layers": {str(k): v for k, v in self.layers.items()},
                 "neuronpedia": self.neuronpedia, "seconds": self.seconds}
 

@@ -19,6 +19,7 @@ import xarray as xr
 
 from qsae.errors import LayerError, SAEFormatError
 from qsae.jobs.configs import ReconstructionConfig
+from qsae.jobs.report import Report, fmt
 from qsae.lake.results import lineage_of, save_figure, write_result_group
 from qsae.lake.schema import KIND_QUESTIONS, KIND_TOKENS
 from qsae.lake.store import open_lake
@@ -68,9 +69,69 @@ class LayerMetrics:
 
 
 @dataclass
-class ReconstructionResult:
+class ReconstructionResult(Report):
+    """The metrics table (layer x position), its figure and where they were written."""
+
     table: xr.Dataset
     figure: str | None
+    store: str = ""
+
+    def rows(self) -> list[dict[str, Any]]:
+        return table_rows(self.table)
+
+    def cautions(self) -> list[str]:
+        """What a number in the table does not say, in words (negative FVE, too few rows for 'dead')."""
+        out = []
+        d_sae = int(self.table.sizes.get("feature", 0))
+        for r in self.rows():
+            where = f"layer {r['layer']} {r['position']}"
+            if r["fve"] < 0:
+                out.append(f"{where}: FVE {fmt(r['fve'])} is negative: the squared error is {fmt(1 - r['fve'])}x "
+                           "the rows' variance around their mean. These rows barely vary (the prompt's last token "
+                           "is the same template token for every question), so FVE divides by a small number; "
+                           f"the cosine ({fmt(r['cossim'])}) and l2_ratio ({fmt(r['l2_ratio'])}) read better here.")
+            firings = r["n_tokens"] * r["l0"]
+            if d_sae and r["dead_features"] > 0 and firings < 10 * d_sae:
+                out.append(f"{where}: {fmt(int(r['dead_features']))} of {fmt(d_sae)} features did not fire in "
+                           f"these {fmt(int(r['n_tokens']))} rows ({fmt(int(firings))} firings in all, under 10 per "
+                           "feature): that shows no feature dead. Count dead features on many more rows (a token "
+                           "lake from `qsae collect`).")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"store": self.store, "group": RESULT_GROUP, "figure": self.figure, "rows": self.rows(),
+                "positions": dict(self.table.attrs.get("positions") or {}),
+                "comparable_to_saebench": bool(self.table.attrs.get("comparable_to_saebench")),
+                "cautions": self.cautions()}
+
+    def to_text(self) -> str:
+        rows, d_sae = self.rows(), int(self.table.sizes.get("feature", 0))
+        kind = "token lake: comparable with SAEBench" if self.table.attrs.get("comparable_to_saebench") else \
+            "question lake: not comparable with SAEBench's text-token metrics"
+        lines = [f"SAE reconstruction of {self.store} ({kind})",
+                 f"{'layer':>5}  {'position':<15} {'rows':>7} {'FVE':>7} {'cos':>6} {'L0':>6} "
+                 f"{'dead (of ' + fmt(d_sae) + ')':>15}"]
+        for r in rows:
+            lines.append(f"{r['layer']:>5}  {r['position']:<15} {fmt(int(r['n_tokens'])):>7} {fmt(r['fve']):>7} "
+                         f"{fmt(r['cossim']):>6} {fmt(r['l0']):>6} {fmt(int(r['dead_features'])):>15}")
+        for layer in self.table.layer.values if "loss_recovered" in self.table else []:
+            t = self.table.sel(layer=layer)
+            lines.append(f"layer {int(layer)} with the model in the loop: loss recovered "
+                         f"{fmt(float(t.loss_recovered))}, KL score {fmt(float(t.kl_div_score))} "
+                         f"({fmt(int(t.model_tokens_scored))} text tokens)")
+        lines += [f"{k}: {v}" for k, v in (self.table.attrs.get("positions") or {}).items()]
+        lines += [f"caution: {c}" for c in self.cautions()]
+        lines.append(f"results: {self.store} group {RESULT_GROUP!r}; figure: {self.figure}; --json for every column")
+        return "\n".join(lines)
+
+    def to_markdown(self) -> str:
+        labels = self.table.attrs.get("positions") or {}
+        return "\n".join(
+            [f"# Reconstruction metrics\n\nstore `{self.store}`, group `{RESULT_GROUP}`, figure `{self.figure}`", ""]
+            + [f"- **{k}**: {v}" for k, v in labels.items()]
+            + ["", "Comparable with SAEBench's core metrics: " + ("yes (text tokens)" if self.table.attrs.get(
+                "comparable_to_saebench") else "no (question-lake positions)")]
+            + ([""] + [f"- caution: {c}" for c in self.cautions()] if self.cautions() else []))
 
 
 def plan_reconstruction(cfg: ReconstructionConfig) -> ReconstructionPlan:
@@ -241,13 +302,6 @@ def finish_reconstruction(plan: ReconstructionPlan, offline: list[LayerMetrics],
         for k in model[0]:
             name = "model_tokens_scored" if k == "n_tokens" else k  # not the offline rows' n_tokens
             table[name] = ("layer", np.array([m[k] for m in model], dtype=float))
-    for r in rows:
-        for p in labels:
-            m = r.metrics[p]
-            log.info("layer %d %s: %s", r.layer, p, ", ".join(f"{k}={m[k]:.4g}" for k in SUMMARY if k in m))
-    for layer, m in zip(plan.layers, model or []):
-        log.info("layer %d (model in the loop): loss_recovered=%.4g kl_div_score=%.4g", layer, m["loss_recovered"],
-                 m["kl_div_score"])
     lineage = lineage_of(plan.attrs)
     if plan.kind == KIND_TOKENS:
         lineage = {**lineage, "sae_source": cfg.sae, "sae_sha256": {str(r.layer): r.sae_sha256 for r in rows}}
@@ -257,7 +311,7 @@ def finish_reconstruction(plan: ReconstructionPlan, offline: list[LayerMetrics],
                    "definitions": "see qsae.sae.metrics module docstring"}
     write_result_group(cfg.ref, RESULT_GROUP, table, table.attrs)
     fig_url = save_figure(reconstruction_figure(table), cfg.ref, f"{RESULT_GROUP}/figure.png")
-    return ReconstructionResult(table, fig_url)
+    return ReconstructionResult(table, fig_url, cfg.store)
 
 
 TABLE_COLUMNS = ("n_tokens", "fve", "fve_legacy", "mse", "cossim", "l2_ratio", "relative_reconstruction_bias",
@@ -276,9 +330,6 @@ def table_rows(table: xr.Dataset) -> list[dict[str, Any]]:
             row.update({c: round(float(table[c].sel(layer=layer)), 5) for c in MODEL_COLUMNS if c in table})
             rows.append(row)
     return rows
-
-
-SUMMARY = ("n_tokens", "fve", "fve_legacy", "cossim", "l0", "dead_features")
 
 
 def run_reconstruction(cfg: ReconstructionConfig) -> ReconstructionResult:

@@ -38,6 +38,7 @@ from qsae.analysis.rivalry import (
 )
 from qsae.errors import LayerError, SchemaError
 from qsae.jobs.configs import RivalryConfig
+from qsae.jobs.report import Report
 from qsae.lake.results import figure_png, lineage_of, save_png, write_result_group
 from qsae.lake.store import open_lake
 
@@ -92,7 +93,7 @@ class LayerResult:
 
 
 @dataclass
-class RivalryResult:
+class RivalryResult(Report):
     """The study's result: the summary (JSON), the by-layer table, each layer, the figures."""
 
     group: str
@@ -101,16 +102,20 @@ class RivalryResult:
     layers: dict[int, LayerResult]
     figures: dict[str, str]
     images: dict[str, bytes] = field(repr=False, default_factory=dict)
+    store: str = ""
 
     @property
     def figure(self) -> str | None:
         return self.figures.get("by_layer")
 
-    def to_text(self, store: str) -> str:
-        return render_text(self.summary, self.group, self.figures, store)
+    def to_dict(self) -> dict[str, Any]:
+        return {"store": self.store, "group": self.group, "figures": self.figures, **self.summary}
 
-    def to_markdown(self, store: str) -> str:
-        return render_markdown(self.summary, self.group, self.figures, self.images, store)
+    def to_text(self, store: str | None = None) -> str:
+        return render_text(self.summary, self.group, self.figures, store or self.store)
+
+    def to_markdown(self, store: str | None = None) -> str:
+        return render_markdown(self.summary, self.group, self.figures, self.images, store or self.store)
 
 
 def composition(strata: np.ndarray, labels: np.ndarray) -> dict[str, dict[str, int]]:
@@ -484,7 +489,7 @@ def finish_rivalry(plan: RivalryPlan, results: list[LayerResult]) -> RivalryResu
         _plt().close(fig)
     log.info("rivalry (%s) over layers %s: %s p %s, Holm %s", cfg.protocol, layers, name.replace("p_", ""),
              [_f(x) for x in p_main], [_f(x) for x in p_holm])
-    return RivalryResult(group, summary, by_layer, {r.layer: r for r in results}, figures, images)
+    return RivalryResult(group, summary, by_layer, {r.layer: r for r in results}, figures, images, cfg.store)
 
 
 def run_rivalry(cfg: RivalryConfig, progress: bool = False) -> RivalryResult:

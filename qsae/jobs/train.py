@@ -46,6 +46,7 @@ import torch
 
 from qsae.errors import LayerError
 from qsae.jobs.configs import DEFAULT_LR, TrainConfig
+from qsae.jobs.report import Report, fmt
 from qsae.lake.store import TokenLake
 from qsae.sae.model import SAE
 from qsae.sae.trainable import ForwardOutput, InputScaler, TrainableSAE, auxk_loss
@@ -226,13 +227,34 @@ class Metrics:
 
 
 @dataclass
-class TrainResult:
+class TrainResult(Report):
+    """The exported SAE's folder, how long it trained and its final metrics."""
+
     out: Path
     steps: int
     tokens: int
     seconds: float
     final: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
+    architecture: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"out": str(self.out), "architecture": self.architecture, "steps": self.steps, "tokens": self.tokens,
+                "seconds": self.seconds, **self.final}
+
+    def to_text(self) -> str:
+        f = self.final
+        return (f"SAE trained ({self.architecture}, d_sae {fmt(f.get('d_sae'))}): {fmt(self.steps)} steps on "
+                f"{fmt(self.tokens)} tokens in {self.seconds:.0f} s; FVE {fmt(f.get('fve'))}, L0 {fmt(f.get('l0'))}, "
+                f"dead latents {fmt(f.get('dead'))}\nSAELens folder: {self.out}  (qsae capture --sae {self.out} ...)")
+
+    def to_markdown(self) -> str:
+        f = self.final
+        return "\n".join([
+            f"# SAE trained: `{self.out}`", "",
+            "| architecture | d_sae | steps | tokens | FVE | L0 | dead | seconds |", "|---|---|---|---|---|---|---|---|",
+            f"| {self.architecture} | {f.get('d_sae')} | {self.steps} | {self.tokens} | {fmt(f.get('fve'))} | "
+            f"{fmt(f.get('l0'))} | {f.get('dead')} | {self.seconds:.0f} |"])
 
 
 def _checkpoint_path(cfg: TrainConfig) -> Path:
@@ -404,4 +426,4 @@ def train_sae(cfg: TrainConfig, on_log: Callable[[dict[str, Any]], None] | None 
     seconds = time.perf_counter() - t0
     final = {**(history[-1] if history else {}), "dead": trainer.tracker.n_dead, "d_sae": d_sae}
     out_dir = trainer.sae.save_saelens(Path(cfg.out), trainer.scaler, lineage, trainer.training_record(final))
-    return TrainResult(out_dir, trainer.step, trainer.step * cfg.batch_size, seconds, final, history)
+    return TrainResult(out_dir, trainer.step, trainer.step * cfg.batch_size, seconds, final, history, cfg.architecture)

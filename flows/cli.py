@@ -119,7 +119,7 @@ def _prefect_console_on_stdout() -> Iterator[None]:
 
 
 @contextmanager
-def _prefect(server=None):
+def _prefect(server=None) -> Iterator[str]:
     """A Prefect API for the flow: PREFECT_API_URL if set, else a temporary server of our own
     (``server``, if the command launched it early to overlap its start with other work)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -156,14 +156,69 @@ def run_job(cfg: Any, flow: str, local: str | Callable[[Any], Any], prefect: boo
     (``flow``, which returns the job's typed result as it is) or in-process (``local``, a
     ``module:function`` or a function of the config); then the result, rendered."""
     preflight(cfg)
-    if prefect:
-        flow_fn = _load(flow)
-        with _prefect():
-            result = flow_fn(config=cfg, **flow_kwargs)
-    else:
+    if not prefect:
         result = (_load(local) if isinstance(local, str) else local)(cfg)
+        typer.echo(result.to_json() if as_json else result.to_text())
+        return result
+    from flows.server import configured_api_url
+
+    flow_fn, temporary = _load(flow), configured_api_url() is None
+    with _prefect() as url:
+        state = flow_fn(config=cfg, return_state=True, **flow_kwargs)
+    see_again = run_link(url, state.state_details.flow_run_id, temporary)
+    try:
+        result = state.result()  # the job's result, or its exception raised here
+    except BaseException:
+        typer.echo(see_again)
+        raise
     typer.echo(result.to_json() if as_json else result.to_text())
+    typer.echo(see_again)
     return result
+
+
+def run_link(api_url: str, flow_run_id: Any, temporary: bool) -> str:
+    """How to see a flow run again: its page on a lasting server, or ``qsae ui`` after a temporary one."""
+    if not temporary:
+        return f"this run in the Prefect UI: {api_url.removesuffix('/api')}/runs/flow-run/{flow_run_id}"
+    return (f"this run (its logs, artifact and figures) stays in Prefect's database; to see it again run `qsae ui` "
+            f"and open http://127.0.0.1:{UI_PORT}/runs/flow-run/{flow_run_id}")
+
+
+UI_PORT = 4200
+
+
+@app.command()
+def ui(port: int = typer.Option(UI_PORT, help="the UI's port on 127.0.0.1")) -> None:
+    """The Prefect UI on every run the qsae commands made on this machine (Ctrl-C stops it).
+
+    The commands' temporary servers stop when the command ends; their runs stay in Prefect's
+    database, which this server reads. Unlike a bare ``prefect server start --port N``, the UI
+    is pointed at its own API (PREFECT_UI_API_URL), so any port works."""
+    from flows.server import TemporaryServer, _healthy, configured_api_url, prefect_home
+    from qsae.errors import UsageError
+
+    if configured_api_url():
+        typer.echo(f"PREFECT_API_URL is set: the runs are on that server; its UI is at "
+                   f"{configured_api_url().removesuffix('/api')}")
+        return
+    if _healthy(f"http://127.0.0.1:{port}/api"):
+        typer.echo(f"a Prefect server already answers at http://127.0.0.1:{port}: open it")
+        return
+    import socket
+
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", port)) == 0:
+            raise UsageError(f"port {port} is taken by something that is not a Prefect server: pass --port N")
+    server = TemporaryServer(port=port, log_path=prefect_home() / f"qsae-ui-{port}.log")
+    typer.echo(f"starting the Prefect UI on Prefect's database in {prefect_home()} (log: {server.log_path}) ...")
+    server.start()
+    typer.echo(f"Prefect UI: http://127.0.0.1:{port}  (every qsae run on this machine; Ctrl-C stops it)")
+    try:
+        server.proc.wait()
+    except KeyboardInterrupt:
+        typer.echo("stopping the Prefect UI")
+    finally:
+        server.stop()
 
 
 def _echo_open(store: str) -> None:
@@ -242,10 +297,12 @@ def demo(
         if prefect:
             from flows.capture import capture_flow
 
-            with _prefect(server):
+            with _prefect(server) as url:
                 t = time.perf_counter()
-                result = capture_flow(config=cfg, shards_per_task=1)
+                state = capture_flow(config=cfg, shards_per_task=1, return_state=True)
                 TIMES["capture (Prefect flow)"] = time.perf_counter() - t
+            see_again = run_link(url, state.state_details.flow_run_id, temporary=server is not None)
+            result = state.result()
             typer.echo(f"{result.done} of {result.n_questions} questions done")
         else:
             t = time.perf_counter()
@@ -256,6 +313,8 @@ def demo(
             server.stop()
     _echo_open(cfg.store)
     _echo_times(time.perf_counter() - t0)
+    if prefect:
+        typer.echo(see_again)
 
 
 @app.command("demo-sae")
@@ -380,8 +439,8 @@ def reconstruct(
     """SAEBench-style reconstruction metrics per layer and position (offline; optionally with the model)."""
     cfg = build_config(C.ReconstructionConfig, config, set_, store=store, layers=parse_layers(layers),
                        model_in_loop=model_in_loop, sae=sae)
-    run_job(cfg, "flows.reconstruction:reconstruction_flow", "qsae.jobs.reconstruction:run_reconstruction", prefect,
-            as_json)
+    run_job(cfg, "flows.reconstruction:reconstruction_flow",
+            lambda cfg: _load("qsae.jobs.reconstruction:run_reconstruction")(cfg, progress=True), prefect, as_json)
 
 
 @app.command()

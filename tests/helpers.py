@@ -132,15 +132,15 @@ def tiny_capture(model_dir, sae, store, layers=(1, 2), **kw) :
     return CaptureConfig(**base)
 
 
-def prefect_logs(text: str):
-    """The log entries the Prefect API holds whose message contains ``text`` (flushed first)."""
+def prefect_logs(logger: str):
+    """The log entries the Prefect API holds from one logger (flushed first)."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterTextSearch
+    from prefect.client.schemas.filters import LogFilter, LogFilterName
     from prefect.logging.handlers import APILogWorker
 
     APILogWorker.drain_all(timeout=10)
     with get_client(sync_client=True) as client:
-        return client.read_logs(log_filter=LogFilter(text=LogFilterTextSearch(query=text)))
+        return client.read_logs(log_filter=LogFilter(name=LogFilterName(any_=[logger])))
 
 
 def prefect_artifacts(key: str):

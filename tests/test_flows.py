@@ -46,7 +46,7 @@ def test_capture_flow_maps_shards_resumes_and_reports(flow_lake):
     import os
 
     assert "PREFECT_LOGGING_EXTRA_LOGGERS" not in os.environ
-    lines = [e for e in prefect_logs("questions captured") if e.name.startswith("qsae.")]
+    lines = prefect_logs("qsae.jobs.capture")
     assert any("questions captured" in e.message and e.flow_run_id for e in lines), [e.message for e in lines][:5] and "xr.open_zarr" in arts[0].data
     # the flow's lake equals an in-process capture of the same config
     from qsae.jobs.capture import run_capture
@@ -153,3 +153,15 @@ def test_select_by_rivalry_group_finds_the_store_it_was_opened_from(flow_lake):
         ds.qsae.select(group="ambiguous")  # two layers: which result is ambiguous
     one = open_lake(cfg.store).isel(layer=[1])
     assert one.qsae.select(group="ambiguous").sizes["question"] == mine.sizes["question"]
+    # the questions in neither group are a group with a name too, and the three cover the lake
+    sizes = {g: one.qsae.select(group=g).sizes["question"] for g in ("ambiguous", "unambiguous", "left_out")}
+    assert sum(sizes.values()) == ds.sizes["question"]
+    stored = set(open_lake(cfg.store, group="rivalry/layer_2/paper").group.values)
+    assert "" not in stored and stored <= {"ambiguous", "unambiguous", "left_out"}
+    with pytest.raises(ValueError, match="one of ambiguous, unambiguous, left_out"):
+        one.qsae.select(group="")
+    # three entropies, named apart: the groups' (here the exact one), the lake's, the tables'
+    assert open_lake(cfg.store, group="rivalry/layer_2/paper").entropy.attrs["long_name"] == \
+        "exact first-token entropy (nats)"
+    top = ds.qsae.top_questions_with_samples(int(ds.codes_idx.isel(layer=1).values.flat[0]), layer=2, n=1)
+    assert "first_token_entropy" in top.columns and "entropy" not in top.columns

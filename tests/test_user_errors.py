@@ -329,3 +329,60 @@ def test_one_non_integer_id_is_said_not_silent(tmp_path, caplog):
         qs = load_questions(str(path))
     assert qs.dataset_ids() is not None  # derived ids for every question, as before
     assert "1 of 5 ids are not integers ('x-3')" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_run_through_a_temporary_server_can_be_seen_again_with_qsae_ui(tmp_path, tiny_qwen_dir):
+    """The command's last line says how to see its run after its temporary server stopped;
+    `qsae ui` serves Prefect's database with the UI pointed at its own API (any port), and the
+    run is there, with qsae's own log lines in its logs."""
+    import re
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    sae = write_sae_folder(tmp_path / "sae", 64, 128, [1])
+    home = {"PREFECT_HOME": str(tmp_path / "home"), "PREFECT_API_URL": ""}
+    out = _cli("capture", "--model", str(tiny_qwen_dir), "--sae", str(sae), "--sae-k", "6", "--layers", "1",
+               "--limit", "4", "--samples", "3", "--max-new-tokens", "4", "--device", "cpu",
+               "--store", str(tmp_path / "lake.zarr"), env_extra=home)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    last = out.stdout.strip().splitlines()[-1]
+    found = re.search(r"run `qsae ui` and open http://127\.0\.0\.1:4200/runs/flow-run/([0-9a-f-]{36})", last)
+    assert found, last
+    run_id = found.group(1)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(HF_HUB_OFFLINE="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", **home)
+    env.pop("PREFECT_API_URL")
+    proc = subprocess.Popen([QSAE, "ui", "--port", str(port)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        while not any("Prefect UI: http://127.0.0.1:" in line for line in lines):
+            line = proc.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        api = f"http://127.0.0.1:{port}/api"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ui-settings", timeout=10) as resp:
+            assert json.loads(resp.read())["api_url"] == api  # the UI talks to this server, whatever the port
+        with urllib.request.urlopen(f"{api}/flow_runs/{run_id}", timeout=10) as resp:
+            run = json.loads(resp.read())
+        assert run["state"]["type"] == "COMPLETED" and run["name"]
+        req = urllib.request.Request(f"{api}/logs/filter", data=json.dumps(
+            {"logs": {"flow_run_id": {"any_": [run_id]}}}).encode(), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            logs = json.loads(resp.read())
+        assert any(entry["name"].startswith("qsae.") for entry in logs), [e["name"] for e in logs]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        t0 = time.monotonic()
+        while proc.poll() is None and time.monotonic() - t0 < 30:
+            time.sleep(0.2)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode is not None

@@ -31,11 +31,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from qsae.errors import DatasetError, SAEFormatError
 from qsae.jobs.configs import CaptureConfig
 from qsae.jobs.preflight import preflight
+from qsae.jobs.progress import Progress
 from qsae.jobs.report import Report, fmt
 from qsae.lake.schema import ROW_FIELDS, VARIABLES_BY_NAME
 from qsae.lake.store import LakeLayout, LakeSpec, QuestionLake
@@ -403,7 +403,7 @@ def capture_shards(
     batch_size = resolve_questions_per_batch(cfg, lm, budget)
     stats = CaptureStats(list(shards))
     total = sum(lake.shard_region(s).stop - lake.shard_region(s).start for s in shards)
-    with tqdm(total=total, unit="q", desc="capture", disable=not progress) as bar, \
+    with Progress(total, "capture", "questions", bar=progress, logger=log) as bar, \
             background_writer(lake, cfg.writer_queue) as writer:
         with res.lock:  # one capture at a time per model (hooks are per module); time from here
             t0 = time.perf_counter()

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from qsae.jobs.configs import CollectConfig
+from qsae.jobs.progress import Progress
 from qsae.jobs.report import Report, fmt
 from qsae.lake.store import TokenLake, TokenLakeSpec
 from qsae.lake.writer import background_writer
@@ -118,8 +118,8 @@ def collect(cfg: CollectConfig, progress: bool = False,
     pending = lake.pending_shards()
     log.info(f"token store {cfg.store}: {n_windows} windows x {per} tokens, {len(pending)} of {lake.n_shards} blocks to collect")
     t0 = time.perf_counter()
-    with tqdm(total=len(pending) * cfg.windows_per_batch * per, unit="tok", desc="collect", unit_scale=True,
-              disable=not progress) as bar, background_writer(lake) as writer:
+    with Progress(len(pending) * cfg.windows_per_batch * per, "collect", "tokens", bar=progress, logger=log) as bar, \
+            background_writer(lake) as writer:
         for block in pending:
             w0 = block * cfg.windows_per_batch
             w1 = min(w0 + cfg.windows_per_batch, n_windows)

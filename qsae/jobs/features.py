@@ -453,10 +453,10 @@ function show(f,r){
    r.top_contexts.map(c=>'<tr><td>'+c.activation.toFixed(3)+'</td><td class="l">'+esc(c.left)+'<span class="tok">'+esc(c.tok)+'</span>'+esc(c.right)+
    '</td><td>'+c.doc+'</td></tr>').join('')+'</table>';
  } else {
- h+='<h2>Entropy of the questions where it fires (orange) vs all questions (blue)</h2><div style="display:flex;gap:2em">'+
+ h+='<h2>First-token entropy (nats) of the questions where it fires (orange) vs all questions (blue)</h2><div style="display:flex;gap:2em">'+
   bars(r.entropy_firing,'alt')+bars(META.entropy_all)+'</div><p class="muted">'+META.entropy_edges[0].toFixed(2)+' .. '+
   META.entropy_edges[META.entropy_edges.length-1].toFixed(2)+' nats</p>';
- h+='<h2>Top questions by prompt-end activation</h2><table><tr><th>act</th><th class="l">question</th><th class="l">gold</th><th>entropy</th><th class="l">all samples (first word bold; green correct)</th></tr>'+
+ h+='<h2>Top questions by prompt-end activation</h2><table><tr><th>act</th><th class="l">question</th><th class="l">gold</th><th title="exact entropy of the first token, softmax(logits / T), in nats">first-token entropy (nats)</th><th class="l">all samples (first word bold; green correct)</th></tr>'+
   r.top_prompt.map(q=>'<tr><td>'+q.activation.toFixed(3)+'</td><td class="l">'+esc(q.text)+'</td><td class="l">'+esc(q.answers.slice(0,3).join(' / '))+
   '</td><td>'+q.entropy.toFixed(2)+'</td><td class="l">'+q.samples.map((s,i)=>'<span class="sample '+(q.correct[i]?'ok':'no')+'">'+firstWord(s)+'</span>').join('')+'</td></tr>').join('')+'</table>';
  h+='<h2>Top completions by completion-end activation</h2><table><tr><th>act</th><th class="l">question</th><th class="l">completion (captured token: its end)</th><th>correct</th></tr>'+

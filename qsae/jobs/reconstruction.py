@@ -19,6 +19,7 @@ import xarray as xr
 
 from qsae.errors import LayerError, SAEFormatError
 from qsae.jobs.configs import ReconstructionConfig
+from qsae.jobs.progress import Progress
 from qsae.jobs.report import Report, fmt
 from qsae.lake.results import lineage_of, save_figure, write_result_group
 from qsae.lake.schema import KIND_QUESTIONS, KIND_TOKENS
@@ -272,9 +273,10 @@ def _load_lm(plan: ReconstructionPlan):
     return load_model(cfg.model or attrs.get("model_path") or attrs["model"], device=cfg.device, dtype=cfg.dtype)
 
 
-def model_layer(plan: ReconstructionPlan, layer: int, lm=None) -> dict[str, float]:
+def model_layer(plan: ReconstructionPlan, layer: int, lm=None, progress: bool = False) -> dict[str, float]:
     """CE loss recovered and KL for one layer with the model in the loop (the SAE spliced in at
-    its hook: the residual after the layer, or the layer's MLP output)."""
+    its hook: the residual after the layer, or the layer's MLP output); three forward passes
+    per batch of windows, so it says how far it is (a bar, or log lines with an ETA)."""
     cfg = plan.cfg
     lm = lm or _load_lm(plan)
     if plan.kind == KIND_TOKENS:
@@ -282,7 +284,10 @@ def model_layer(plan: ReconstructionPlan, layer: int, lm=None) -> dict[str, floa
     else:
         sae = sae_for_lake_layer(plan.attrs, layer, cfg.sae, str(lm.device))
     windows, keep = text_windows(lm, cfg)
-    return loss_recovered(lm.model, sae, layer, windows, keep, batch=cfg.batch_windows).as_dict()
+    with Progress(windows.shape[0], f"layer {layer} with the model in the loop", "windows", bar=progress,
+                  logger=log) as bar:
+        return loss_recovered(lm.model, sae, layer, windows, keep, batch=cfg.batch_windows,
+                              on_batch=bar.update).as_dict()
 
 
 def finish_reconstruction(plan: ReconstructionPlan, offline: list[LayerMetrics],
@@ -332,14 +337,19 @@ def table_rows(table: xr.Dataset) -> list[dict[str, Any]]:
     return rows
 
 
-def run_reconstruction(cfg: ReconstructionConfig) -> ReconstructionResult:
+def run_reconstruction(cfg: ReconstructionConfig, progress: bool = False) -> ReconstructionResult:
     """Plan, every layer, finish: the whole study in-process (what a notebook and the CLI call)."""
     plan = plan_reconstruction(cfg)
-    offline = [offline_layer(plan, layer) for layer in plan.layers]
+    with Progress(len(plan.layers), "reconstruction (offline)", "layers", bar=progress, logger=log) as bar:
+        offline = []
+        for layer in plan.layers:
+            offline.append(offline_layer(plan, layer))
+            bar.update()
     model = None
     if cfg.model_in_loop:
+        log.info("loading %s for the model-in-the-loop metrics", cfg.model or plan.attrs.get("model_path"))
         lm = _load_lm(plan)
-        model = [model_layer(plan, layer, lm) for layer in plan.layers]
+        model = [model_layer(plan, layer, lm, progress) for layer in plan.layers]
     return finish_reconstruction(plan, offline, model)
 
 

@@ -38,6 +38,7 @@ from qsae.analysis.rivalry import (
 )
 from qsae.errors import LayerError, SchemaError
 from qsae.jobs.configs import RivalryConfig
+from qsae.jobs.progress import Progress
 from qsae.jobs.report import Report
 from qsae.lake.results import figure_png, lineage_of, save_png, write_result_group
 from qsae.lake.store import open_lake
@@ -462,7 +463,9 @@ def finish_rivalry(plan: RivalryPlan, results: list[LayerResult]) -> RivalryResu
     cautions = [c for r in results for c in r.summary.get("cautions", [])]
     for r in results:
         ds = xr.Dataset(coords={"question": plan.questions})
-        ds["entropy"] = ("question", plan.entropy)
+        ds["entropy"] = ("question", plan.entropy, {"long_name": ENTROPY_NAMES[cfg.entropy],
+                                                    "note": "the entropy the groups were cut on; the lake's own "
+                                                            "`entropy` is the exact first-token entropy (nats)"})
         ds["group"] = ("question", plan.grouping.labels)
         ds["distinct_completions"] = ("question", plan.distinct.astype(np.int32))
         if plan.strata is not None:
@@ -496,12 +499,12 @@ def run_rivalry(cfg: RivalryConfig, progress: bool = False) -> RivalryResult:
     """Plan, every layer, finish: the whole study in-process (what a notebook calls)."""
     plan = plan_rivalry(cfg)
     log.info(groups_line(plan.groups_summary()))
-    layers = plan.layers
-    if progress:
-        from tqdm.auto import tqdm
-
-        layers = tqdm(layers, desc="rivalry layers")
-    return finish_rivalry(plan, [rivalry_layer(plan, layer) for layer in layers])
+    results = []
+    with Progress(len(plan.layers), "rivalry", "layers", bar=progress, logger=log) as bar:
+        for layer in plan.layers:
+            results.append(rivalry_layer(plan, layer))
+            bar.update()
+    return finish_rivalry(plan, results)
 
 
 def groups_line(g: dict[str, Any]) -> str:
@@ -531,7 +534,7 @@ def render_markdown(summary: dict[str, Any], group: str, figures: dict[str, str]
     g = summary["groups"]
     lines = [f"# Feature rivalry ({summary['protocol']} protocol), layers {summary['layers']}",
              f"store `{store}`, result group `{group}` (one group per layer beside it)", "",
-             "| group | questions | entropy range |", "|---|---|---|"]
+             f"| group | questions | {g['entropy_meaning']}: range |", "|---|---|---|"]
     for name in (AMBIGUOUS, UNAMBIGUOUS):
         lines.append(f"| {name} | {g[name]['n']} | {_f(g[name]['entropy_min'])} .. {_f(g[name]['entropy_max'])} |")
     lines += [f"\n{g['left_out']} questions left out ({g['rule']} rule on {g['entropy_meaning']}).", ""]

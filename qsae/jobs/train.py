@@ -46,6 +46,7 @@ import torch
 
 from qsae.errors import LayerError
 from qsae.jobs.configs import DEFAULT_LR, TrainConfig
+from qsae.jobs.progress import Progress
 from qsae.jobs.report import Report, fmt
 from qsae.lake.store import TokenLake
 from qsae.sae.model import SAE
@@ -389,11 +390,7 @@ def train_sae(cfg: TrainConfig, on_log: Callable[[dict[str, Any]], None] | None 
     trainer.to(dev)
     relu_l1 = cfg.l1_coefficient if cfg.architecture == "relu" else None
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total_steps, initial=trainer.step, unit="step", desc=f"train {cfg.architecture}")
+    bar = Progress(total_steps, f"train {cfg.architecture}", "steps", bar=progress, logger=log, initial=trainer.step)
     history: list[dict[str, float]] = []
     window = Metrics()
     t0 = time.perf_counter()
@@ -413,16 +410,13 @@ def train_sae(cfg: TrainConfig, on_log: Callable[[dict[str, Any]], None] | None 
                 log.debug("train step %d: %s", step, entry)
                 if on_log:
                     on_log(entry)
-                if bar is not None:
-                    bar.set_postfix(fve=f"{entry['fve']:.3f}", l0=f"{entry['l0']:.1f}", dead=entry["dead"])
+                bar.set_postfix(fve=f"{entry['fve']:.3f}", l0=f"{entry['l0']:.1f}", dead=entry["dead"])
             if step % cfg.checkpoint_every == 0 or step == total_steps:
                 trainer.save(ckpt_path)
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
     finally:
         batches.close()
-        if bar is not None:
-            bar.close()
+        bar.close()
     seconds = time.perf_counter() - t0
     final = {**(history[-1] if history else {}), "dead": trainer.tracker.n_dead, "d_sae": d_sae}
     out_dir = trainer.sae.save_saelens(Path(cfg.out), trainer.scaler, lineage, trainer.training_record(final))

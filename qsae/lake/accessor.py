@@ -120,7 +120,7 @@ class QsaeAccessor:
         """The N (question, sample) rows where ``feature`` fires most, with their text.
 
         Reads only that layer's codes (plus the text of the N winners). Returns a pandas
-        DataFrame sorted by activation.
+        DataFrame sorted by activation; ``first_token_entropy`` is the lake's ``entropy`` (nats).
         """
         import pandas as pd
 
@@ -132,7 +132,8 @@ class QsaeAccessor:
         flat = values.reshape(-1)
         n = min(n, int((flat > 0).sum()))
         if n == 0:
-            return pd.DataFrame(columns=["question", "sample", "activation", "question_text", "completion", "entropy"])
+            return pd.DataFrame(columns=["question", "sample", "activation", "question_text", "completion",
+                                         "first_token_entropy"])
         top = np.argpartition(-flat, n - 1)[:n]
         top = top[np.argsort(-flat[top], kind="stable")]
         rows = []
@@ -140,7 +141,8 @@ class QsaeAccessor:
         for pos in top:
             q, s = (divmod(int(pos), S) if values.ndim == 2 else (int(pos), None))
             row = {"question": int(self._ds.question[q]), "sample": s, "activation": float(flat[pos]),
-                   "question_text": str(self._ds.question_text[q].values), "entropy": float(self._ds.entropy[q])}
+                   "question_text": str(self._ds.question_text[q].values),
+                   "first_token_entropy": float(self._ds.entropy[q])}  # nats, the lake's `entropy`
             if s is not None:
                 row["completion"] = str(self._ds.completion[q, s].values)
             rows.append(row)
@@ -182,7 +184,7 @@ class QsaeAccessor:
                                    which: Which = "prompt", done_only: bool = True):
         """The N questions where ``feature`` fires most (prompt end, or a question's largest
         completion-end activation), each with its gold answers and every sample (text, correct).
-        A pandas DataFrame sorted by activation."""
+        A pandas DataFrame sorted by activation; ``first_token_entropy`` is the lake's ``entropy`` (nats)."""
         import pandas as pd
 
         layer = self._layer(layer)
@@ -195,10 +197,11 @@ class QsaeAccessor:
         answers = self.answers()
         rows = [{"question": int(self._ds.question[q]), "activation": float(per_q[q]),
                  "question_text": str(self._ds.question_text[q].values), "answers": answers[q],
-                 "entropy": float(self._ds.entropy[q]), "samples": [str(x) for x in self._ds.completion[q].values],
+                 "first_token_entropy": float(self._ds.entropy[q]),  # nats, the lake's `entropy`
+                 "samples": [str(x) for x in self._ds.completion[q].values],
                  "correct": [bool(x) for x in self._ds.correct[q].values]} for q in top]
-        return pd.DataFrame(rows, columns=["question", "activation", "question_text", "answers", "entropy", "samples",
-                                           "correct"])
+        return pd.DataFrame(rows, columns=["question", "activation", "question_text", "answers", "first_token_entropy",
+                                           "samples", "correct"])
 
     def cofiring(self, feature: int, layer: int | None = None, n: int = 10, which: Which = "prompt",
                  done_only: bool = True):
@@ -232,9 +235,10 @@ class QsaeAccessor:
                correct: Literal["any", "all", "none"] | None = None, group: str | None = None,
                rivalry: str | None = None, done_only: bool = True, store: str | StoreRef | None = None,
                storage_options: dict | None = None, dataset_ids: Sequence[str | int] | None = None) -> xr.Dataset:
-        """Questions by entropy range, correctness of their samples, rivalry group or dataset id.
+        """Questions by entropy range (the lake's ``entropy``: exact first-token entropy in nats),
+        correctness of their samples, rivalry group or dataset id.
 
-        ``group`` ('ambiguous'/'unambiguous') reads the rivalry result group ``rivalry``
+        ``group`` ('ambiguous', 'unambiguous' or 'left_out') reads the rivalry result group ``rivalry``
         (default for a one-layer lake: 'rivalry/layer_<L>/paper') of ``store`` (default: the
         store this dataset was opened from with ``open_lake``). ``dataset_ids`` are the dataset's
         own ids (``dataset_id`` for string ids, else the ``question`` coordinate); unknown
@@ -271,8 +275,11 @@ class QsaeAccessor:
                 raise ValueError("select(group=...) needs store= (this dataset was not opened with qsae.open_lake)")
             from qsae.lake.store import open_lake
 
+            groups = ("ambiguous", "unambiguous", "left_out")
+            if group not in groups:
+                raise ValueError(f"select(group={group!r}): a rivalry group is one of {', '.join(groups)}")
             g = open_lake(store, storage_options=storage_options, group=rivalry).group.values
-            keep &= g == group
+            keep &= np.where(g == "", "left_out", g) == group  # results written before 2026-12 stored ""
         return self._ds.isel(question=np.flatnonzero(keep))
 
     # -------------------------------------------------------------- reconstruction

@@ -31,6 +31,7 @@ SAE ablates the MLP). BOS and padding positions are neither spliced nor scored.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -173,12 +174,13 @@ def _token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def loss_recovered(
     model: torch.nn.Module, sae: SAE, layer: int, windows: torch.Tensor, keep: torch.Tensor,
-    batch: int = 8,
+    batch: int = 8, on_batch: Callable[[int], None] | None = None,
 ) -> LossRecovered:
     """CE clean / SAE-spliced / zero-ablated and KLs over ``windows`` (n, T) of token ids.
 
     ``keep`` (n, T) marks positions that are spliced and scored (False for BOS/pad); the
     loss at position t is for predicting token t+1, counted when positions t and t+1 are kept.
+    ``on_batch(n)`` is called after each batch of ``n`` windows (progress).
     """
     from qsae.lm.hooks import splice
 
@@ -210,6 +212,8 @@ def loss_recovered(
             sums[name] += float((_token_losses(logits, targets) * scored).sum())
         sums["clean"] += float((_token_losses(clean, targets) * scored).sum())
         n_tok += int(scored.sum())
+        if on_batch is not None:
+            on_batch(int(ids.shape[0]))
     n = max(n_tok, 1)
     return LossRecovered(sums["clean"] / n, sums["sae"] / n, sums["zero"] / n, sums["kl_sae"] / n,
                          sums["kl_zero"] / n, n_tok)

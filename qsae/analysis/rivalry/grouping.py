@@ -9,7 +9,7 @@ from typing import Any, Literal
 import numpy as np
 
 Rule = Literal["thresholds", "median", "quantile", "threshold"]
-AMBIGUOUS, UNAMBIGUOUS, EXCLUDED = "ambiguous", "unambiguous", ""
+AMBIGUOUS, UNAMBIGUOUS, EXCLUDED = "ambiguous", "unambiguous", "left_out"  # results before 2026-12 stored ""
 
 
 def first_word(text: str) -> str:
@@ -64,7 +64,7 @@ def distinct_rows(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # ------------------------------------------------------------------------ groups
 @dataclass
 class Grouping:
-    labels: np.ndarray  # str per question: ambiguous / unambiguous / "" (left out)
+    labels: np.ndarray  # str per question: ambiguous / unambiguous / left_out
     rule: str
     cutoffs: dict[str, float]
 

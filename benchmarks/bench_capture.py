@@ -62,7 +62,8 @@ def bare(cfg: CaptureConfig, questions) -> tuple[float, int, float, float]:
 def _capture(cfg: CaptureConfig) -> tuple[object, int | None]:
     reset_peak_rss()
     before = peak_rss()
-    stats = capture_shards(cfg, plan_capture(cfg).pending)
+    plan = plan_capture(cfg)
+    stats = capture_shards(plan, plan.pending)
     after = peak_rss()
     return stats, (after - before) if before is not None and after is not None else None
 
@@ -90,7 +91,8 @@ def main() -> None:
         bare(cfg.model_copy(update={"limit": 2, "questions_per_batch": 2}), questions[:2])
         for p, c in paths.items():
             warm = c.model_copy(update={"store": str(root / f"warm-{p}.zarr"), "limit": args.batch})
-            capture_shards(warm, plan_capture(warm).pending)
+            warm_plan = plan_capture(warm)
+            capture_shards(warm_plan, warm_plan.pending)
         torch.manual_seed(0)
         reset_peak_rss()
         before = peak_rss()

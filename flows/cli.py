@@ -280,7 +280,7 @@ def demo(
 
         server = launch_if_needed(typer.echo)
     try:
-        from qsae.jobs.capture import run_capture, store_path_for
+        from qsae.jobs.capture import run_capture
         from qsae.jobs.demo import demo_capture_config, ensure_demo_model, ensure_demo_sae
 
         TIMES["imports (torch, transformers)"] = time.perf_counter() - t0
@@ -291,7 +291,7 @@ def demo(
         sae = ensure_demo_sae()
         TIMES["SAE"] = time.perf_counter() - t
         cfg = demo_capture_config(store, sae, questions)
-        cfg = cfg.model_copy(update={"store": store_path_for(cfg)})
+        cfg = cfg.model_copy(update={"store": cfg.ref.absolute})  # the path it prints is the one it writes
         typer.echo(f"capturing {questions} PopQA questions x {cfg.sampling.n_samples} samples through SmolLM2 layer "
                    f"{cfg.layers} and {sae} into {cfg.store}")
         if prefect:

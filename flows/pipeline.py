@@ -23,7 +23,7 @@ from flows.logs import forward_qsae_logs
 from flows.reconstruction import reconstruction_flow
 from flows.rivalry import rivalry_flow
 from flows.storage_blocks import resolve_secret_blocks
-from qsae.jobs.capture import CaptureConfig, store_path_for
+from qsae.jobs.capture import CaptureConfig
 from qsae.jobs.reconstruction import ReconstructionConfig
 from qsae.jobs.rivalry import RivalryConfig
 from qsae.lake.store import QuestionLake
@@ -80,17 +80,19 @@ def pipeline_flow(
 ) -> dict[str, Any]:
     """Capture (in-process, or fanned out to GPU workers), then rivalry and reconstruction."""
     logger = get_run_logger()
-    config = config.model_copy(update={"store": store_path_for(config)})
     # Children get the block names, never the secrets (their parameters are stored by Prefect).
     resolved = config.model_copy(update={"storage_options": resolve_secret_blocks(config.storage_options)})
-    pending = prepare_store(resolved)
     captures: list[dict[str, Any]] = []
-    if capture_deployment and pending:
-        queues = gpu_queues or ["default"]
-        groups = split_shards(pending, len(queues))
-        captures = fan_out_capture(config, capture_deployment, groups, queues[: len(groups)], shards_per_task)
-    elif pending:
-        capture_flow(config=config, shards_per_task=shards_per_task)
+    if capture_deployment:  # planned here once, to split the pending shards over the GPU queues
+        plan = prepare_store(resolved)
+        config = config.model_copy(update={"store": plan.config.store, "hook": plan.config.hook})
+        if plan.pending:
+            queues = gpu_queues or ["default"]
+            groups = split_shards(plan.pending, len(queues))
+            captures = fan_out_capture(config, capture_deployment, groups, queues[: len(groups)], shards_per_task)
+    else:  # in this process: the capture flow plans (once) and captures what is pending
+        config = config.model_copy(update={"store": capture_flow(config=config, shards_per_task=shards_per_task).store})
+        resolved = resolved.model_copy(update={"store": config.store})
     lake = QuestionLake.open(resolved.ref, mode="r+")
     if not lake.done_mask().all():
         raise RuntimeError(f"{config.store}: {int((~lake.done_mask()).sum())} questions not done after capture")

@@ -85,14 +85,14 @@ def test_logit_effects_equal_hand_computation_and_skip_with_a_reason(feature_lak
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qsae.sae.metrics import sae_for_lake_layer
+    from qsae.sae.formats import load_sae_for
 
     _, ds = feature_lake
     attrs = dict(ds.attrs)
     effects, skipped = logit_effects(attrs, 3, np.array([5, 17]), n=4)
     assert skipped is None and set(effects) == {5, 17}
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen_dir, dtype=torch.float32)
-    sae = sae_for_lake_layer(attrs, 3)
+    sae = load_sae_for(attrs, 3)
     gain = 1.0 + model.model.norm.weight.detach()  # Qwen3.5's norm scales by (1 + weight)
     want = (sae.W_dec[17].detach() * gain) @ model.lm_head.weight.detach().T
     top = torch.topk(want, 4).values.tolist()

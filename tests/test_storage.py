@@ -77,15 +77,17 @@ def test_store_ref_is_one_handle_for_a_store(tmp_path, monkeypatch):
     lake.write_shard(0, random_shard(lake, 0))
     assert ref.exists() and lake.ref == ref
     np.testing.assert_array_equal(open_lake(ref).done.values, QuestionLake.open(ref.url).done_mask())
-    assert ref.figures / "rivalry/roc.png" == str(tmp_path / "lake.zarr.figures" / "rivalry" / "roc.png")
+    roc = ref.figures / "rivalry/roc.png"  # a ref inside a ref: its options travel with it
+    assert isinstance(roc, StoreRef) and roc.url == str(tmp_path / "lake.zarr.figures" / "rivalry" / "roc.png")
     ref.delete()
     assert not ref.exists() and not (tmp_path / "lake.zarr").exists()
     # Remote: the options travel with the URL; none given means the environment's.
     monkeypatch.setenv("QSAE_S3_ENDPOINT", "http://127.0.0.1:9")
     s3 = StoreRef.of("s3://bucket/lake.zarr")
     assert s3.options == {"endpoint_url": "http://127.0.0.1:9"} and s3.local_path is None
-    assert s3.figures / "x.png" == "s3://bucket/lake.zarr.figures/x.png"
+    assert (s3.figures / "x.png").url == "s3://bucket/lake.zarr.figures/x.png"
     given = StoreRef.of("s3://bucket/lake.zarr", {"key": "k"})
+    assert (given.figures / "x.png").storage_options == {"key": "k"}  # not dropped on the way in (it was a str)
     assert given.options == {"key": "k"} and StoreRef.of(given, {"key": "k"}) is given
     with pytest.raises(ValueError, match="storage_options given twice"):
         StoreRef.of(given, {"key": "other"})

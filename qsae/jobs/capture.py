@@ -62,7 +62,7 @@ def capture_lineage(cfg: CaptureConfig, lm_name: str, lm_revision: str, qs: Ques
         "model": lm_name,
         "model_path": cfg.model,
         "model_revision": lm_revision,
-        "hook": cfg.resolved_hook(saes),
+        "hook": cfg.hook or cfg.resolved_hook(saes),
         "sae_source": cfg.sae,
         "sae_sha256": {str(layer): sae.info.sha256 for layer, sae in saes.items()},
         # per layer: are the top-k values ReLU'd (SAELens, OpenAI-style) or kept as they are (Qwen-Scope)
@@ -129,9 +129,16 @@ def get_questions(cfg: CaptureConfig) -> QuestionSet:
 # ------------------------------------------------------------------------- planning
 @dataclass
 class CapturePlan:
+    """Everything decided once, before any shard: the config as the steps read it (the store's
+    absolute path, the hook point resolved against the SAEs), the prompt budget, the lake and
+    its pending shards. ``capture_shards`` takes it; the model and SAEs it names are loaded once
+    per process (``get_model``, ``get_saes``)."""
+
+    config: CaptureConfig
     lake: QuestionLake
     questions: QuestionSet
     pending: list[int]
+    budget: int
     long_prompts: list[int] = field(default_factory=list)
 
 
@@ -146,6 +153,7 @@ def prompt_budget(cfg: CaptureConfig, lm: LoadedModel) -> int:
 def plan_capture(cfg: CaptureConfig) -> CapturePlan:
     """Load the dataset, model and SAEs, check them against each other, create/open the store."""
     preflight(cfg)  # what needs nothing loaded first (a deployment run fails in a second, not after the model)
+    cfg = cfg.model_copy(update={"store": cfg.ref.absolute})  # every worker and result names one path
     qs = get_questions(cfg)
     for p in qs.problems:
         log.info("dataset %s: skipped %s", qs.name, p)
@@ -153,6 +161,7 @@ def plan_capture(cfg: CaptureConfig) -> CapturePlan:
     lm = res.lm
     check_layers(lm.model, cfg.layers)
     saes = get_saes(cfg, lm)
+    cfg = cfg.model_copy(update={"hook": cfg.resolved_hook(saes)})  # decided here, read as it is from now on
     budget = prompt_budget(cfg, lm)
     long = [q.id for q in qs.questions if len(_encode_prompt(lm, cfg, q)) > budget]
     if long and cfg.on_long_prompt == "refuse":
@@ -177,7 +186,7 @@ def plan_capture(cfg: CaptureConfig) -> CapturePlan:
     lake = QuestionLake.open_or_create(cfg.ref, spec, mode=cfg.mode)
     if qs.problems and "dataset_problems" not in lake.attrs:
         lake.update_attrs(dataset_problems=[str(p) for p in qs.problems])
-    return CapturePlan(lake, qs, lake.pending_shards(), long)
+    return CapturePlan(cfg, lake, qs, lake.pending_shards(), budget, long)
 
 
 def _encode_prompt(lm: LoadedModel, cfg: CaptureConfig, q: Question) -> list[int]:
@@ -215,8 +224,8 @@ def capture_batch(
         stop = torch.unique(torch.cat([newline_token_ids(tok), stop]))
     draw = Draw(n_samples=S, seed=cfg.seed, temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
                 max_new_tokens=T, stop_ids=stop, pad_id=tok.pad_token_id)
-    hook = cfg.resolved_hook(saes)
-    sampled = sample_and_capture(cfg.decode, lm.model, prompts, [q.id for q in questions], draw, cfg.layers, hook,
+    sampled = sample_and_capture(cfg.decode, lm.model, prompts, [q.id for q in questions], draw, cfg.layers,
+                                 cfg.hook or cfg.resolved_hook(saes),
                                  **({"eos_token_id": eos, "bos_token_id": tok.bos_token_id}
                                     if cfg.decode == "two_pass" else {}))
     t_model = time.perf_counter()
@@ -388,24 +397,19 @@ class CaptureResult(Report):
             "Open it with:", "", f"```python\nimport xarray as xr\nds = xr.open_zarr({self.store!r})\n```"])
 
 
-def capture_shards(
-    cfg: CaptureConfig, shards: Sequence[int], progress: bool = False,
-) -> CaptureStats:
-    """Capture the given shards of an existing store (each rewritten whole, then marked done)."""
+def capture_shards(plan: CapturePlan, shards: Sequence[int], progress: bool = False) -> CaptureStats:
+    """Capture the given shards of the plan's store (each rewritten whole, then marked done)."""
+    cfg, qs, budget = plan.config, plan.questions, plan.budget
     res = get_model(cfg)
     lm = res.lm
     saes = get_saes(cfg, lm)
-    qs = get_questions(cfg)
-    lake = QuestionLake.open(cfg.ref, mode="r+")
-    if list(lake.question_ids()) != qs.ids():
-        raise DatasetError(f"the store's questions differ from {qs.name}: wrong store or dataset?")
-    budget = prompt_budget(cfg, lm)
+    lake = QuestionLake.open(cfg.ref, mode="r+")  # this step's own handle (a task may run elsewhere)
     batch_size = resolve_questions_per_batch(cfg, lm, budget)
     stats = CaptureStats(list(shards))
     total = sum(lake.shard_region(s).stop - lake.shard_region(s).start for s in shards)
-    with Progress(total, "capture", "questions", bar=progress, logger=log) as bar, \
-            background_writer(lake, cfg.writer_queue) as writer:
-        with res.lock:  # one capture at a time per model (hooks are per module); time from here
+    with background_writer(lake, cfg.writer_queue) as writer:
+        with res.lock, Progress(total, f"capture of shards {list(shards)}", "questions", bar=progress,
+                                logger=log) as bar:  # one capture at a time per model (hooks are per module)
             t0 = time.perf_counter()
             for shard in shards:
                 region = lake.shard_region(shard)
@@ -498,11 +502,7 @@ def decode_experts(lm: LoadedModel, path: str) -> str | None:
 def run_capture(cfg: CaptureConfig, progress: bool = False) -> tuple[QuestionLake, CaptureStats]:
     """Plan and capture every pending shard in this process (the notebook entry point)."""
     plan = plan_capture(cfg)
-    log.info("store %s: %d of %d shards to capture", cfg.store, len(plan.pending), plan.lake.n_shards)
-    stats = capture_shards(cfg, plan.pending, progress=progress)
-    return QuestionLake.open(cfg.ref), stats
+    log.info("store %s: %d of %d shards to capture", plan.config.store, len(plan.pending), plan.lake.n_shards)
+    stats = capture_shards(plan, plan.pending, progress=progress)
+    return QuestionLake.open(plan.config.ref), stats
 
-
-def store_path_for(cfg: CaptureConfig) -> str:
-    """The store URL with local paths made absolute (so workers agree on it)."""
-    return cfg.ref.absolute

@@ -24,54 +24,14 @@ from qsae.jobs.report import Report, fmt
 from qsae.lake.store import TokenLake, TokenLakeSpec
 from qsae.lake.writer import background_writer
 from qsae.lm.convert import to_lake_dtype
-from qsae.lm.datasets import TextCorpus, load_texts
+from qsae.lm.datasets import load_texts
 from qsae.lm.hooks import check_layers, run_with_capture
 from qsae.lm.models import LoadedModel, load_model
+from qsae.lm.windows import Windows, make_windows  # noqa: F401 (Windows re-exported)
 
 log = logging.getLogger("qsae.jobs.collect")
 
 
-
-
-@dataclass
-class Windows:
-    """The corpus cut into model inputs: (n_windows, context_length) ids plus per-token info."""
-
-    inputs: np.ndarray  # int64 (n_windows, context_length), BOS included when prepended
-    stored_from: int  # first stored position within each window (1 with BOS, else 0)
-    doc: np.ndarray  # int32 (n_windows, tokens_per_window): document index of each stored token
-    special: np.ndarray  # bool (n_windows, tokens_per_window)
-
-    @property
-    def tokens_per_window(self) -> int:
-        return self.inputs.shape[1] - self.stored_from
-
-
-def make_windows(corpus: TextCorpus, tokenizer, cfg: CollectConfig) -> Windows:
-    """Pack the documents into fixed windows (deterministic for a corpus and tokenizer)."""
-    eos = tokenizer.eos_token_id
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
-    ids, docs = [], []
-    for i, text in enumerate(corpus.texts):
-        toks = tokenizer(text, add_special_tokens=False).input_ids
-        ids.extend(toks + [eos])
-        docs.extend([i] * (len(toks) + 1))
-    stored_from = 1 if cfg.bos == "prepend" else 0
-    per = cfg.context_length - stored_from
-    n = len(ids) // per
-    if cfg.max_tokens is not None:
-        n = min(n, max(1, cfg.max_tokens // per))
-    if n == 0:
-        raise ValueError(f"{corpus.name}: fewer than {per} tokens, not one window")
-    body = np.asarray(ids[: n * per], dtype=np.int64).reshape(n, per)
-    doc = np.asarray(docs[: n * per], dtype=np.int32).reshape(n, per)
-    special = body == eos
-    if cfg.bos == "prepend":
-        inputs = np.concatenate([np.full((n, 1), bos, dtype=np.int64), body], axis=1)
-    else:
-        inputs = body
-        special[:, 0] = True  # position 0 is an attention sink even without BOS
-    return Windows(inputs, stored_from, doc, special)
 
 
 @dataclass
@@ -103,7 +63,7 @@ def collect(cfg: CollectConfig, progress: bool = False,
     corpus = load_texts(cfg.dataset, text_field=cfg.text_field, split=cfg.dataset_split)
     for p in corpus.problems:
         log.info("corpus %s: skipped %s", corpus.name, p)
-    win = make_windows(corpus, lm.tokenizer, cfg)
+    win = make_windows(corpus, lm.tokenizer, cfg.context_length, bos=cfg.bos, max_tokens=cfg.max_tokens)
     per = win.tokens_per_window
     n_windows = win.inputs.shape[0]
     spec = TokenLakeSpec(

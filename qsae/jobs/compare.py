@@ -96,15 +96,16 @@ def _decoder(source: str, layer: int | None) -> tuple[np.ndarray, dict[str, Any]
 
 
 def check_codes_from(ds: xr.Dataset, url: str, layer: int, sae: dict[str, Any], role: str) -> None:
-    """Refuse a lake whose layer-``layer`` codes were not made by this SAE file (sha256)."""
+    """Refuse a lake whose layer-``layer`` codes were not made by this SAE file (sha256, width)."""
     from qsae.errors import LineageError
+    from qsae.lake.lineage import Lineage
 
-    stored = (ds.attrs.get("sae_sha256") or {}).get(str(layer))
-    if stored != sae["sha256"]:
-        raise LineageError(
-            f"the {role} lake {url} has layer-{layer} codes from an SAE with sha256 {stored} "
-            f"({ds.attrs.get('sae_source')}), but the {role} SAE given is {sae['source']} with sha256 "
-            f"{sae['sha256']}: its feature indices would be another SAE's features")
+    try:
+        Lineage.of(ds).codes_sae(layer).check(sae["sha256"], sae["d_sae"], where=f"{role} SAE {sae['source']}")
+    except LineageError as exc:
+        raise type(exc)(f"the {role} lake {url} has layer-{layer} codes from an SAE with sha256 "
+                        f"{(ds.attrs.get('sae_sha256') or {}).get(str(layer))}: {exc}; its feature indices "
+                        "would be another SAE's features") from None
 
 
 INPUTS = {

@@ -196,6 +196,11 @@ class TrainConfig(_StoreFields, BaseModel):
     init_from: str | None = Field(None, description="start from this SAE (e.g. the base model's, to follow its "
                                                     "features through a fine-tune); its width is used")
 
+    @property
+    def resolved_lr(self) -> float:
+        """``lr``, else the architecture's default (5e-4 TopK, 5e-5 ReLU)."""
+        return self.lr or DEFAULT_LR[self.architecture]
+
 
 class ReconstructionConfig(_StoreFields, BaseModel):
     """What to evaluate: a question lake's stored codes per position, or a token lake of text."""

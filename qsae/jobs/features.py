@@ -116,9 +116,9 @@ def logit_effects(attrs: dict[str, Any], layer: int, features: np.ndarray, n: in
     try:
         from transformers import AutoTokenizer
 
-        from qsae.sae.metrics import sae_for_lake_layer
+        from qsae.sae.formats import load_sae_for
 
-        sae = sae_for_lake_layer(attrs, layer, None)
+        sae = load_sae_for(attrs, layer)
         W_U, gain = unembedding(folder)
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - a dashboard without logit effects, with the reason
@@ -218,7 +218,7 @@ def write_layer(lf: LayerFeatures, questions: QuestionTable, effects: dict[int, 
     """Write one layer's dashboard block by block (256 features at a time, never all in memory)
     and, when asked, its Neuronpedia batches. Returns (index URL, features, batch files)."""
     base = target.figures / f"features/layer_{lf.layer}"
-    fs, root = fsspec.core.url_to_fs(base, **target.figures.options)
+    fs, root = base.fs()
     fs.makedirs(f"{root}/data", exist_ok=True)
     feats = lf.features.tolist()
     rows, batches = [], []
@@ -239,7 +239,7 @@ def write_layer(lf: LayerFeatures, questions: QuestionTable, effects: dict[int, 
     _write(fs, f"{root}/index.html", _INDEX.replace("__META__", _js(meta)).replace("__ROWS__", _js(rows))
            .replace("__TITLE__", html.escape(title)))
     _write(fs, f"{root}/feature.html", _FEATURE.replace("__META__", _js(meta)).replace("__TITLE__", html.escape(title)))
-    return f"{base}/index.html", len(feats), batches
+    return f"{base.url}/index.html", len(feats), batches
 
 
 def _js(value: Any) -> str:

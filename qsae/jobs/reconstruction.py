@@ -24,8 +24,8 @@ from qsae.jobs.report import Report, fmt
 from qsae.lake.results import lineage_of, save_figure, write_result_group
 from qsae.lake.schema import KIND_QUESTIONS, KIND_TOKENS
 from qsae.lake.store import open_lake
-from qsae.sae.formats import load_sae
-from qsae.sae.metrics import ReconAccumulator, decode_codes, loss_recovered, sae_for_lake_layer
+from qsae.sae.formats import load_sae, load_sae_for
+from qsae.sae.metrics import ReconAccumulator, decode_codes, loss_recovered
 from qsae.sae.model import SAE
 
 log = logging.getLogger("qsae.jobs.reconstruction")
@@ -237,7 +237,7 @@ def offline_layer(plan: ReconstructionPlan, layer: int) -> LayerMetrics:
         label = POSITION_LABELS["token"][0]
         metrics[label], density[label] = m, dens
         return LayerMetrics(layer, metrics, density, sae.info.sha256)
-    sae = sae_for_lake_layer(plan.attrs, layer, cfg.sae, cfg.device)
+    sae = load_sae_for(plan.attrs, layer, cfg.sae, cfg.device)
     blocks = blocks_of(ds.sizes["question"], cfg.block_questions)
     for position in plan.positions:
         def rows(position: str = position):
@@ -256,12 +256,11 @@ def blocks_of(n: int, size: int) -> list[slice]:
 
 def text_windows(model_lm, cfg: ReconstructionConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Windows of the text dataset (BOS first) and the mask of positions to splice and score."""
-    from qsae.jobs.collect import CollectConfig, make_windows
     from qsae.lm.datasets import load_texts
+    from qsae.lm.windows import make_windows
 
-    ccfg = CollectConfig(dataset=cfg.text_dataset, context_length=cfg.context_length, max_tokens=cfg.max_tokens,
-                         bos="prepend")
-    win = make_windows(load_texts(cfg.text_dataset), model_lm.tokenizer, ccfg)
+    win = make_windows(load_texts(cfg.text_dataset), model_lm.tokenizer, cfg.context_length, bos="prepend",
+                       max_tokens=cfg.max_tokens)
     keep = np.concatenate([np.zeros((win.inputs.shape[0], 1), bool), ~win.special], axis=1)
     return torch.from_numpy(win.inputs), torch.from_numpy(keep)
 
@@ -282,7 +281,7 @@ def model_layer(plan: ReconstructionPlan, layer: int, lm=None, progress: bool = 
     if plan.kind == KIND_TOKENS:
         sae = load_sae(cfg.sae, layer=layer, k=cfg.sae_k, device=str(lm.device))
     else:
-        sae = sae_for_lake_layer(plan.attrs, layer, cfg.sae, str(lm.device))
+        sae = load_sae_for(plan.attrs, layer, cfg.sae, str(lm.device))
     windows, keep = text_windows(lm, cfg)
     with Progress(windows.shape[0], f"layer {layer} with the model in the loop", "windows", bar=progress,
                   logger=log) as bar:

@@ -190,14 +190,11 @@ def _decoder(plan: RivalryPlan, layer: int) -> tuple[np.ndarray | None, str | No
     """Unit-norm decoder rows of the SAE that made this layer's codes, or why not."""
     source = plan.attrs.get("sae_source")
     try:
-        from qsae.sae.formats import load_sae  # torch, lazily: only for the per-prompt score
+        from qsae.sae.formats import load_sae_for  # torch, lazily: only for the per-prompt score
 
-        sae = load_sae(source if not isinstance(source, dict) else source[str(layer)], layer=layer)
-    except Exception as e:  # noqa: BLE001 - any reason the SAE is unreadable here is reported, not fatal
-        return None, f"SAE {source!r} not readable here ({type(e).__name__}: {e})"
-    want = (plan.attrs.get("sae_sha256") or {}).get(str(layer))
-    if want and sae.info.sha256 != want:
-        return None, f"SAE {source!r} has sha256 {sae.info.sha256[:12]}, the lake's codes came from {want[:12]}"
+        sae = load_sae_for(plan.attrs, layer)  # the file that made the codes, checked like everywhere
+    except Exception as e:  # noqa: BLE001 - any reason the SAE is unusable here is reported, not fatal
+        return None, f"SAE {source!r} not usable here ({type(e).__name__}: {e})"
     W = sae.W_dec.detach().double().numpy()
     return W / np.maximum(np.linalg.norm(W, axis=1, keepdims=True), 1e-12), None
 

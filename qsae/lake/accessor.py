@@ -286,10 +286,11 @@ class QsaeAccessor:
     def reconstruct(self, layer: int | None = None, which: Which = "completion", sae: str | None = None) -> xr.DataArray:
         """SAE reconstruction x_hat of the stored residuals from their codes, with the SAE the
         lineage names (its sha256 checked); lazy on dask. Needs torch."""
-        from qsae.sae.metrics import decode_codes, sae_for_lake_layer
+        from qsae.sae.formats import load_sae_for  # torch, lazily: decoding needs the SAE
+        from qsae.sae.metrics import decode_codes
 
         layer = self._layer(layer)
-        model = sae_for_lake_layer(dict(self._ds.attrs), layer, sae)
+        model = load_sae_for(self._ds, layer, sae)
         idx, val = _codes(self._ds, which)
 
         def decode(i: np.ndarray, v: np.ndarray) -> np.ndarray:

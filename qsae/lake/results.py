@@ -12,20 +12,17 @@ import io
 import json
 from typing import Any
 
-import fsspec
 import numpy as np
 import xarray as xr
 
+from qsae.lake.lineage import Lineage
 from qsae.lake.storage import StoreRef
 from qsae.lake.store import consolidate
-
-LINEAGE_KEYS = ("model", "model_revision", "sae_source", "sae_sha256", "dataset", "dataset_revision",
-                "sampling", "seed", "config_fingerprint", "hook", "resid_dtype")
 
 
 def lineage_of(attrs: dict[str, Any]) -> dict[str, Any]:
     """The lake lineage a result records (so a result names the data it came from)."""
-    return {k: attrs.get(k) for k in LINEAGE_KEYS if k in attrs}
+    return Lineage.of(attrs).record()
 
 
 def _json_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
@@ -43,10 +40,8 @@ def _json_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
     return {k: clean(v) for k, v in attrs.items()}
 
 
-def write_result_group(target: str | StoreRef, group: str, ds: xr.Dataset, attrs: dict[str, Any],
-                       storage_options: dict | None = None) -> str:
+def write_result_group(ref: StoreRef, group: str, ds: xr.Dataset, attrs: dict[str, Any]) -> str:
     """(Over)write a result group in the store; returns ``url#group``."""
-    ref = StoreRef.of(target, storage_options)
     ds = ds.copy()
     ds.attrs = _json_attrs(attrs)
     for name, var in ds.variables.items():
@@ -65,20 +60,19 @@ def figure_png(fig) -> bytes:
     return buf.getvalue()
 
 
-def save_png(png: bytes, target: str | StoreRef, key: str, storage_options: dict | None = None) -> str:
+def save_png(png: bytes, ref: StoreRef, key: str) -> str:
     """Write PNG bytes at ``<store>.figures/<key>``; returns where they went."""
-    figures = StoreRef.of(target, storage_options).figures
-    dest = figures / key
-    fs, path = fsspec.core.url_to_fs(dest, **figures.options)
+    dest = ref.figures / key
+    fs, path = dest.fs()
     fs.makedirs(fs._parent(path), exist_ok=True)
     with fs.open(path, "wb") as f:
         f.write(png)
-    return dest
+    return dest.url
 
 
-def save_figure(fig, target: str | StoreRef, key: str, storage_options: dict | None = None) -> str:
+def save_figure(fig, ref: StoreRef, key: str) -> str:
     """Save a matplotlib figure as PNG at ``<store>.figures/<key>``; returns where it went."""
-    return save_png(figure_png(fig), target, key, storage_options)
+    return save_png(figure_png(fig), ref, key)
 
 
 def summary_json(summary: dict[str, Any]) -> str:

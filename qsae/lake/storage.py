@@ -140,9 +140,10 @@ class StoreRef:
         if fs.exists(root):
             fs.rm(root, recursive=True)
 
-    def __truediv__(self, key: str) -> str:
-        """The URL/path of ``key`` inside this store or folder."""
-        return f"{self.absolute.rstrip('/')}/{key}"
+    def __truediv__(self, key: str) -> StoreRef:
+        """``key`` inside this store or folder, with the same options (pangeo-forge's
+        ``FSSpecTarget / "x"``); ``str()`` of it is its URL/path."""
+        return StoreRef(f"{self.absolute.rstrip('/')}/{key}", self.storage_options)
 
     @property
     def figures(self) -> StoreRef:

@@ -243,12 +243,12 @@ def _check_sae_files(attrs: dict, report: Report, ds, reencode: int, seed: int) 
     if not source or not Path(str(source)).exists():
         report.checks["sae"] = f"SAE files not at hand ({source}): hashes not checked"
         return
-    from qsae.sae.metrics import sae_for_lake_layer
+    from qsae.sae.formats import load_sae_for  # torch, lazily: only to check the SAE files
 
     checked = []
     for layer in [int(x) for x in ds.layer.values]:
         try:
-            sae = sae_for_lake_layer(attrs, layer)
+            sae = load_sae_for(attrs, layer)
         except QsaeError as exc:
             report.fail(f"layer {layer}: {exc}")
             continue

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from qsae.lake.schema import FP16_MAX
+FP16_MAX = 65504.0  # float16's largest finite value (numpy.finfo(float16).max); the lake's schema says the same
 
 
 def to_lake_dtype(x: torch.Tensor, resid_dtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -33,12 +33,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 
-from qsae.errors import SAEFormatError
 from qsae.sae.model import SAE
 
 log = logging.getLogger("qsae.sae.metrics")
@@ -112,25 +111,6 @@ class ReconAccumulator:
     @property
     def density(self) -> np.ndarray:
         return self.fired / max(self.n, 1)
-
-
-def sae_for_lake_layer(attrs: dict[str, Any], layer: int, override: str | None = None, device: str = "cpu") -> SAE:
-    """Load the SAE that produced a lake's codes at ``layer`` and check its file hash."""
-    from qsae.sae.formats import load_sae
-
-    source = override or attrs.get("sae_source")
-    if not source:
-        raise SAEFormatError("the lake records no sae_source; pass sae= to name the SAE file")
-    expected = (attrs.get("sae_sha256") or {}).get(str(layer))
-    sae = load_sae(source, layer=layer, k=attrs.get("k"), device=device)
-    if expected and sae.info.sha256 != expected:
-        raise SAEFormatError(
-            f"the SAE at {sae.info.source} has sha256 {sae.info.sha256[:12]}..., but the lake's codes at layer "
-            f"{layer} were made by {expected[:12]}...: not the same file"
-        )
-    if sae.d_sae != attrs.get("d_sae"):
-        raise SAEFormatError(f"SAE d_sae={sae.d_sae} differs from the lake's d_sae={attrs.get('d_sae')}")
-    return sae
 
 
 def decode_codes(sae: SAE, idx: np.ndarray, val: np.ndarray, batch: int = 8192) -> np.ndarray:

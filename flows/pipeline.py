@@ -115,4 +115,4 @@ def pipeline_flow(
         lines += [f"| {c['flow_run']} | {c['worker']} | {c['queue']} | {c['shards']} |" for c in captures]
     create_markdown_artifact(key="qsae-pipeline", markdown="\n".join(lines), description=f"pipeline for {config.store}")
     logger.info(f"pipeline done: {config.store}")
-    return {"store": config.store, "captures": captures, "rivalry": riv["group"], "reconstruction_rows": rec["rows"]}
+    return {"store": config.store, "captures": captures, "rivalry": riv.group, "reconstruction_rows": rec.rows()}

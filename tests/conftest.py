@@ -13,11 +13,37 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import inspect  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+# The two tiers: `-m "not slow"` for working (a few minutes), everything in CI. A test that
+# needs a Prefect server, the S3 server or another process is slow by rule, marked here from
+# its fixtures and its own source, so no such test can land in the fast tier by omission.
+SLOW_FIXTURES = ("prefect_server", "s3_server")
+SLOW_CALLS = ("subprocess.", "_cli(", "Popen(", "multiprocessing", "mp.get_context", "ProcessPoolExecutor",
+              "TemporaryServer(", "prefect_api(", "\"s3_server\"")
+
+
+def slow_reason(function, fixturenames) -> str | None:
+    """Why a test belongs to the slow tier (a server fixture, a subprocess), or None."""
+    for name in SLOW_FIXTURES:
+        if name in fixturenames:
+            return f"uses {name}"
+    source = inspect.getsource(function)
+    return next((f"runs {call.rstrip('.(')}" for call in SLOW_CALLS if call in source), None)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        function = getattr(item, "function", None)
+        if function is not None and not item.get_closest_marker("slow"):
+            why = slow_reason(function, item.fixturenames)
+            if why:
+                item.add_marker(pytest.mark.slow(reason=why))
 
 
 @pytest.fixture(scope="session")

@@ -163,3 +163,13 @@ def test_every_config_field_is_described_and_the_cli_help_is_that_description():
                 assert help_text.startswith(owner.model_fields[field].description), (name, param.name, help_text)
                 checked += 1
     assert checked >= 30
+
+
+def test_the_lm_layer_and_the_lake_agree_on_float16s_limit_without_an_import():
+    """lm/convert.py no longer imports the lake's schema (an arrow back up); the two constants agree."""
+    from qsae.lake.schema import FP16_MAX as in_lake
+    from qsae.lm.convert import FP16_MAX as in_lm
+
+    assert in_lm == in_lake and "qsae.lake" not in {m for m in external_imports("qsae.lm.convert")}
+    assert not any(imp.startswith("qsae.lake") for imp in _import_time_imports(REPO / "qsae/lm/convert.py",
+                                                                                  "qsae.lm.convert"))

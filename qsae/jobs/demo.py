@@ -46,7 +46,7 @@ def demo_sae_dir(cache: Path | None = None, k: int = DEMO_K) -> Path:
 
 
 SHIPPED_SAE = Path(__file__).resolve().parents[1] / "data" / "demo_sae"
-REPRODUCE = "qsae demo-sae --out DIR"  # trains exactly the shipped file (see tests/test_demo_sae.py)
+REPRODUCE = "qsae demo-sae --out DIR"  # trains exactly the shipped file (see tests/sae/test_demo_sae.py)
 
 
 def _has_sae(folder: Path) -> bool:

@@ -19,7 +19,7 @@ from qsae.jobs.capture import run_capture
 from qsae.jobs.features import FeaturesConfig, logit_effects, run_features
 from qsae.lake.store import open_lake
 
-from .helpers import tiny_capture, write_sae_folder
+from ..helpers import tiny_capture, write_sae_folder
 
 
 @pytest.fixture(scope="module")

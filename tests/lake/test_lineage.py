@@ -12,7 +12,7 @@ from qsae.lake.lineage import RESULT_KEYS, CodesMismatchError, Lineage
 from qsae.lake.store import QuestionLake, open_lake
 from qsae.sae.model import file_sha256
 
-from .helpers import random_shard, small_spec
+from ..helpers import random_shard, small_spec
 
 
 def test_lineage_names_the_codes_sae_and_what_a_result_records():

@@ -33,7 +33,7 @@ from qsae.analysis.rivalry import (
 from qsae.jobs.rivalry import RivalryConfig, run_rivalry
 from qsae.lake.store import QuestionLake, open_lake
 
-from .helpers import random_shard, small_spec
+from ..helpers import random_shard, small_spec
 
 D_SAE = 300
 FAST = PaperParams(report_draws=2, replicates=8, noise_pairs=32)
@@ -107,7 +107,7 @@ def test_first_word_entropy_matches_the_definition():
 def test_thresholds_rule_leaves_the_gap_out():
     e = np.array([0.1, 0.5, 0.6, 0.7, 0.71, np.nan])
     g = entropy_groups(e)
-    assert g.labels.tolist() == ["unambiguous", "", "", "", "ambiguous", ""]
+    assert g.labels.tolist() == ["unambiguous", "left_out", "left_out", "left_out", "ambiguous", "left_out"]
     assert g.cutoffs == {"high": 0.7, "low": 0.5, "gap": pytest.approx(0.2)}
     assert entropy_groups(e, "median").labels.tolist()[:5] == ["unambiguous"] * 3 + ["ambiguous"] * 2
     with pytest.raises(ValueError, match="low <= high"):

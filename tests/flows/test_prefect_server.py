@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import random_shard, small_spec
+from ..helpers import random_shard, small_spec
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 QSAE = str(Path(sys.executable).parent / "qsae")
 
 
@@ -119,8 +119,11 @@ def test_a_configured_api_is_used_and_nothing_is_started():
 
 def test_the_cli_prints_a_server_failure_as_a_short_error(tmp_path):
     """An impossible start (timeout 0) reaches the user as two plain lines and exit status 2."""
+    from qsae.lake.store import QuestionLake
+
+    lake = QuestionLake.open_or_create(str(tmp_path / "lake.zarr"), small_spec(n_questions=16))  # passes the checks
     env = _env(tmp_path / "home", QSAE_PREFECT_START_TIMEOUT_S="0")
-    out = subprocess.run([QSAE, "rivalry", str(tmp_path / "missing.zarr")], cwd=REPO, env=env,
+    out = subprocess.run([QSAE, "rivalry", lake.url], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()

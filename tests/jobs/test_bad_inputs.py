@@ -19,7 +19,7 @@ from qsae.lake.verify import verify
 from qsae.lm.convert import to_lake_dtype
 from qsae.sae.formats import load_sae
 
-from .helpers import tiny_capture, write_sae_folder
+from ..helpers import tiny_capture, write_sae_folder
 
 
 def test_unknown_layer_is_refused_before_anything_is_written(tiny_qwen_dir, tmp_path):

@@ -13,7 +13,7 @@ from qsae.errors import SAEFormatError, SAEModelMismatchError, SAENotCachedError
 from qsae.sae.formats import load_sae, load_saes
 from qsae.sae.model import check_sae_matches_model, file_sha256
 
-from .helpers import qwen_scope_dict
+from ..helpers import qwen_scope_dict
 
 
 def numpy_topk_codes(x, W_enc, b_enc, k):

@@ -16,7 +16,7 @@ from qsae.jobs.compare import CompareConfig, run_compare
 from qsae.lake.store import QuestionLake
 from qsae.sae.model import file_sha256
 
-from .helpers import random_shard, small_spec
+from ..helpers import random_shard, small_spec
 
 
 def test_sae_against_itself_matches_everything_with_similarity_one():

@@ -15,9 +15,9 @@ import qsae  # noqa: F401  (registers ds.qsae)
 from qsae.jobs.capture import run_capture
 from qsae.sae.formats import load_sae
 
-from .helpers import tiny_capture, write_sae_folder
+from ..helpers import tiny_capture, write_sae_folder
 
-GUIDE = Path(__file__).resolve().parents[1] / "docs" / "query-guide.md"
+GUIDE = Path(__file__).resolve().parents[2] / "docs" / "query-guide.md"
 
 
 @pytest.fixture(scope="module")

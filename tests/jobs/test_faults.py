@@ -18,9 +18,9 @@ from qsae.jobs.capture import CaptureConfig, run_capture
 from qsae.lake.store import QuestionLake, open_lake
 from qsae.lake.verify import verify
 
-from .helpers import tiny_capture, write_sae_folder
+from ..helpers import tiny_capture, write_sae_folder
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 QSAE = str(Path(sys.executable).parent / "qsae")
 
 
@@ -110,7 +110,7 @@ def test_task_failing_once_is_retried_to_the_same_lake(fault_setup, prefect_serv
     marker = tmp / "raise.marker"
     from qsae.lake.store import BEFORE_DONE
 
-    from .fault_inject import raise_once
+    from ..fault_inject import raise_once
 
     store = str(tmp / "retried.zarr")
     remove = BEFORE_DONE.install(raise_once(str(marker)))

@@ -8,18 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from qsae.jobs.train import (
-    DeadFeatureTracker,
-    LakeSource,
-    Metrics,
-    ShuffledStream,
-    TrainableSAE,
-    TrainConfig,
-    train_sae,
-)
+from qsae.jobs.train import LakeSource, TrainConfig, train_sae
 from qsae.sae.formats import load_sae
+from qsae.sae.trainable import TrainableSAE
+from qsae.sae.training import DeadFeatureTracker, Metrics, ShuffledStream
 
-from .helpers import sparse_dictionary_data, write_token_lake
+from ..helpers import sparse_dictionary_data, write_token_lake
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +214,7 @@ def test_init_from_folds_the_source_pre_encoder_bias_into_b_enc():
     from qsae.sae.formats import load_sae_file
     from qsae.sae.trainable import InputScaler
 
-    from .helpers import qwen_scope_dict, write_relu_checkpoint
+    from ..helpers import qwen_scope_dict, write_relu_checkpoint
 
     x = torch.randn(50, 16, generator=torch.Generator().manual_seed(3)) * 4
     scale = 2.5

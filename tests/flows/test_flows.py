@@ -16,7 +16,7 @@ from qsae.jobs.rivalry import RivalryConfig
 from qsae.jobs.train import TrainConfig
 from qsae.lake.store import QuestionLake, open_lake
 
-from .helpers import prefect_artifacts, prefect_logs, tiny_capture, write_sae_folder
+from ..helpers import prefect_artifacts, prefect_logs, tiny_capture, write_sae_folder
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -78,7 +78,7 @@ def test_rivalry_and_reconstruction_flows_write_results_and_artifacts(flow_lake)
 
 
 def test_train_flow_trains_and_reports(tmp_path):
-    from .helpers import sparse_dictionary_data, write_token_lake
+    from ..helpers import sparse_dictionary_data, write_token_lake
 
     x, _ = sparse_dictionary_data(n_tokens=6000)
     write_token_lake(str(tmp_path / "tokens.zarr"), x)
@@ -98,7 +98,7 @@ def test_every_deployment_in_prefect_yaml_validates_against_its_flow():
     from prefect.utilities.callables import parameter_schema
     from prefect.utilities.schema_tools.validation import validate
 
-    spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "prefect.yaml").read_text())
+    spec = yaml.safe_load((Path(__file__).resolve().parents[2] / "prefect.yaml").read_text())
     assert {d["name"] for d in spec["deployments"]} >= {"capture", "rivalry", "reconstruction-nightly", "pipeline"}
     for dep in spec["deployments"]:
         path, name = dep["entrypoint"].split(":")

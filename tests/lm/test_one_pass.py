@@ -15,7 +15,7 @@ import pytest
 from qsae.jobs.capture import CaptureConfig, run_capture
 from qsae.lake.store import open_lake
 
-from .helpers import write_sae_folder
+from ..helpers import write_sae_folder
 
 # Rows allowed to draw other tokens in float32. SmolLM2's peaked distributions: 2% (0 seen).
 # The tiny random Qwen's near-uniform distribution over 49k tokens puts each draw within a
@@ -117,7 +117,7 @@ def test_out_of_memory_halves_the_batch_and_loses_nothing(tmp_path, smollm2):
 
     from qsae.jobs.capture import get_model
 
-    from .fault_inject import oom_above_rows
+    from ..fault_inject import oom_above_rows
 
     sae = write_sae_folder(tmp_path / "sae", 576, 128, [3])
     base = dict(model="smollm2", sae=str(sae), layers=[3], sae_k=4, n_samples=3, max_new_tokens=4, limit=8,
@@ -142,7 +142,7 @@ def test_prompts_are_batched_shortest_first_and_stored_in_dataset_order(tmp_path
     """Within a shard, batches take prompts by length (less padding); the lake keeps the dataset's order."""
     from qsae.jobs.capture import get_model
 
-    from .fault_inject import record_batch_widths
+    from ..fault_inject import record_batch_widths
 
     sae = write_sae_folder(tmp_path / "sae", 576, 128, [3])
     cfg = CaptureConfig(model="smollm2", sae=str(sae), layers=[3], sae_k=4, n_samples=2, max_new_tokens=3, limit=8,

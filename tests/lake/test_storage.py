@@ -51,7 +51,7 @@ def test_profiles_ship_with_the_package_and_a_project_file_overrides(tmp_path, m
     monkeypatch.chdir(tmp_path)
     shipped = profiles_path()
     assert shipped.is_relative_to(Path(qsae.__file__).parent) and load_profile("local")[0] == "storage/lakes"
-    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
     globs = pyproject["tool"]["setuptools"]["package-data"]["qsae"]
     assert any(fnmatch.fnmatch(str(shipped.relative_to(Path(qsae.__file__).parent)), g) for g in globs)
     (tmp_path / "storage").mkdir()
@@ -68,7 +68,7 @@ def test_store_ref_is_one_handle_for_a_store(tmp_path, monkeypatch):
     from qsae.lake.storage import StoreRef
     from qsae.lake.store import QuestionLake, open_lake
 
-    from .helpers import random_shard, small_spec
+    from ..helpers import random_shard, small_spec
 
     ref = StoreRef.of(str(tmp_path / "lake.zarr"))
     assert StoreRef.of(ref) is ref and str(ref) == ref.url and ref.options == {}

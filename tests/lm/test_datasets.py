@@ -9,7 +9,7 @@ import pytest
 from qsae.errors import DatasetError
 from qsae.lm.datasets import format_prompt, is_correct, load_questions
 
-from .helpers import SHARED
+from ..helpers import SHARED
 
 
 def test_embedded_demo_rows_are_real_popqa():

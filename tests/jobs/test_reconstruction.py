@@ -27,7 +27,7 @@ from qsae.sae.formats import load_sae
 from qsae.sae.metrics import loss_recovered
 from qsae.sae.model import file_sha256
 
-from .helpers import random_shard, small_spec, tiny_capture, write_relu_checkpoint
+from ..helpers import random_shard, small_spec, tiny_capture, write_relu_checkpoint
 
 
 def numpy_metrics(x, x_hat, val, d_sae, idx):

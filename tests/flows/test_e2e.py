@@ -19,9 +19,9 @@ import pytest
 import xarray as xr
 import yaml
 
-from .helpers import write_sae_folder
+from ..helpers import write_sae_folder
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 

@@ -13,9 +13,9 @@ import pytest
 from qsae.errors import DatasetError
 from qsae.lm.datasets import derive_question_id, load_questions
 
-from .helpers import tiny_capture, write_sae_folder
+from ..helpers import tiny_capture, write_sae_folder
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 QSAE = str(Path(sys.executable).parent / "qsae")
 HEADER = "id\tsubj\tprop\tobj\tquestion\tpossible_answers"
 
@@ -231,7 +231,7 @@ def test_a_full_disk_ends_in_one_line_and_keeps_done_shards(tmp_path, tiny_qwen_
 
     from qsae.lake.store import QuestionLake
 
-    from .helpers import write_sae_folder
+    from ..helpers import write_sae_folder
 
     monkeypatch.delenv("QSAE_DEBUG", raising=False)
     sae = write_sae_folder(tmp_path / "sae", 64, 128, [1])
@@ -264,7 +264,7 @@ def test_a_missing_bucket_and_a_dead_endpoint_are_one_line(s3_server, tmp_path):
     from qsae.errors import StoreUnreachableError
     from qsae.lake.store import QuestionLake, _store_error
 
-    from .helpers import small_spec
+    from ..helpers import small_spec
 
     endpoint, opts = s3_server
     with pytest.raises(StoreUnreachableError, match="bucket") as err:
@@ -297,7 +297,7 @@ class socket_closed_port:
 def test_a_truncated_sae_or_model_file_is_named_in_one_line(tmp_path, tiny_qwen_dir, capsys, monkeypatch):
     import shutil
 
-    from .helpers import write_sae_folder
+    from ..helpers import write_sae_folder
 
     monkeypatch.delenv("QSAE_DEBUG", raising=False)
     sae = write_sae_folder(tmp_path / "sae", 64, 128, [1])

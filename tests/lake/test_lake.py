@@ -12,7 +12,7 @@ from qsae.errors import ConfigMismatchError, NewerSchemaError, RegionError, Sche
 from qsae.lake.schema import SCHEMA_VERSION, VARIABLES, index_dtype
 from qsae.lake.store import LakeLayout, QuestionLake, open_lake
 
-from .helpers import random_shard, small_spec
+from ..helpers import random_shard, small_spec
 
 
 def test_index_dtype_is_smallest_that_holds_d_sae():

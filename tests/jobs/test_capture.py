@@ -15,7 +15,7 @@ from qsae.lake.store import open_lake
 from qsae.lm.hooks import run_with_capture
 from qsae.sae.formats import load_sae
 
-from .helpers import tiny_capture, write_sae_folder
+from ..helpers import tiny_capture, write_sae_folder
 
 
 def small_cfg(tmp, model, sae, layers, **kw) -> CaptureConfig:
@@ -236,7 +236,7 @@ def test_mlp_output_capture_with_a_relu_sae(tmp_path, smollm2):
     (not the residual) of a fresh forward pass, the codes the SAE's top-k of them."""
     from qsae.errors import SAEFormatError
 
-    from .helpers import write_relu_checkpoint
+    from ..helpers import write_relu_checkpoint
 
     path = write_relu_checkpoint(tmp_path / "relu" / "layer4.pt", 576, 1152, seed=1)
     cfg = small_cfg(tmp_path, "smollm2", path, [4], sae_k=64, limit=2, n_samples=2, max_new_tokens=4)

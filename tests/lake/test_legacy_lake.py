@@ -10,9 +10,9 @@ import numpy as np
 
 from qsae.lake.store import QuestionLake, open_lake
 
-from .helpers import random_shard, small_spec
+from ..helpers import random_shard, small_spec
 
-LEGACY = Path(__file__).parent / "data" / "legacy-0.1.0.zarr"
+LEGACY = Path(__file__).parents[1] / "data" / "legacy-0.1.0.zarr"
 
 
 def test_a_lake_from_before_the_layout_change_opens_and_resumes(tmp_path):

@@ -45,7 +45,10 @@ from qsae.lake.store import open_lake
 
 log = logging.getLogger("qsae.jobs.rivalry")
 
-SCORE = "rivalry score (-decoder-cosine p5)"
+SCORE, MAX_PROB, NEG_ENTROPY = "rivalry_score", "max_first_token_prob", "neg_exact_entropy"
+# What each predictor of correctness is, for the tables, legends and the summary (keys are identifiers).
+PREDICTORS = {SCORE: "rivalry score (-decoder-cosine p5)", MAX_PROB: "first-token max probability",
+              NEG_ENTROPY: "-exact first-token entropy (nats)"}
 CORRECT_LABEL = "correct: at least half of the question's samples contain a gold answer"
 ENTROPY_NAMES = {"first_word": "first-word entropy / log S (0..1)", "exact": "exact first-token entropy (nats)",
                  "sampled": "sampled first-token entropy (nats)"}
@@ -179,7 +182,7 @@ def plan_rivalry(cfg: RivalryConfig) -> RivalryPlan:
     correct = ds.correct.values.mean(axis=1) >= 0.5
     with np.errstate(over="ignore"):
         max_prob = np.exp(ds.first_logprob.values.astype(float)).max(axis=1)
-    baselines = {"first-token max probability": max_prob, "-exact entropy": -ds.entropy.values.astype(float)}
+    baselines = {MAX_PROB: max_prob, NEG_ENTROPY: -ds.entropy.values.astype(float)}
     strata_name, strata = resolve_strata(ds, cfg.strata)
     return RivalryPlan(cfg, layers, ds.question.values, entropy, grouping, np.where(done, D, 0), first,
                        np.where(done, correct, False), baselines, dict(ds.attrs), int(ds.sizes["sample"]),
@@ -210,7 +213,8 @@ def _correctness(plan: RivalryPlan, layer: int, idx: np.ndarray, val: np.ndarray
     keep = np.isfinite(plan.entropy)  # done questions
     y = plan.correct[keep]
     predictors = {SCORE: -score, **plan.baselines}
-    out: dict[str, Any] = {"label": CORRECT_LABEL, "n_correct": int(y.sum()), "n": int(y.size)}
+    out: dict[str, Any] = {"label": CORRECT_LABEL, "n_correct": int(y.sum()), "n": int(y.size),
+                           "predictors": {k: PREDICTORS[k] for k in predictors}}
     out.update(paired_auroc(y, {k: s[keep] for k, s in predictors.items()}, cfg.n_boot, cfg.seed))
     if min(int(y.sum()), int((~y).sum())) < 10:
         out["caution"] = (f"only {int(y.sum())} correct and {int((~y).sum())} incorrect questions: "
@@ -350,7 +354,7 @@ class PaperProtocol(Protocol):
             c = r["calibrated"]
             corr = r.get("correctness") or {}
             auc = (corr.get("auroc") or {}).get(SCORE)
-            diff = (corr.get("difference") or {}).get("first-token max probability") or {}
+            diff = (corr.get("difference") or {}).get(MAX_PROB) or {}
             lines.append(f"| {layer} | **{_p(c)}** | {_f(c.get('p_less_holm'))} | {_f(r['paper'].get('p_less'))} | "
                          f"{_f(auc)} {_ci((corr.get('ci') or {}).get(SCORE))} | "
                          f"{_f(diff.get('value'))} {_ci(diff.get('ci'))} |")
@@ -646,7 +650,7 @@ def roc_figure(results: list[LayerResult], cfg: RivalryConfig):
         corr = r.summary["correctness"]
         for i, (key, (fpr, tpr)) in enumerate(r.roc.items()):
             ax.plot(fpr, tpr, styles[i % 4], lw=2.2 - 0.4 * i,
-                    label=f"{key}: {_f(corr['auroc'][key])} {_ci(corr['ci'].get(key))}")
+                    label=f"{PREDICTORS.get(key, key)}: {_f(corr['auroc'][key])} {_ci(corr['ci'].get(key))}")
         ax.plot([0, 1], [0, 1], color="0.6", lw=0.8)
         ax.set_xlabel("false positive rate")
         ax.set_ylabel("true positive rate")

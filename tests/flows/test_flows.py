@@ -63,6 +63,10 @@ def test_rivalry_and_reconstruction_flows_write_results_and_artifacts(flow_lake)
     capture_flow(config=cfg)
     out = rivalry_flow(config=RivalryConfig(store=cfg.store, rule="median", entropy="exact", n_perm=19, n_boot=50))
     assert out.group == "rivalry/paper" and sorted(out.summary["by_layer"]) == [1, 2]  # every layer
+    corr = out.summary["by_layer"][2]["correctness"]  # identifiers as keys, what each is beside them
+    assert set(corr["auroc"]) == set(corr["predictors"]) == {"rivalry_score", "max_first_token_prob",
+                                                             "neg_exact_entropy"}
+    assert corr["predictors"]["rivalry_score"].startswith("rivalry score")
     res = open_lake(cfg.store, group="rivalry/layer_2/paper")
     assert res.sizes["question"] == 12 and set(np.unique(res.group.values)) == {"ambiguous", "unambiguous"}
     art = prefect_artifacts("qsae-rivalry")[0].data

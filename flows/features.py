@@ -3,7 +3,7 @@ that links each layer's dashboard index."""
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from flows.logs import forward_qsae_logs
@@ -16,10 +16,8 @@ forward_qsae_logs()  # the jobs' log lines in each run's logs
 @flow(name="qsae-features", log_prints=True)
 def features_flow(config: FeaturesConfig = FeaturesConfig()) -> FeaturesResult:
     """Build the feature dashboards (and the Neuronpedia export when asked) of a lake."""
-    logger = get_run_logger()
     config = config.model_copy(update={"storage_options": resolve_secret_blocks(config.storage_options)})
     result = run_features(config)
-    logger.info(result.to_text())
     create_markdown_artifact(key="qsae-features", markdown=result.to_markdown(),
                              description="feature dashboards: one index per layer")
     return result

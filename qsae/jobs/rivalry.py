@@ -334,9 +334,9 @@ class PaperProtocol(Protocol):
             corr = r.get("correctness") or {}
             if corr.get("auroc"):
                 rows.append(f"  AUROC for correct ({corr['n_correct']} of {corr['n']}): " + ", ".join(
-                    f"{k} {_f(v)} {_ci(corr['ci'].get(k))}" for k, v in corr["auroc"].items()))
+                    f"{PREDICTORS.get(k, k)} {_f(v)} {_ci(corr['ci'].get(k))}" for k, v in corr["auroc"].items()))
                 for k, d in corr.get("difference", {}).items():
-                    rows.append(f"    score - {k}: {_f(d['value'])} {_ci(d['ci'])}")
+                    rows.append(f"    rivalry score - {PREDICTORS.get(k, k)}: {_f(d['value'])} {_ci(d['ci'])}")
         return rows
 
     def markdown_rows(self, s: dict[str, Any]) -> list[str]:

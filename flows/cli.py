@@ -139,6 +139,17 @@ def _prefect(server=None) -> Iterator[str]:
             qsae_logger.addHandler(h)
 
 
+def _require_named_store(cfg: Any, what: str) -> None:
+    """Write only into a lake the user named (option, config file or --set): a default would
+    resume, or refuse, a lake someone else made there."""
+    if "store" not in cfg.model_fields_set:
+        from qsae.errors import UsageError
+
+        whose = "the demo's lake; `qsae demo` builds that one" if what == "capture" else "the default token lake"
+        raise UsageError(f"name the lake to write with --store PATH (without it the {what} would write into "
+                         f"{cfg.store}, {whose})")
+
+
 JsonOpt = typer.Option(False, "--json", help="print the result as JSON (for scripts) instead of the summary")
 
 
@@ -250,11 +261,7 @@ def capture(
     cfg = build_config(C.CaptureConfig, config, set_, model=model, sae=sae, sae_k=sae_k, hook=hook, layers=parse_layers(layers),
                        dataset=dataset, store=store, n_samples=samples, limit=limit,
                        max_new_tokens=max_new_tokens, device=device, mode=mode)
-    if "store" not in cfg.model_fields_set:  # written only into a lake the user named (option, file or --set)
-        from qsae.errors import UsageError
-
-        raise UsageError(f"name the lake to write with --store PATH (without it the capture would write into "
-                         f"{cfg.store}, the demo's lake; `qsae demo` builds that one)")
+    _require_named_store(cfg, "capture")
     def local(cfg):
         from qsae.jobs.capture import CaptureResult, run_capture
 
@@ -359,6 +366,8 @@ def collect(
     """Stream a text corpus through a model into a token lake (for SAE training)."""
     cfg = build_config(C.CollectConfig, config, set_, model=model, dataset=dataset, layers=parse_layers(layers),
                        hook=hook, store=store, max_tokens=max_tokens)
+    _require_named_store(cfg, "collection")
+
     def local(cfg):
         from qsae.jobs.collect import CollectResult, collect
 

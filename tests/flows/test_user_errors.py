@@ -133,6 +133,8 @@ def test_cli_prints_user_errors_short_with_exit_status_2(tmp_path, tiny_qwen_dir
     # no --store: never the demo's lake by default, whatever is there
     out = _main(capsys, "capture", "--no-prefect", "--model", str(tiny_qwen_dir), "--device", "cpu", "--limit", "2")
     _assert_short(out, "name the lake to write with --store PATH")
+    out = _main(capsys, "collect", "--no-prefect", "--model", str(tiny_qwen_dir), "--layers", "1")
+    _assert_short(out, "without it the collection would write into storage/lakes/tokens.zarr")
 
     # --debug (or QSAE_DEBUG=1) shows the traceback of the same error: the exception escapes.
     from flows.cli import main

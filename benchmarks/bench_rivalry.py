@@ -121,7 +121,7 @@ def calibration(seeds: int) -> None:
         score_questions,
         stratified_permutation_test,
     )
-    from tests.test_rivalry import diversity_confound, diversity_lake, frequency_lake  # the tests' generators
+    from tests.analysis.test_rivalry import diversity_confound, diversity_lake, frequency_lake  # the tests' generators
 
     params = PaperParams(replicates=12, noise_pairs=48)
     for name, lake in (("frequency-only", frequency_lake), ("answer-diversity", diversity_lake)):

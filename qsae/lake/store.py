@@ -547,6 +547,26 @@ def _root_mtime(ref: StoreRef) -> float:
     return float(when or 0.0)
 
 
+def _newest_local_write(ref: StoreRef) -> float:
+    """The newest mtime of a local store's folder, its entries and theirs (0 for a remote store)."""
+    root = ref.local_path
+    if root is None:
+        return 0.0
+    newest = 0.0
+    try:
+        newest = root.stat().st_mtime
+        with os.scandir(root) as entries:
+            for entry in entries:
+                newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
+                if entry.is_dir(follow_symlinks=False):
+                    with os.scandir(entry.path) as inner:
+                        for sub in inner:
+                            newest = max(newest, sub.stat(follow_symlinks=False).st_mtime)
+    except OSError:  # removed while we looked: then it is being written or deleted, not stale
+        return time.time()
+    return newest
+
+
 def _busy_message(ref: StoreRef) -> str:
     state = _creation_state(ref) or {}
     ago = time.time() - state["started"] if state.get("started") else None
@@ -567,7 +587,9 @@ def _reclaim_incomplete(ref: StoreRef, spec: _Spec) -> None:
             lines = "\n".join(f"  {k}: store has {a!r}, asked for {b!r}" for k, (a, b) in diff.items())
             raise ConfigMismatchError(f"the store at {ref.url} is being created with a different config:\n{lines}\n"
                                       "Use another --store.")
-    age = time.time() - float(state.get("started") or 0)
+    # Its age is from the newest write anywhere in it, not only from the mark: a creator still
+    # writing arrays is never taken for an abandoned one, whatever the mark or a clock says.
+    age = time.time() - max(float(state.get("started") or 0), _newest_local_write(ref))
     if age < creation_stale_seconds():
         raise ConcurrentCreationError(_busy_message(ref))
     fs, root = ref.fs()

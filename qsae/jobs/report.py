@@ -13,22 +13,7 @@ from typing import Any
 
 import numpy as np
 
-
-def jsonable(value: Any) -> Any:
-    """Plain JSON types (numpy scalars and arrays, paths, NaN as null), keys as strings."""
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return jsonable(value.tolist())
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return None if not math.isfinite(float(value)) else float(value)
-    if isinstance(value, (str, int, bool)) or value is None:
-        return value
-    return str(value)
+from qsae.lake.results import jsonable  # noqa: F401 (one definition; re-exported for the results)
 
 
 class Report:

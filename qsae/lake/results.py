@@ -25,25 +25,30 @@ def lineage_of(attrs: dict[str, Any]) -> dict[str, Any]:
     return Lineage.of(attrs).record()
 
 
-def _json_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
-    def clean(v: Any) -> Any:
-        if isinstance(v, (np.floating, np.integer)):
-            return v.item()
-        if isinstance(v, float) and not np.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {str(k): clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return v
-
-    return {k: clean(v) for k, v in attrs.items()}
+def jsonable(value: Any) -> Any:
+    """Plain JSON types (numpy scalars and arrays, paths; NaN and inf as null), keys as strings:
+    what result attributes and every result's JSON are made of."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    return str(value)
 
 
 def write_result_group(ref: StoreRef, group: str, ds: xr.Dataset, attrs: dict[str, Any]) -> str:
     """(Over)write a result group in the store; returns ``url#group``."""
     ds = ds.copy()
-    ds.attrs = _json_attrs(attrs)
+    ds.attrs = jsonable(attrs)
     for name, var in ds.variables.items():
         if var.dtype.kind == "U":  # fixed-width UTF-32 has no zarr v3 spec: store variable-length
             ds[name] = var.astype(object)
@@ -76,4 +81,4 @@ def save_figure(fig, ref: StoreRef, key: str) -> str:
 
 
 def summary_json(summary: dict[str, Any]) -> str:
-    return json.dumps(_json_attrs(summary), indent=1, sort_keys=True)
+    return json.dumps(jsonable(summary), indent=1, sort_keys=True)

@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 
 from qsae.errors import SAEFormatError, UntrustedPickleError
 from qsae.sae.locate import LAYER_FILE as _LAYER_FILE
-from qsae.sae.locate import SAELENS_CFG, SAELENS_WEIGHTS, looks_like_repo_id, resolve_hf_repo, sae_path  # noqa: F401 (re-exported)
+from qsae.sae.locate import SAELENS_CFG, SAELENS_WEIGHTS, looks_like_repo_id, resolve_hf_repo, sae_layers, sae_path  # noqa: F401 (re-exported)
 from qsae.sae.locate import hook_of as _hook_of
 from qsae.sae.model import SAE, SAEInfo, file_sha256
 
@@ -200,30 +200,22 @@ def load_sae(
 
 def _load_from_folder(path: Path, source: str, layer: int | None, k: int | None, hook: str | None,
                       dtype: torch.dtype) -> SAE:
-    layer_files = {int(m.group(1)): p for p in path.glob("*.sae.pt") if (m := _LAYER_FILE.search(p.name))}
-    if layer_files:
+    have = sae_layers(path)  # which layers the folder serves, read as the checks before loading read it
+    first = next(iter(have.values()))[0]
+    if list(have) == [None] and first.is_file():  # one .pt file: its layer is known once loaded
+        return load_sae_file(first, k=k, layer=layer, hook=hook, dtype=dtype)
+    known = sorted(x for x in have if x is not None)
+    picked = have.get(layer, []) if layer is not None else []
+    if first.is_file():  # Qwen-Scope: layer<n>.sae.pt
         if layer is None:
-            raise SAEFormatError(f"{source} holds one SAE per layer ({sorted(layer_files)}); pass layer=")
-        if layer not in layer_files:
-            raise SAEFormatError(f"{source} has no SAE for layer {layer}; it has layers {sorted(layer_files)}")
-        return load_sae_file(layer_files[layer], k=k, layer=layer, hook=hook, dtype=dtype,
-                             source=f"{source}/{layer_files[layer].name}")
-    subs = [p.parent for p in path.glob(f"*/{SAELENS_CFG}")]
-    if subs:
-        by_layer = {}
-        for sub in subs:
-            _, sub_layer, _ = _hook_of(json.loads((sub / SAELENS_CFG).read_text()))
-            by_layer.setdefault(sub_layer, []).append(sub)
-        if layer is None or len(by_layer.get(layer, [])) != 1:
-            raise SAEFormatError(
-                f"{source} holds SAELens SAEs for layers {sorted(x for x in by_layer if x is not None)}; "
-                f"pass a layer that has exactly one (got {layer})"
-            )
-        return from_saelens_folder(by_layer[layer][0], dtype=dtype)
-    pts = sorted(path.glob("*.pt"))
-    if len(pts) == 1:
-        return load_sae_file(pts[0], k=k, layer=layer, hook=hook, dtype=dtype)
-    raise SAEFormatError(f"{source}: no SAE found (no cfg.json, no layer<n>.sae.pt, no single .pt file)")
+            raise SAEFormatError(f"{source} holds one SAE per layer ({known}); pass layer=")
+        if not picked:
+            raise SAEFormatError(f"{source} has no SAE for layer {layer}; it has layers {known}")
+        return load_sae_file(picked[0], k=k, layer=layer, hook=hook, dtype=dtype, source=f"{source}/{picked[0].name}")
+    if len(picked) != 1:
+        raise SAEFormatError(f"{source} holds SAELens SAEs for layers {known}; pass a layer that has exactly one "
+                             f"(got {layer})")
+    return from_saelens_folder(picked[0], dtype=dtype)
 
 
 def load_saes(

@@ -12,10 +12,11 @@ child process each (so peak RSS is the step's own):
 3. no feature cap (every feature active in >= 5 questions): the exact p5 of all pairs in
    bounded memory, against the F x F matrix the dense method would need.
 
-``--calibration`` also measures, over many seeds, the level of the calibrated test on the
-frequency-only and answer-diversity lakes at 448/64, 64/448 and 256/256.
+``--calibration`` (or ``--only-calibration``) also prints the design table: candidate designs of
+the calibrated test x lakes of known truth (TopK and ReLU-style, no rivalry difference or planted
+rivalry) at 448/64, 64/448 and 256/256, over ``--seeds`` seeds.
 
-    .venv/bin/python benchmarks/bench_rivalry.py [--questions 14267] [--calibration]
+    .venv/bin/python benchmarks/bench_rivalry.py [--questions 14267] [--calibration] [--seeds 10 --perms 99]
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from synthetic_lake import D_SAE, K, S, build_prompt_lake
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' lake generators
 
 
 def _peak_gb() -> float:
@@ -106,45 +107,47 @@ def _child(fn, *args):
     return out
 
 
-def calibration(seeds: int) -> None:
-    """Level of the calibrated tests over many seeds: the across-question test on the
-    frequency-only and answer-diversity lakes at 448/64, 64/448 and 256/256 (equal-size blocks,
-    relabellings of the whole pool), and the per-question D-stratified comparison (descriptive)."""
+def calibration(seeds: int, n_perm: int, settings: list[str] | None = None) -> None:
+    """The design table: candidate designs x lakes of known truth at 64/448, 448/64 and 256/256
+    (tests/analysis/lakes.py at the study's size: TopK codes of exactly 50 features from pools
+    of 400 and 8,000, with answer diversity, with relation strata, the same rivalry in both
+    groups; ReLU-style frequency and diversity lakes; planted rivalry). One run of the default
+    design (fixed-fixed null, both references) gives three candidates (its conditional and
+    relabelling p-values and their maximum); a second run gives the feature-marginal null with
+    relabellings. Per cell: seeds with p <= 0.05, mean p, one-sided KS p (p-values pushed to 0)."""
+    import dataclasses
+
     import scipy.stats
 
-    from qsae.analysis.rivalry import (
-        PaperParams,
-        calibrated_test,
-        distinct_rows,
-        entropy_groups,
-        first_word_entropy,
-        score_questions,
-        stratified_permutation_test,
-    )
-    from tests.analysis.test_rivalry import diversity_confound, diversity_lake, frequency_lake  # the tests' generators
+    from qsae.analysis.rivalry import PaperParams, calibrated_test
+    from tests.analysis.lakes import NULL_SETTINGS, POWER_SETTINGS, SPLITS, make  # the tests' generators
 
-    params = PaperParams(replicates=12, noise_pairs=48)
-    for name, lake in (("frequency-only", frequency_lake), ("answer-diversity", diversity_lake)):
-        for na, nu in ((448, 64), (64, 448), (256, 256)):
+    base = PaperParams()
+    candidates = ["feature-marginal, relabel", "fixed-fixed, relabel", "fixed-fixed, conditional",
+                  "fixed-fixed, both (default)"]
+    print(f"\ndesign table: {seeds} seeds per cell, {n_perm} draws per reference (resolution {1 / (n_perm + 1):.3f})")
+    print("| lake | split | " + " | ".join(candidates) + " |")
+    print("|---|---|" + "---|" * len(candidates))
+    for name in settings or NULL_SETTINGS + POWER_SETTINGS:
+        for na, nu in SPLITS:
             t = time.perf_counter()
-            ps = np.array([calibrated_test(*lake(np.random.default_rng(10_000 + s), na, nu), params, n_perm=99,
-                                           seed=s).p_less for s in range(seeds)])
-            print(f"{name} lake {na}/{nu}, {seeds} seeds, 99 permutations: p <= 0.05 in {np.mean(ps <= 0.05):.1%}, "
-                  f"mean p {ps.mean():.3f}, KS p {scipy.stats.kstest(ps, 'uniform').pvalue:.3f} "
-                  f"({time.perf_counter() - t:.0f} s)")
-    t = time.perf_counter()
-    ps = []
-    for seed in range(seeds):
-        rng = np.random.default_rng(20_000 + seed)
-        idx, val, ids, words = diversity_confound(rng)
-        g = entropy_groups(first_word_entropy(words), "median")
-        D, first = distinct_rows(ids)
-        score = score_questions(idx, val, keep=first)["score"]
-        ps.append(stratified_permutation_test(np.where(g.labels != "", score, np.nan), g.labels == "ambiguous", D,
-                                              999, seed)["p_less"])
-    ps = np.array(ps)
-    print(f"answer-diversity confound, per-question D-stratified (descriptive), {seeds} seeds: "
-          f"p > 0.05 in {np.mean(ps > 0.05):.1%} ({time.perf_counter() - t:.0f} s)")
+            ps = {c: [] for c in candidates}
+            for s in range(seeds):
+                X, amb, strata = make(name, np.random.default_rng(10_000 + s), na, nu)
+                both = calibrated_test(X, amb, base, n_perm=n_perm, seed=s, strata=strata)
+                fm = calibrated_test(X, amb, dataclasses.replace(base, null="feature_marginal", reference="relabel"),
+                                     n_perm=n_perm, seed=s, strata=strata)
+                for c, p in zip(candidates, (fm.p_less, both.components["relabel"].p_less,
+                                             both.components["conditional"].p_less, both.p_less)):
+                    ps[c].append(np.nan if p is None else p)
+            cells = []
+            for c in candidates:
+                p = np.array(ps[c])
+                ks = scipy.stats.kstest(p[np.isfinite(p)], "uniform", alternative="greater").pvalue
+                cells.append(f"{int((p <= 0.05).sum())}/{seeds}, {np.nanmean(p):.2f}, KS {ks:.2g}")
+            truth = "planted rivalry" if name in POWER_SETTINGS else "no difference"
+            print(f"| {name} ({truth}) | {na}/{nu} | " + " | ".join(cells) + f" |  ({time.perf_counter() - t:.0f} s)",
+                  flush=True)
 
 
 def main() -> None:
@@ -152,9 +155,15 @@ def main() -> None:
     ap.add_argument("--questions", type=int, default=14267)
     ap.add_argument("--dense-perms", type=int, default=3)
     ap.add_argument("--calibration", action="store_true")
-    ap.add_argument("--seeds", type=int, default=30)
+    ap.add_argument("--seeds", type=int, default=10)
+    ap.add_argument("--perms", type=int, default=99, help="--calibration: draws per reference")
+    ap.add_argument("--settings", default=None, help="--calibration: comma-separated lakes (default: all)")
+    ap.add_argument("--only-calibration", action="store_true", help="skip the full-scale study")
     ap.add_argument("--dir", default=None)
     args = ap.parse_args()
+    if args.only_calibration:
+        calibration(args.seeds, args.perms, args.settings.split(",") if args.settings else None)
+        return
     root = Path(tempfile.mkdtemp(dir=args.dir, prefix="qsae-riv-"))
     try:
         t = time.perf_counter()
@@ -181,7 +190,7 @@ def main() -> None:
               f"{unc['amb']['p5']:.4f} / {unc['unamb']['p5']:.4f} with one null draw each, {unc['seconds']:.0f} s, "
               f"peak RSS {unc['peak_gb']:.2f} GB (a dense F x F float64 matrix: {F * F * 8 / 2**30:.1f} GB per group)")
         if args.calibration:
-            calibration(args.seeds)
+            calibration(args.seeds, args.perms, args.settings.split(",") if args.settings else None)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

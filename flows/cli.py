@@ -166,25 +166,44 @@ def run_job(cfg: Any, flow: str, local: str | Callable[[Any], Any], prefect: boo
     """The one way a command runs a job: cheap checks first, then the job through its Prefect flow
     (``flow``, which returns the job's typed result as it is) or in-process (``local``, a
     ``module:function`` or a function of the config); then the result, rendered."""
-    preflight(cfg)
-    if not prefect:
-        result = (_load(local) if isinstance(local, str) else local)(cfg)
-        typer.echo(result.to_json() if as_json else result.to_text())
-        return result
-    from flows.server import configured_api_url
+    out = sys.stdout
+    with _human_lines_to_stderr(as_json):  # --json: stdout holds the JSON alone
+        preflight(cfg)
+        if not prefect:
+            result = (_load(local) if isinstance(local, str) else local)(cfg)
+            see_again = None
+        else:
+            from flows.server import configured_api_url
 
-    flow_fn, temporary = _load(flow), configured_api_url() is None
-    with _prefect() as url:
-        state = flow_fn(config=cfg, return_state=True, **flow_kwargs)
-    see_again = run_link(url, state.state_details.flow_run_id, temporary)
-    try:
-        result = state.result()  # the job's result, or its exception raised here
-    except BaseException:
-        typer.echo(see_again)
-        raise
-    typer.echo(result.to_json() if as_json else result.to_text())
-    typer.echo(see_again)
+            flow_fn, temporary = _load(flow), configured_api_url() is None
+            with _prefect() as url:
+                state = flow_fn(config=cfg, return_state=True, **flow_kwargs)
+            see_again = run_link(url, state.state_details.flow_run_id, temporary)
+            try:
+                result = state.result()  # the job's result, or its exception raised here
+            except BaseException:
+                typer.echo(see_again)
+                raise
+        if not as_json:
+            typer.echo(result.to_text())
+        if see_again:
+            typer.echo(see_again)
+    if as_json:
+        print(result.to_json(), file=out, flush=True)
     return result
+
+
+@contextmanager
+def _human_lines_to_stderr(on: bool) -> Iterator[None]:
+    """With ``--json``, every line meant for a person (Prefect's console, progress, the run's
+    link) goes to stderr, so stdout is the JSON alone."""
+    if not on:
+        yield
+        return
+    from contextlib import redirect_stdout
+
+    with redirect_stdout(sys.stderr):
+        yield
 
 
 def run_link(api_url: str, flow_run_id: Any, temporary: bool) -> str:

@@ -272,12 +272,19 @@ class RivalryConfig(_StoreFields, BaseModel):
                                                             "feature_seed); None: all (p5 in bounded memory)")
     feature_seed: int = Field(42, description="paper: seed of the feature cap's random choice")
     min_questions: int = Field(1, ge=1, description="paper: keep features active in at least this many questions")
-    n_perm: int = Field(1000, ge=0, description="label permutations of the calibrated test")
-    n_null: int = Field(1, ge=1, description="feature-marginal null draws per excess in the calibrated test")
-    replicates: int = Field(32, ge=2, description="draws of the observed statistic (blocks, null draws) averaged "
-                                                  "for the calibrated test")
-    noise_pairs: int = Field(200, ge=2, description="relabellings drawn twice to measure the statistic's "
-                                                    "Monte-Carlo noise (taken out of the reference)")
+    n_perm: int = Field(1000, ge=0, description="draws of each reference of the calibrated test (its own null, "
+                                                "relabellings): no p-value below 1/(n_perm + 1)")
+    null: Literal["fixed_fixed", "feature_marginal"] = Field(
+        "fixed_fixed", description="calibrated test's null: fixed_fixed keeps each question's count of active "
+                                   "features (TopK's k) and each feature's values; feature_marginal does not "
+                                   "(it reads TopK's fixed count as rivalry; kept for comparison)")
+    reference: Literal["both", "conditional", "relabel"] = Field(
+        "both", description="calibrated test's reference: both (the larger p of the two), conditional (the "
+                            "groups' own null), relabel (permuted question labels)")
+    rounds: int = Field(3, ge=1, description="curveball rounds per fixed-fixed null draw")
+    n_null: int = Field(1, ge=1, description="null draws per excess in each relabelling of the calibrated test")
+    replicates: int = Field(8, ge=0, description="further evaluations of the observed statistic (new blocks and "
+                                                 "null draws): its Monte-Carlo noise, in the p-value's error")
     min_group: int = Field(20, ge=2, description="fewest questions a group needs for a calibrated p-value "
                                                  "(below it the layer says why there is none)")
     strata: str = Field("auto", description="question variable the calibrated test stratifies by (labels permuted "
@@ -295,8 +302,9 @@ class RivalryConfig(_StoreFields, BaseModel):
         from qsae.analysis.rivalry import PaperParams
 
         return PaperParams(self.percentile, self.min_mean, self.max_features, self.feature_seed,
-                           self.min_questions, self.n_null, replicates=self.replicates,
-                           noise_pairs=self.noise_pairs, min_group=self.min_group, min_stratum=self.min_stratum)
+                           self.min_questions, null=self.null, reference=self.reference, rounds=self.rounds,
+                           n_null=self.n_null, replicates=self.replicates, min_group=self.min_group,
+                           min_stratum=self.min_stratum)
 
 
 class CompareConfig(BaseModel):

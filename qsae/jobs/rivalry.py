@@ -50,6 +50,10 @@ SCORE, MAX_PROB, NEG_ENTROPY = "rivalry_score", "max_first_token_prob", "neg_exa
 PREDICTORS = {SCORE: "rivalry score (-decoder-cosine p5)", MAX_PROB: "first-token max probability",
               NEG_ENTROPY: "-exact first-token entropy (nats)"}
 CORRECT_LABEL = "correct: at least half of the question's samples contain a gold answer"
+NULL_NAMES = {"fixed_fixed": "each question's count of active features and each feature's values kept, "
+                             "co-activation otherwise random (curveball)",
+              "feature_marginal": "each feature's values moved to random questions of the group (counts per "
+                                  "question not kept: TopK's fixed k reads as rivalry)"}
 ENTROPY_NAMES = {"first_word": "first-word entropy / log S (0..1)", "exact": "exact first-token entropy (nats)",
                  "sampled": "sampled first-token entropy (nats)"}
 
@@ -219,6 +223,12 @@ def _correctness(plan: RivalryPlan, layer: int, idx: np.ndarray, val: np.ndarray
     if min(int(y.sum()), int((~y).sum())) < 10:
         out["caution"] = (f"only {int(y.sum())} correct and {int((~y).sum())} incorrect questions: "
                           "the AUROCs and their CIs say little")
+    n_feat = np.minimum((val[keep] > 0.01).sum(axis=1), 50)
+    if n_feat.size and (n_feat.min() < 0.5 * n_feat.max() or n_feat.min() < 5):
+        out.setdefault("cautions", []).append(
+            f"the score's p{cfg.percentile:g} runs over the decoder cosines of {n_feat.min()} to {n_feat.max()} active "
+            "features per prompt (not a fixed count, as TopK's k would give): a prompt's score moves with how many "
+            "features it has, and correctness may follow that count rather than rivalry")
     rocs = {name: roc_curve(y, s[keep]) for name, s in predictors.items()}
     return out, {"prompt_score": score}, rocs
 
@@ -236,8 +246,8 @@ def layer_cautions(plan: RivalryPlan, summary: dict[str, Any]) -> list[str]:
                        f"used in the {g} group pass the mean filter on a single activation (their correlations are "
                        f"ties at -1/(Q-1)): the paper's p{plan.cfg.percentile:g} and MWU lean on them")
     corr = summary.get("correctness") or {}
-    if corr.get("caution"):
-        out.append(f"layer {summary['layer']}: AUROC: {corr['caution']}")
+    for c in ([corr["caution"]] if corr.get("caution") else []) + corr.get("cautions", []):
+        out.append(f"layer {summary['layer']}: AUROC: {c}")
     return out
 
 
@@ -270,10 +280,13 @@ def _f(x: Any, digits: int = 3) -> str:
 
 
 def _p(c: dict[str, Any]) -> str:
+    """A p-value as it may be quoted: with its Monte-Carlo error, never finer than its reference."""
     if c.get("p_less") is None:
-        return "n/a"
-    se = c.get("p_less_mc_se")
-    return f"{_f(c['p_less'])}" + (f" ± {_f(se, 2)}" if se is not None else "")
+        return "n/a (no information)" if c.get("degenerate") else "n/a"
+    p, res, se = c["p_less"], c.get("p_resolution"), c.get("p_less_mc_se")
+    if res is not None and p <= res * (1 + 1e-9):
+        return f"<= {_f(res)} (the finest {c.get('n_perm', 0):,} draws resolve)"
+    return f"{_f(p)}" + (f" ± {_f(se, 2)}" if se is not None else "")
 
 
 class PaperProtocol(Protocol):
@@ -297,8 +310,7 @@ class PaperProtocol(Protocol):
         if plan.strata_name:
             summary["calibrated"]["strata_variable"] = plan.strata_name
         summary["p5_note"] = (f"p{cfg.percentile:g} of pairwise Pearson correlations across each whole group's "
-                              "questions (the paper's numbers, descriptive); null: each feature permuted across "
-                              "the group's questions")
+                              "questions (the paper's numbers, descriptive); null: " + NULL_NAMES[cfg.null])
         if cfg.max_features is None:
             summary["p5_note"] += "; no feature cap: exact percentile computed in bounded memory"
         dists = {AMBIGUOUS: res.ambiguous.correlations, UNAMBIGUOUS: res.unambiguous.correlations,
@@ -313,6 +325,12 @@ class PaperProtocol(Protocol):
     def by_layer(self, plan: RivalryPlan, results: list[LayerResult], out: xr.Dataset) -> None:
         tag = f"p{plan.cfg.percentile:g}"
         out["p_calibrated_mc_se"] = ("layer", _col(results, "calibrated", "p_less_mc_se"))
+        out["p_calibrated_resolution"] = ("layer", _col(results, "calibrated", "p_resolution"))
+        for ref in ("conditional", "relabel"):
+            out[f"p_{ref}"] = ("layer", np.array([np.nan if (((r.summary.get("calibrated") or {}).get("components")
+                                                                or {}).get(ref) or {}).get("p_less") is None
+                                                  else r.summary["calibrated"]["components"][ref]["p_less"]
+                                                  for r in results]))
         out["p_paper_mwu"] = ("layer", _col(results, "paper", "p_less"))
         out["statistic"] = ("layer", _col(results, "calibrated", "statistic"))
         if any("calibrated_pooled" in r.summary for r in results):
@@ -358,10 +376,11 @@ class PaperProtocol(Protocol):
             lines.append(f"| {layer} | **{_p(c)}** | {_f(c.get('p_less_holm'))} | {_f(r['paper'].get('p_less'))} | "
                          f"{_f(auc)} {_ci((corr.get('ci') or {}).get(SCORE))} | "
                          f"{_f(diff.get('value'))} {_ci(diff.get('ci'))} |")
-        lines += ["", "The calibrated p-value compares the excess co-activation structure (p5 minus its "
-                      "feature-marginal null) of the two groups at equal sizes, against relabellings of the "
-                      "questions; the paper's MWU treats feature pairs as independent and is shown for "
-                      "comparison only."]
+        lines += ["", "The calibrated p-value compares the excess co-activation structure of the two groups at "
+                      "equal sizes (p5 minus its null, which keeps each question's count of active features and "
+                      "each feature's values): the larger of its rank p against the groups' own null and against "
+                      "relabellings of the questions, never finer than 1/(draws + 1). The paper's MWU treats "
+                      "feature pairs as independent and is shown for comparison only."]
         return lines
 
 
@@ -378,13 +397,17 @@ class PerQuestionProtocol(Protocol):
         labels = plan.grouping.labels
         n = ds.sizes["question"]
         cols: dict[str, list[np.ndarray]] = {}
+        fixed = True  # every completion's code has exactly k active features (TopK)
         for start in range(0, n, cfg.block_questions):
             block = slice(start, min(start + cfg.block_questions, n))
             sel = ds[list(self.codes)].sel(layer=layer).isel(question=block).load()
-            scored = score_questions(sel[self.codes[0]].values, sel[self.codes[1]].values, cfg.percentile,
-                                     plan.first_copy[block])
+            vals = sel[self.codes[1]].values
+            scored = score_questions(sel[self.codes[0]].values, vals, cfg.percentile, plan.first_copy[block])
             for key, value in scored.items():
                 cols.setdefault(key, []).append(value)
+            done = np.isfinite(plan.entropy[block])
+            active = np.count_nonzero(vals[done], axis=-1)
+            fixed &= bool(active.size == 0 or (active == vals.shape[-1]).all())
         per_q = {key: np.concatenate(parts) for key, parts in cols.items()}
         score = np.where(np.isfinite(plan.entropy), per_q["score"], np.nan)
         per_q["score"] = score
@@ -403,6 +426,12 @@ class PerQuestionProtocol(Protocol):
         summary["cautions"] = [f"layer {layer}: per_question p-values are descriptive (no calibrated null: "
                                "shared answer-type features at fixed D move them); use the paper protocol's "
                                "calibrated test for inference"]
+        if fixed:
+            summary["cautions"].append(
+                f"layer {layer}: every completion codes exactly k = {plan.k} features (TopK): within a question the "
+                "features of its few distinct completions compete for those k slots, which pulls the per-question "
+                "p5 down with no rivalry, more so where they come from a small set; this score does not condition "
+                "on the fixed count (the paper protocol's calibrated test does)")
         dists = {g: score[(labels == g) & np.isfinite(score)] for g in (AMBIGUOUS, UNAMBIGUOUS)}
         return LayerResult(layer, summary, per_q, dists, {})
 

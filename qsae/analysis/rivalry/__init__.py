@@ -27,6 +27,7 @@ from .correlations import (
     blocked_pair_percentile,
     codes_matrix,
     constant_columns,
+    curveball,
     pair_correlations,
     percentile,
     permute_columns,
@@ -44,14 +45,14 @@ from .grouping import (
     first_word_entropy,
 )
 from .paper import (
-    Balanced,
     Calibrated,
+    Component,
     GroupStats,
     PaperParams,
     RivalryTest,
-    balanced_statistic,
     calibrated_test,
     group_stats,
+    null_draw,
     paper_mwu,
     rivalry_test,
 )
@@ -66,11 +67,11 @@ from .per_question import (
 from .scores import auroc, auroc_with_ci, decoder_cosine_score, holm, paired_auroc, roc_curve
 
 __all__ = [
-    "AMBIGUOUS", "DENSE_FEATURES", "EXCLUDED", "UNAMBIGUOUS", "Balanced", "Calibrated", "GroupStats",
-    "Grouping", "PaperParams", "QuestionScore", "RivalryTest", "Rule", "auroc", "auroc_with_ci", "balanced_statistic",
-    "blocked_pair_percentile", "calibrated_test", "codes_matrix", "compare_groups", "constant_columns",
+    "AMBIGUOUS", "DENSE_FEATURES", "EXCLUDED", "UNAMBIGUOUS", "Calibrated", "Component", "GroupStats",
+    "Grouping", "PaperParams", "QuestionScore", "RivalryTest", "Rule", "auroc", "auroc_with_ci",
+    "blocked_pair_percentile", "calibrated_test", "codes_matrix", "compare_groups", "constant_columns", "curveball",
     "decoder_cosine_score", "distinct_rows", "entropy_groups", "first_word", "first_word_entropy", "group_stats",
-    "holm", "paired_auroc", "pair_correlations", "paper_mwu", "percentile", "permute_columns", "question_score",
+    "holm", "null_draw", "paired_auroc", "pair_correlations", "paper_mwu", "percentile", "permute_columns", "question_score",
     "rivalry_test", "roc_curve", "score_questions", "select_features", "stratified_permutation_test",
     "weighted_percentile",
 ]

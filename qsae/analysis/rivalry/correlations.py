@@ -1,8 +1,12 @@
 """Sparse building blocks: a group's question x feature matrix, the paper's feature filter,
 exact pair correlations (dense for the capped protocol, blocked in bounded memory without a
-cap) and the feature-marginal null (each feature's values moved to random questions)."""
+cap) and the two nulls: the fixed-fixed one (each question's count of active features and each
+feature's values kept: curveball trades) and the feature-marginal one (each feature's values
+moved to random questions; counts per question not kept)."""
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 import numpy as np
 import scipy.sparse as sp
@@ -30,15 +34,30 @@ def select_features(X: sp.spmatrix, min_mean: float = 0.01, max_features: int | 
     Q = X.shape[0]
     if Q == 0:
         return np.empty(0, np.int64), 0
-    mean = np.asarray(X.sum(axis=0)).ravel() / Q
+    if sp.isspmatrix_csr(X):
+        mean = np.bincount(X.indices, weights=X.data, minlength=X.shape[1]) / Q
+    else:
+        mean = np.asarray(X.sum(axis=0)).ravel() / Q
     keep = mean > min_mean
     if min_questions > 1:
         keep &= np.diff(X.tocsc().indptr) >= min_questions
     active = np.flatnonzero(keep)
     n_active = int(active.size)
     if max_features is not None and active.size > max_features:
-        active = np.random.RandomState(seed).choice(active, max_features, replace=False)
+        active = active[_cap_choice(seed, n_active, max_features)]
     return active, n_active
+
+
+@lru_cache(maxsize=256)
+def _cap_choice(seed: int, n: int, k: int) -> np.ndarray:
+    """``RandomState(seed).choice(active, k, replace=False)`` depends on ``active`` only through
+    its length: the positions it picks, computed once per length."""
+    return np.random.RandomState(seed).choice(n, k, replace=False)
+
+
+@lru_cache(maxsize=64)
+def _upper(F: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.triu_indices(F, k=1)
 
 
 def constant_columns(X: sp.spmatrix) -> np.ndarray:
@@ -83,7 +102,7 @@ def pair_correlations(X: sp.spmatrix) -> tuple[np.ndarray, int]:
     cov = (X.T @ X).toarray() / Q - np.outer(mu, mu)
     sd = np.sqrt(var)
     C = np.clip(cov / np.outer(sd, sd), -1.0, 1.0)
-    return C[np.triu_indices_from(C, k=1)], n_const
+    return C[_upper(C.shape[0])], n_const
 
 
 def permute_columns(X: sp.spmatrix, rng: np.random.Generator) -> sp.csc_matrix:
@@ -118,6 +137,60 @@ def permute_columns(X: sp.spmatrix, rng: np.random.Generator) -> sp.csc_matrix:
     out = sp.csc_matrix((X.data.copy(), rows.astype(X.indices.dtype), X.indptr.copy()), shape=(Q, F))
     out.has_sorted_indices = False
     return out
+
+
+def curveball(X: sp.spmatrix, rng: np.random.Generator, rounds: int, cells: np.ndarray | None = None
+              ) -> sp.csr_matrix:
+    """The fixed-fixed null of co-occurrence analysis: a random question x feature matrix with
+    every question's number of active features and every feature's values (so its firing count)
+    kept, by global curveball rounds (Carstens, Berger & Strona 2016). Each round pairs the rows
+    at random, within their ``cells`` label (rows labelled -1 stay as they are); for every pair
+    the features active in exactly one of the two rows are dealt back at random, each row
+    keeping its count, and each value travels with its cell. The chain is symmetric, so its
+    stationary law is uniform over such matrices and a draw from the data and draws from that
+    draw are exchangeable under the null (Besag & Clifford 1989): exact, however well it mixes.
+    A TopK SAE gives every question exactly k features, and features of a small pool compete
+    for those slots; this null keeps that competition, the feature-marginal one does not."""
+    X = sp.coo_matrix(X)
+    Q, F = X.shape
+    rows, cols = X.row.astype(np.int64), X.col.astype(np.int64)
+    cell = np.zeros(Q, np.int64) if cells is None else np.asarray(cells, np.int64)
+    movable = cell >= 0
+    for _ in range(rounds):
+        order = np.flatnonzero(movable)
+        order = order[np.lexsort((rng.random(order.size), cell[order]))]  # by cell, random within
+        c = cell[order]
+        first = np.r_[True, c[1:] != c[:-1]]
+        pos = np.arange(order.size) - np.maximum.accumulate(np.where(first, np.arange(order.size), 0))
+        size = np.bincount(np.cumsum(first) - 1)[np.cumsum(first) - 1]
+        lead = (pos % 2 == 0) & (pos + 1 < size)  # the first row of each pair
+        n_pairs = int(lead.sum())
+        if n_pairs == 0:
+            break
+        pair_rows = np.stack([order[lead], order[np.flatnonzero(lead) + 1]], axis=1)
+        pid = np.full(Q, -1, np.int64)
+        side = np.zeros(Q, np.int64)
+        pid[pair_rows[:, 0]] = pid[pair_rows[:, 1]] = np.arange(n_pairs)
+        side[pair_rows[:, 1]] = 1
+        p = pid[rows]
+        live = np.flatnonzero(p >= 0)
+        key = p[live] * F + cols[live]
+        o = np.argsort(key)
+        ks = key[o]
+        same = ks[1:] == ks[:-1]  # a feature active in both rows of a pair stays
+        shared = np.zeros(live.size, bool)
+        shared[1:] |= same
+        shared[:-1] |= same
+        trade = live[o[~shared]]
+        if not trade.size:
+            continue
+        tp = p[trade]
+        n0 = np.bincount(tp, weights=side[rows[trade]] == 0, minlength=n_pairs)
+        o2 = np.argsort(tp + rng.random(trade.size))  # a random order of each pair's tradable cells
+        tp2 = tp[o2]
+        rank = np.arange(trade.size) - np.searchsorted(tp2, tp2)
+        rows[trade[o2]] = pair_rows[tp2, (rank >= n0[tp2]).astype(np.int64)]
+    return sp.csr_matrix((X.data, (rows, cols)), shape=(Q, F))
 
 
 def percentile(values: np.ndarray, pct: float) -> float:

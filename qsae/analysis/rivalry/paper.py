@@ -5,38 +5,43 @@ The paper's statistics (per group: features with mean activation > 0.01, at most
 ``mannwhitneyu(pairs_amb, pairs_unamb, "less")``) are reproduced as published and reported as
 descriptive: feature pairs share features and questions, and p5 moves with firing frequency.
 
-The calibrated test (``rivalry_test``) compares the groups' *excess* structure:
-``excess = p5 - null p5``, the null being the feature-marginal one (each selected feature's
-values moved to random questions of the group: firing frequencies kept, co-activation broken).
-Its design, chosen by measuring level and power (README, "The rivalry study"):
+The calibrated test (``rivalry_test``) compares the groups' *excess* structure at equal sizes:
+``excess = p5 - null p5``, T = excess_ambiguous - excess_unambiguous (T < 0: the ambiguous group
+more rival). Its design, chosen by measuring level and power on lakes of known truth (README,
+"The rivalry study"; ``benchmarks/bench_rivalry.py --calibration``):
 
-* **Equal group sizes.** The excess of a group with real structure depends on how many
-  questions it has, so groups of different sizes are never compared directly. With n
-  questions in the smaller group, the larger group is cut at random into floor(N/n) disjoint
-  blocks of n questions; ``T = excess(small) - mean over blocks of excess(block)`` (signed so
-  that T < 0 means the ambiguous group has more rival structure), every excess taken at n
-  questions. Every question of the smaller group and n * floor(N/n) of the larger are used.
-* **Label permutations of the whole pool** (groups' sizes kept) recompute the same statistic
-  (a new block partition, new null draws) on each relabelling: exact when the labels are
-  exchangeable, and centred on the observed T's null whatever the sizes, since both relabelled
-  groups are then compared at the same size (a pooled comparison at 448/64 was not: the
-  excess of a mixture depends on its size). Within ``strata`` (e.g. PopQA's relation types) the
-  labels are permuted within each stratum and T is the size-weighted mean of the strata's Ts.
-* **Stable p-values.** T is random (block partition, null draws): one evaluation is
-  theta + e, with e the Monte-Carlo noise. The observed T is the mean of ``replicates`` draws
-  (noise e_bar); each permutation is one draw; ``noise_pairs`` permutations are drawn twice
-  (same labels, new blocks and null draws), which measures Var(e). The reference for the
-  observed mean is then normal with the permutations' mean and variance
-  Var(T_perm) - Var(e) + Var(e) / replicates (the noise the permutations carry and the mean
-  does not is taken out), and ``p_less`` is its lower tail at the observed mean. Its
-  Monte-Carlo standard error (``p_less_mc_se``) comes from resampling every random input
-  (permutations, noise pairs, replicates). The plain randomised permutation p-value of one
-  draw is reported beside it (``p_perm_single_draw``). Every random stream is keyed by
-  (seed, role, index): permutation i uses the same stream whatever ``n_perm`` is.
+* **The fixed-fixed null.** A TopK SAE gives every question exactly k active features; features
+  drawn from a small pool compete for the k slots, a negative dependence that grows with firing
+  frequency. The null keeps what TopK fixes: every question's count of active features and every
+  feature's values (``correlations.curveball``). The feature-marginal null (each feature's values
+  moved to random questions, counts not kept) read that competition as rivalry (``null=
+  "feature_marginal"`` keeps it available, for comparison).
+* **Equal group sizes.** With n questions in the smaller group (per stratum), the larger one is
+  cut at random into floor(N/n) disjoint blocks of n; T compares the smaller group with the mean
+  of its blocks, every excess at n questions.
+* **Two references; the p-value is the larger of the two** (an intersection test: it holds its
+  level wherever either reference is exact):
+
+  - *conditional*: the groups' own fixed-fixed null. Each group (within each stratum) is
+    randomised as a whole, keeping its margins, by a curveball chain run from the data and then
+    from that draw (Besag & Clifford's parallel scheme), and the statistic of p5s is recomputed
+    on every draw. Exact when neither group has structure beyond its margins, whatever their
+    sizes, pools and firing frequencies differ; blind to the spread real structure adds (two
+    groups with the same rivalry look different to it).
+  - *relabel*: the questions' labels permuted (within strata, sizes kept), T recomputed on each
+    relabelling by the same randomised procedure as the observed one (new blocks, a fixed-fixed
+    null draw per excess). Exact when the labels are exchangeable (the same structure in both
+    groups); fooled when the groups differ in their margins, since relabelled groups are mixtures.
+* **p-values no finer than their reference**: both are rank p-values, (1 + #{reference <= T}) /
+  (n_perm + 1), never below 1 / (n_perm + 1) (``p_resolution``). Their Monte-Carlo error comes
+  from the reference's size and the observed statistic's own noise (``replicates`` further
+  evaluations of it, with new blocks and null draws). A statistic equal to its reference in most
+  draws (every p5 at a tie value, rounding only) carries no information: no p-value, the reason.
 * **No claim from tiny groups**: below ``min_group`` questions in either group no calibrated
   p-value is computed, and the result says why.
 
-Imports numpy/scipy only.
+Every random stream is keyed by (seed, role, index): draw i uses the same stream whatever
+``n_perm`` is. Imports numpy/scipy only.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import scipy.sparse as sp
@@ -54,6 +59,7 @@ from .correlations import (
     DENSE_FEATURES,
     blocked_pair_percentile,
     constant_columns,
+    curveball,
     pair_correlations,
     percentile,
     permute_columns,
@@ -61,7 +67,11 @@ from .correlations import (
 )
 
 # Keys of the random streams: np.random.default_rng([seed, ROLE, index]).
-_PERMUTATION, _OBSERVED, _DESCRIPTIVE, _BOOTSTRAP = 0, 1, 2, 3
+_PERMUTATION, _OBSERVED, _DESCRIPTIVE, _CONDITIONAL = 0, 1, 2, 4
+# Statistics closer than this are equal (p5s are O(1e-3..1): what is left is rounding).
+TIE = 1e-12
+Null = Literal["fixed_fixed", "feature_marginal"]
+Reference = Literal["both", "conditional", "relabel"]
 
 
 @dataclass
@@ -94,27 +104,51 @@ class GroupStats:
 @dataclass(frozen=True)
 class PaperParams:
     """The knobs of the across-question protocol (defaults: the paper's) and of the calibrated
-    test: ``n_null`` feature-marginal draws per excess, ``replicates`` draws of the observed
-    statistic, ``min_group`` questions each group needs for a calibrated p-value,
-    ``min_stratum`` questions each group needs in a stratum for the stratum to count, and
-    ``report_draws`` null draws for the descriptive per-group null p5."""
+    test: the ``null`` (fixed_fixed keeps each question's count of active features, TopK's k;
+    feature_marginal does not), the ``reference`` the p-value takes (both: the larger of the
+    conditional and the relabelling p), ``rounds`` curveball rounds per null draw, ``n_null``
+    null draws per excess in a relabelling, ``replicates`` further evaluations of the observed
+    statistic (its Monte-Carlo noise, for the p-value's error), ``min_group`` questions each
+    group needs for a calibrated p-value, ``min_stratum`` questions each group needs in a stratum
+    for the stratum to count, and ``report_draws`` null draws for the descriptive per-group null
+    p5."""
 
     pct: float = 5.0
     min_mean: float = 0.01
     max_features: int | None = 300
     feature_seed: int = 42
     min_questions: int = 1
+    null: Null = "fixed_fixed"
+    reference: Reference = "both"
+    rounds: int = 3
     n_null: int = 1
     report_draws: int = 10
-    replicates: int = 32
-    noise_pairs: int = 200
+    replicates: int = 8
     min_group: int = 20
     min_stratum: int = 10
 
 
+def null_draw(X: sp.spmatrix, rng: np.random.Generator, params: PaperParams, cells: np.ndarray | None = None
+              ) -> sp.csr_matrix:
+    """One draw of the null within each cell of rows (label -1: left as it is): fixed-fixed
+    (curveball: counts per question and each feature's values kept) or feature-marginal."""
+    if params.null == "fixed_fixed":
+        return curveball(X, rng, params.rounds, cells)
+    X = sp.csr_matrix(X)
+    if cells is None:
+        return permute_columns(X, rng).tocsr()
+    order, parts = [], []
+    for c in np.unique(cells):
+        rows = np.flatnonzero(cells == c)
+        parts.append(X[rows] if c < 0 else permute_columns(X[rows], rng).tocsr())
+        order.append(rows)
+    stacked = sp.vstack(parts).tocsr()
+    return stacked[np.argsort(np.concatenate(order))]
+
+
 def group_stats(X: sp.csr_matrix, params: PaperParams, rng: np.random.Generator, keep: bool = True,
                 n_null: int | None = None) -> GroupStats:
-    """p5 of one group's feature correlations and its feature-marginal null (mean of draws)."""
+    """p5 of one group's feature correlations and its null (``params.null``; mean of draws)."""
     feats, n_active = select_features(X, params.min_mean, params.max_features, params.feature_seed,
                                       params.min_questions)
     Xs = sp.csc_matrix(X[:, feats]) if feats.size else sp.csc_matrix((X.shape[0], 0))
@@ -122,14 +156,14 @@ def group_stats(X: sp.csr_matrix, params: PaperParams, rng: np.random.Generator,
     draws = params.n_null if n_null is None else n_null
     if feats.size > DENSE_FEATURES:  # no cap: never F x F; the exact percentile in blocks
         p5, n_pairs, n_const = blocked_pair_percentile(Xs, params.pct)
-        nulls = [blocked_pair_percentile(permute_columns(Xs, rng), params.pct)[0] for _ in range(draws if n_pairs else 0)]
+        nulls = [blocked_pair_percentile(null_draw(Xs, rng, params), params.pct)[0] for _ in range(draws if n_pairs else 0)]
         corr = null_corr = np.empty(0)
     else:
         corr, n_const = pair_correlations(Xs) if not keep else _corrcoef_pairs(Xs)
         p5, n_pairs = percentile(corr, params.pct), int(corr.size)
         nulls, null_corr = [], np.empty(0)
         for _ in range(draws if corr.size else 0):
-            null_corr, _ = pair_correlations(permute_columns(Xs, rng))
+            null_corr, _ = pair_correlations(null_draw(Xs, rng, params))
             nulls.append(percentile(null_corr, params.pct))
     null_p5 = float(np.mean(nulls)) if nulls else float("nan")
     return GroupStats(X.shape[0], n_active, int(feats.size), n_const, n_pairs, p5, null_p5, nulls, n_single,
@@ -161,59 +195,141 @@ def paper_mwu(amb: np.ndarray, unamb: np.ndarray) -> dict[str, Any]:
 
 # ------------------------------------------------------------- the calibrated test
 @dataclass
-class Balanced:
-    """One draw of the equal-size statistic (summed over strata with weights)."""
+class Layout:
+    """The evaluated sets of one labelling: per stratum the smaller group and disjoint blocks of
+    the larger one, each set's weight in T (signed: + ambiguous, - unambiguous) and its group."""
 
-    statistic: float  # excess_ambiguous - excess_unambiguous (< 0: ambiguous more rival)
-    excess: dict[str, float]  # per group, at the block size
-    p5: dict[str, float]
-    null_p5: dict[str, float]
-    per_stratum: list[float]
+    sets: list[np.ndarray]
+    weights: np.ndarray
+    groups: list[str]
+    stratum: np.ndarray  # index of each set's stratum
+    block_size: list[int]  # per stratum
+
+    def statistic(self, values: np.ndarray) -> float:
+        return float(np.dot(self.weights, values))
+
+    def per_group(self, values: np.ndarray, stratum_weights: np.ndarray) -> dict[str, float]:
+        """Per group, the strata-weighted mean over its sets of ``values``."""
+        out = {}
+        for g in ("ambiguous", "unambiguous"):
+            tot = 0.0
+            for s, w in enumerate(stratum_weights):
+                m = [i for i, (gg, st) in enumerate(zip(self.groups, self.stratum)) if gg == g and st == s]
+                tot += w * float(np.mean(values[m]))
+            out[g] = tot
+        return out
+
+    def per_stratum(self, values: np.ndarray) -> list[float]:
+        n = int(self.stratum.max()) + 1 if self.stratum.size else 0
+        out = []
+        for s in range(n):
+            m = self.stratum == s
+            signs = np.sign(self.weights[m])
+            a, u = values[m][signs > 0], values[m][signs < 0]
+            out.append(float(a.mean() - u.mean()))
+        return out
 
 
-def _balanced_one(X: sp.csr_matrix, rows: np.ndarray, is_amb: np.ndarray, params: PaperParams,
-                  rng: np.random.Generator) -> tuple[float, dict[str, tuple[float, float]]]:
-    """T on one stratum's rows: the smaller group against disjoint random blocks of the
-    larger one, every excess at the smaller group's size."""
-    a, u = rows[is_amb[rows]], rows[~is_amb[rows]]
-    amb_small = a.size <= u.size
-    small, large = (a, u) if amb_small else (u, a)
-    n = small.size
-    n_blocks = large.size // n
-    blocks = rng.permutation(large)[: n_blocks * n].reshape(n_blocks, n)
-    s = group_stats(X[small], params, rng, keep=False)
-    bl = [group_stats(X[np.sort(b)], params, rng, keep=False) for b in blocks]
-    small_v = (s.p5, s.null_p5)
-    large_v = (float(np.mean([b.p5 for b in bl])), float(np.mean([b.null_p5 for b in bl])))
-    parts = {"ambiguous": small_v if amb_small else large_v, "unambiguous": large_v if amb_small else small_v}
-    ex = {g: v[0] - v[1] for g, v in parts.items()}
-    return ex["ambiguous"] - ex["unambiguous"], parts
+def layout(is_amb: np.ndarray, strata_rows: list[np.ndarray], stratum_weights: np.ndarray,
+           rng: np.random.Generator) -> Layout:
+    """The smaller group of each stratum against random disjoint blocks of the larger one."""
+    sets, weights, groups, stratum, sizes = [], [], [], [], []
+    for s, (rows, w) in enumerate(zip(strata_rows, stratum_weights)):
+        a, u = rows[is_amb[rows]], rows[~is_amb[rows]]
+        amb_small = a.size <= u.size
+        small, large = (a, u) if amb_small else (u, a)
+        n = small.size
+        n_blocks = large.size // n
+        blocks = rng.permutation(large)[: n_blocks * n].reshape(n_blocks, n)
+        for rows_, g, wt in [(small, "ambiguous" if amb_small else "unambiguous", w)] + [
+                (np.sort(b), "unambiguous" if amb_small else "ambiguous", w / n_blocks) for b in blocks]:
+            sets.append(np.sort(rows_))
+            groups.append(g)
+            weights.append(wt if g == "ambiguous" else -wt)
+            stratum.append(s)
+        sizes.append(n)
+    return Layout(sets, np.asarray(weights, float), groups, np.asarray(stratum, np.int64), sizes)
 
 
-def balanced_statistic(X: sp.csr_matrix, is_amb: np.ndarray, strata: list[np.ndarray], weights: np.ndarray,
-                       params: PaperParams, rng: np.random.Generator) -> Balanced:
-    """The calibrated test's statistic for one labelling: per stratum (rows given), T at equal
-    group sizes; combined as the weighted mean (weights: each stratum's block size)."""
-    Ts, parts = [], []
-    for rows in strata:
-        t, p = _balanced_one(X, rows, is_amb, params, rng)
-        Ts.append(t)
-        parts.append(p)
-    w = weights / weights.sum()
-    p5 = {g: float(sum(wi * p[g][0] for wi, p in zip(w, parts))) for g in ("ambiguous", "unambiguous")}
-    null = {g: float(sum(wi * p[g][1] for wi, p in zip(w, parts))) for g in ("ambiguous", "unambiguous")}
-    return Balanced(float(np.dot(w, Ts)), {g: p5[g] - null[g] for g in p5}, p5, null, [float(t) for t in Ts])
+def set_p5(X: sp.csr_matrix, rows: np.ndarray, params: PaperParams) -> float:
+    """The paper's p5 on one set of questions (its own mean filter and cap)."""
+    Xr = X[rows]
+    feats, _ = select_features(Xr, params.min_mean, params.max_features, params.feature_seed, params.min_questions)
+    if feats.size < 2:
+        return float("nan")
+    Xs = Xr.tocsc()[:, feats]
+    if feats.size > DENSE_FEATURES:
+        return blocked_pair_percentile(Xs, params.pct)[0]
+    return percentile(pair_correlations(Xs)[0], params.pct)
+
+
+def _cells(lay: Layout, Q: int, by: Literal["set", "group"]) -> np.ndarray:
+    """Row labels for the null's chain: each set on its own, or each group within its stratum
+    (rows in no set: -1, never moved)."""
+    cells = np.full(Q, -1, np.int64)
+    for i, rows in enumerate(lay.sets):
+        cells[rows] = i if by == "set" else 2 * lay.stratum[i] + (lay.groups[i] == "ambiguous")
+    return cells
+
+
+def relabel_statistic(X: sp.csr_matrix, is_amb: np.ndarray, strata_rows: list[np.ndarray],
+                      stratum_weights: np.ndarray, params: PaperParams, rng: np.random.Generator
+                      ) -> tuple[float, Layout, np.ndarray]:
+    """T of one labelling as the relabelling reference computes it: new blocks, and each set's
+    excess against ``n_null`` null draws of that set alone. Returns (T, layout, excess per set)."""
+    lay = layout(is_amb, strata_rows, stratum_weights, rng)
+    cells = _cells(lay, X.shape[0], "set")
+    obs = np.array([set_p5(X, r, params) for r in lay.sets])
+    null = np.zeros(len(lay.sets))
+    for _ in range(params.n_null):
+        Y = null_draw(X, rng, params, cells)
+        null += np.array([set_p5(Y, r, params) for r in lay.sets]) / params.n_null
+    ex = obs - null
+    return lay.statistic(ex), lay, ex
+
+
+@dataclass
+class Component:
+    """One reference of the calibrated test: its rank p-values and what they rest on."""
+
+    name: str
+    statistic: float  # the observed statistic this reference ranks
+    p_less: float | None = None
+    p_greater: float | None = None
+    ties: float = 0.0  # share of the reference equal to the observed statistic
+    sd: float = 0.0  # spread of the reference
+    replicate_p: list[float] = field(default_factory=list)  # p_less of the observed statistic's replicates
+    values: np.ndarray = field(repr=False, default_factory=lambda: np.empty(0))
+
+
+def rank_component(name: str, observed: float, reference: np.ndarray, replicates: np.ndarray) -> Component:
+    """Rank p-values of ``observed`` against ``reference`` (ties counted against the claim)."""
+    ok = reference[np.isfinite(reference)]
+    c = Component(name, observed, values=reference)
+    if not ok.size or not np.isfinite(observed):
+        return c
+    n = ok.size
+    c.p_less = float((1 + (ok <= observed + TIE).sum()) / (n + 1))
+    c.p_greater = float((1 + (ok >= observed - TIE).sum()) / (n + 1))
+    c.ties = float((np.abs(ok - observed) <= TIE).mean())
+    c.sd = float(ok.std())
+    c.replicate_p = [float((1 + (ok <= r + TIE).sum()) / (n + 1)) for r in replicates if np.isfinite(r)]
+    return c
 
 
 @dataclass
 class Calibrated:
-    """The calibrated label-permutation test of T = excess_ambiguous - excess_unambiguous."""
+    """The calibrated test of T = excess_ambiguous - excess_unambiguous at equal group sizes."""
 
     design: str
-    p_less: float | None = None  # one-sided: ambiguous more rival; mean over the observed replicates
-    p_less_mc_se: float | None = None  # Monte-Carlo standard error of p_less
+    null: str = "fixed_fixed"
+    reference: str = "both"
+    p_less: float | None = None  # one-sided: ambiguous more rival; the larger of the references' p
+    p_greater: float | None = None
     p_two_sided: float | None = None
-    statistic: float | None = None  # mean over the replicates: the tested statistic
+    p_resolution: float | None = None  # 1 / (n_perm + 1): no p-value is smaller
+    p_less_mc_se: float | None = None  # Monte-Carlo error: the reference's size and the statistic's noise
+    statistic: float | None = None  # excess_ambiguous - excess_unambiguous (excess against the conditional draws)
     excess: dict[str, float] = field(default_factory=dict)
     p5: dict[str, float] = field(default_factory=dict)
     null_p5: dict[str, float] = field(default_factory=dict)
@@ -221,21 +337,28 @@ class Calibrated:
     n_perm: int = 0
     replicates: int = 0
     strata: list[dict[str, Any]] = field(default_factory=list)
-    perm_mean: float | None = None
-    perm_sd: float | None = None
+    components: dict[str, Component] = field(default_factory=dict)
+    noise_sd: float | None = None  # sd of the relabelling statistic over the observed labelling's replicates
     reason: str | None = None  # why there is no p-value
-    noise_sd: float | None = None  # sd of one evaluation's Monte-Carlo noise (blocks, null draws)
-    p_perm_single: float | None = None  # the plain permutation p of one observed draw (randomised)
-    perm_statistics: np.ndarray = field(repr=False, default_factory=lambda: np.empty(0))
+    degenerate: bool = False  # the statistic carries no information (equal to its reference)
+
+    @property
+    def perm_statistics(self) -> np.ndarray:
+        c = self.components.get("relabel")
+        return c.values if c is not None else np.empty(0)
 
     def as_dict(self) -> dict[str, Any]:
-        out = {"design": self.design, "p_less": self.p_less, "p_less_mc_se": self.p_less_mc_se,
+        out = {"design": self.design, "null": self.null, "reference": self.reference, "p_less": self.p_less,
+               "p_less_mc_se": self.p_less_mc_se, "p_resolution": self.p_resolution, "p_greater": self.p_greater,
                "p_two_sided": self.p_two_sided, "statistic": self.statistic, "n_perm": self.n_perm,
-               "replicates": self.replicates, "block_size": self.block_size,
-               "perm_statistics": {"mean": self.perm_mean, "sd": self.perm_sd}, "noise_sd": self.noise_sd,
-               "p_perm_single_draw": self.p_perm_single, "strata": self.strata,
-               "what": "label permutation of T = excess_ambiguous - excess_unambiguous at equal group sizes "
-                       "(excess = p5 - feature-marginal null p5): calibrated"}
+               "replicates": self.replicates, "block_size": self.block_size, "noise_sd": self.noise_sd,
+               "degenerate": self.degenerate, "strata": self.strata,
+               "components": {k: {"statistic": c.statistic, "p_less": c.p_less, "p_greater": c.p_greater,
+                                  "ties": c.ties, "reference_sd": c.sd} for k, c in self.components.items()},
+               "what": "T = excess_ambiguous - excess_unambiguous at equal group sizes (excess = p5 - its "
+                       "null p5; the null keeps each question's count of active features and each feature's "
+                       "values); p: the larger of the rank p against the groups' own null and against "
+                       "relabellings of the questions: calibrated"}
         for g, v in self.excess.items():
             out[f"excess_{g}"] = v
             out[f"p5_{g}"] = self.p5.get(g)
@@ -274,92 +397,119 @@ def candidate_columns(X: sp.csr_matrix, n: int, min_mean: float) -> np.ndarray:
     return np.flatnonzero(col_sum > max(min_mean, 0.0) * n)
 
 
+def _map(fn, items: list, n_jobs: int | None) -> np.ndarray:
+    jobs = n_jobs or min(4, os.cpu_count() or 1)
+    if jobs > 1 and len(items) > 1:
+        with ThreadPoolExecutor(jobs) as ex:
+            return np.fromiter(ex.map(fn, items), float, len(items))
+    return np.fromiter(map(fn, items), float, len(items))
+
+
+def _tie_reason(X: sp.csr_matrix, lay: Layout, p5s: np.ndarray, comp: Component) -> str:
+    at_tie = [bool(np.isclose(v, -1.0 / (rows.size - 1), rtol=0, atol=1e-9)) for v, rows in zip(p5s, lay.sets)]
+    why = ("every group's p5 sits at -1/(n-1), the correlation of two features firing in one question each"
+           if all(at_tie) else "the statistic does not move")
+    return (f"no information: the statistic equals its observed value in {comp.ties:.0%} of the {comp.name} "
+            f"reference's draws ({why}): no calibrated p-value")
+
+
 def calibrated_test(X: sp.csr_matrix, is_ambiguous: np.ndarray, params: PaperParams = PaperParams(),
                     n_perm: int = 1000, seed: int = 0, n_jobs: int | None = None,
                     strata: np.ndarray | None = None) -> Calibrated:
     """The calibrated test on pooled rows (see the module docstring). ``strata``: one label
-    per row (e.g. the relation type); labels are then permuted within strata."""
+    per row (e.g. the relation type); the null and the relabellings then act within strata."""
     is_amb = np.asarray(is_ambiguous, bool)
     X = sp.csr_matrix(X)
-    design = ("equal-size blocks, labels permuted " + ("within strata" if strata is not None else "over all questions"))
+    design = (f"equal-size blocks; {params.null.replace('_', '-')} null; reference: {params.reference}"
+              + (" (the larger p of the conditional and the relabelling one)" if params.reference == "both" else "")
+              + ("; within strata" if strata is not None else ""))
+    base = Calibrated(design, params.null, params.reference)
     na, nu = int(is_amb.sum()), int((~is_amb).sum())
     if n_perm == 0:
-        return Calibrated(design, reason="n_perm = 0: the calibrated test was not run")
+        base.reason = "n_perm = 0: the calibrated test was not run"
+        return base
     if min(na, nu) < params.min_group:
-        return Calibrated(design, reason=f"the {'ambiguous' if na < nu else 'unambiguous'} group has {min(na, nu)} "
-                                         f"questions (< min_group = {params.min_group}): no calibrated p-value")
+        base.reason = (f"the {'ambiguous' if na < nu else 'unambiguous'} group has {min(na, nu)} questions "
+                       f"(< min_group = {params.min_group}): no calibrated p-value")
+        return base
     rows, weights, table = _strata_rows(is_amb, strata, params)
+    base.strata = table if strata is not None else []
     if not rows:
-        return Calibrated(design, strata=table, reason=f"no stratum holds >= {params.min_stratum} questions of "
-                                                       "each group: no calibrated p-value")
-    # Columns that can pass the mean filter in some evaluated group: every group evaluated has
-    # the block size n of its stratum, so a column's positive values must sum above min_mean * n
-    # (positive parts: raw Qwen-Scope TopK codes keep negative values). Ids stay in order, so
-    # the cap's choice is the one made on the full matrix.
-    n_min = int(weights.min())
-    Xc = X[:, candidate_columns(X, n_min, params.min_mean)].tocsr()
+        base.reason = f"no stratum holds >= {params.min_stratum} questions of each group: no calibrated p-value"
+        return base
+    w = weights / weights.sum()
+    # Columns that can pass the mean filter in some evaluated set (each has its stratum's block
+    # size n): their positive values must sum above min_mean * n. Ids stay in order, so the cap's
+    # choice is the one made on the full matrix.
+    X = X[:, candidate_columns(X, int(weights.min()), params.min_mean)].tocsr()
 
-    reps = [balanced_statistic(Xc, is_amb, rows, weights, params, np.random.default_rng([seed, _OBSERVED, r]))
-            for r in range(max(2, params.replicates))]
+    # The observed labelling: its layout (replicate 0) and further replicates of the relabelling statistic.
+    reps = [relabel_statistic(X, is_amb, rows, w, params, np.random.default_rng([seed, _OBSERVED, r]))
+            for r in range(1 + max(0, params.replicates))]
+    T_rel = np.array([t for t, _, _ in reps])
+    lay = reps[0][1]
+    p5_obs = np.array([set_p5(X, r, params) for r in lay.sets])
+    cond_obs = lay.statistic(p5_obs)
+    cond_reps = np.array([r[1].statistic(np.array([set_p5(X, s, params) for s in r[1].sets])) for r in reps[1:]])
 
-    def one(i: int, draw: int = 0) -> float:
-        r = np.random.default_rng([seed, _PERMUTATION, i])  # the relabelling: the same for both draws
-        lab = is_amb.copy()
-        for rs in rows:
-            lab[rs] = r.permutation(lab[rs])
-        aux = r if draw == 0 else np.random.default_rng([seed, _PERMUTATION, i, draw])
-        return balanced_statistic(Xc, lab, rows, weights, params, aux).statistic
+    comps: dict[str, Component] = {}
+    cond_draws = np.empty((0, len(lay.sets)))
+    if params.reference in ("both", "conditional"):
+        cells = _cells(lay, X.shape[0], "group")
+        hub = null_draw(X, np.random.default_rng([seed, _CONDITIONAL]), params, cells)  # the chain run back once
 
-    n_twice = min(n_perm, params.noise_pairs)
-    tasks = [(i, 0) for i in range(n_perm)] + [(i, 1) for i in range(n_twice)]
-    jobs = n_jobs or min(4, os.cpu_count() or 1)
-    if jobs > 1 and len(tasks) > 1:
-        with ThreadPoolExecutor(jobs) as ex:
-            values = np.fromiter(ex.map(lambda t: one(*t), tasks), float, len(tasks))
+        def draw(i: int) -> np.ndarray:
+            Y = null_draw(hub, np.random.default_rng([seed, _CONDITIONAL, i]), params, cells)
+            return np.array([set_p5(Y, r, params) for r in lay.sets])
+
+        jobs = n_jobs or min(4, os.cpu_count() or 1)
+        if jobs > 1 and n_perm > 1:
+            with ThreadPoolExecutor(jobs) as ex:
+                cond_draws = np.array(list(ex.map(draw, range(n_perm))))
+        else:
+            cond_draws = np.array([draw(i) for i in range(n_perm)])
+        comps["conditional"] = rank_component("conditional", cond_obs, cond_draws @ lay.weights, cond_reps)
+    if params.reference in ("both", "relabel"):
+        def one(i: int) -> float:
+            r = np.random.default_rng([seed, _PERMUTATION, i])
+            lab = is_amb.copy()
+            for rs in rows:
+                lab[rs] = r.permutation(lab[rs])
+            return relabel_statistic(X, lab, rows, w, params, r)[0]
+
+        comps["relabel"] = rank_component("relabel", float(T_rel[0]), _map(one, list(range(n_perm)), n_jobs), T_rel[1:])
+
+    out = base
+    out.components, out.n_perm, out.replicates = comps, n_perm, len(reps) - 1
+    out.block_size = int(lay.block_size[0]) if strata is None else int(weights.sum())
+    out.p_resolution = 1.0 / (n_perm + 1)
+    out.noise_sd = float(T_rel.std(ddof=1)) if T_rel.size > 1 else None
+    if cond_draws.size:  # excess against the conditional draws: the precise null mean of every set
+        null_sets = np.nanmean(cond_draws, axis=0)
     else:
-        values = np.fromiter((one(*t) for t in tasks), float, len(tasks))
-    perms, second = values[:n_perm], values[n_perm:]
-    T_r = np.array([b.statistic for b in reps])
-    for t, stratum in zip(np.mean([b.per_stratum for b in reps], axis=0), [s for s in table if s["used"]]):
-        stratum["statistic"] = float(t)
-    out = Calibrated(design, statistic=float(np.mean(T_r)), block_size=n_min if strata is None else int(weights.sum()),
-                     n_perm=int(np.isfinite(perms).sum()), replicates=len(reps),
-                     strata=table if strata is not None else [], perm_statistics=perms)
-    out.excess = {g: float(np.mean([b.excess[g] for b in reps])) for g in ("ambiguous", "unambiguous")}
-    out.p5 = {g: float(np.mean([b.p5[g] for b in reps])) for g in ("ambiguous", "unambiguous")}
-    out.null_p5 = {g: float(np.mean([b.null_p5[g] for b in reps])) for g in ("ambiguous", "unambiguous")}
-    ok = np.isfinite(perms)
-    pairs = np.isfinite(perms[:n_twice]) & np.isfinite(second)
-    if ok.sum() < 20 or pairs.sum() < 2 or not np.isfinite(T_r).all():
-        out.reason = ("the statistic is undefined or too few permutations ran (>= 20 and >= 2 noise pairs needed): "
-                      "no calibrated p-value")
+        null_sets = p5_obs - reps[0][2]
+    out.p5, out.null_p5 = lay.per_group(p5_obs, w), lay.per_group(null_sets, w)
+    out.excess = {g: out.p5[g] - out.null_p5[g] for g in out.p5}
+    out.statistic = lay.statistic(p5_obs - null_sets)
+    for t, stratum in zip(lay.per_stratum(p5_obs - null_sets), [s for s in out.strata if s["used"]]):
+        stratum["statistic"] = t
+    flat = [c for c in comps.values() if c.ties >= 0.5 or (c.p_less is not None and c.sd <= TIE)]
+    if flat:
+        out.degenerate = True
+        out.reason = _tie_reason(X, lay, p5_obs, flat[0])
         return out
-    out.perm_mean, out.perm_sd = float(perms[ok].mean()), float(perms[ok].std())
-    p, p_greater = _deconvolved_p(T_r, perms[ok], perms[:n_twice][pairs], second[pairs])
-    out.p_less, out.p_two_sided = p, float(min(1.0, 2 * min(p, p_greater)))
-    out.noise_sd = float(np.sqrt(np.mean((perms[:n_twice][pairs] - second[pairs]) ** 2) / 2))
-    boot = np.random.default_rng([seed, _BOOTSTRAP])
-    ps = []
-    for _ in range(200):  # Monte-Carlo error: every random input of p resampled
-        b_perm = boot.choice(perms[ok], ok.sum())
-        j = boot.integers(0, pairs.sum(), pairs.sum())
-        ps.append(_deconvolved_p(boot.choice(T_r, T_r.size), b_perm, perms[:n_twice][pairs][j], second[pairs][j])[0])
-    out.p_less_mc_se = float(np.std(ps))
-    out.p_perm_single = float((1 + (perms[ok] <= T_r[0]).sum()) / (1 + ok.sum()))
+    if any(c.p_less is None for c in comps.values()):
+        out.reason = "the statistic is undefined (a group without two features to correlate): no calibrated p-value"
+        return out
+    out.p_less = max(c.p_less for c in comps.values())
+    out.p_greater = max(c.p_greater for c in comps.values())
+    out.p_two_sided = float(min(1.0, 2 * min(out.p_less, out.p_greater)))
+    # Monte-Carlo error: the reference's size (binomial) and the observed statistic's own noise
+    # (the p-values of its replicates, each with new blocks and null draws).
+    rep_p = [max(ps) for ps in zip(*(c.replicate_p for c in comps.values()))]
+    noise = float(np.var(rep_p, ddof=1)) if len(rep_p) > 1 else 0.0
+    out.p_less_mc_se = float(np.sqrt(out.p_less * (1 - out.p_less) / (n_perm + 1) + noise))
     return out
-
-
-def _deconvolved_p(T_r: np.ndarray, perms: np.ndarray, first: np.ndarray, second: np.ndarray) -> tuple[float, float]:
-    """One-sided p-values (less, greater) of the mean observed statistic against the permutation
-    distribution with its Monte-Carlo noise taken out: each permuted T is one draw, theta + e,
-    the observed one a mean of R draws, theta + e_bar. Var(e) comes from permutations drawn twice
-    (same labels, new blocks and null draws); the reference for the mean is normal with the
-    permutations' mean and variance Var(T_perm) - Var(e) + Var(e) / R."""
-    noise = float(np.mean((first - second) ** 2) / 2)
-    var = float(np.var(perms, ddof=1))
-    signal = max(var - noise, 0.05 * var)
-    z = (float(np.mean(T_r)) - float(np.mean(perms))) / np.sqrt(signal + noise / T_r.size)
-    return float(scipy.stats.norm.cdf(z)), float(scipy.stats.norm.sf(z))
 
 
 @dataclass

@@ -118,10 +118,50 @@ def _prefect_console_on_stdout() -> Iterator[None]:
             h.console.file = file
 
 
+LOST_SERVER_EXIT = 3  # the exit status of a run whose Prefect server went away (resumable)
+LOST_SERVER_GRACE_S = 25.0  # how long the step at work may take to reach a safe point
+
+
+def _server_lost(describe: Callable[[], str] | None) -> None:
+    """The Prefect API is gone: the step at work finishes (a shard is written whole, or not
+    started), then the command ends with one line and a status that says so, instead of
+    retrying the API for minutes and a long traceback. Runs in the watcher thread."""
+    from qsae.jobs import interrupt
+
+    interrupt.request_stop("the Prefect server stopped")
+    idle = interrupt.wait_idle(LOST_SERVER_GRACE_S)
+    try:
+        state = describe() if describe else ""
+    except Exception:  # noqa: BLE001 - the line must come out whatever the store says
+        state = ""
+    line = "qsae: the Prefect server stopped" + (f"; {state}" if state else "") + "; rerun the same command to resume"
+    if not idle:
+        line += f" (a step was still at work after {LOST_SERVER_GRACE_S:.0f} s: what it had not marked done is redone)"
+    for stream in (sys.stdout, sys.__stdout__):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001
+            pass
+    print(line, file=sys.__stderr__, flush=True)
+    os._exit(LOST_SERVER_EXIT)
+
+
+def lake_state_line(cfg: Any) -> str:
+    """'the lake holds N of M questions' for a config naming a lake (empty if it has none yet)."""
+    from qsae.lake.store import Lake
+
+    ref = getattr(cfg, "ref", None)
+    if ref is None:
+        return ""
+    lake = Lake.open(ref)
+    return f"the lake holds {int(lake.done_mask().sum()):,} of {lake.n_units:,} {lake.schema.unit}s"
+
+
 @contextmanager
-def _prefect(server=None) -> Iterator[str]:
+def _prefect(server=None, describe: Callable[[], str] | None = None) -> Iterator[str]:
     """A Prefect API for the flow: PREFECT_API_URL if set, else a temporary server of our own
-    (``server``, if the command launched it early to overlap its start with other work)."""
+    (``server``, if the command launched it early to overlap its start with other work). If the
+    API goes away during the run, ``_server_lost`` ends the command (``describe``: its state)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.server import prefect_api
 
@@ -131,7 +171,8 @@ def _prefect(server=None) -> Iterator[str]:
         qsae_logger.removeHandler(h)
     t0 = time.perf_counter()
     try:
-        with _prefect_console_on_stdout(), prefect_api(typer.echo, server=server) as url:
+        with _prefect_console_on_stdout(), prefect_api(typer.echo, server=server,
+                                                       on_lost=lambda: _server_lost(describe)) as url:
             TIMES["Prefect server start (wait)"] = time.perf_counter() - t0
             yield url
     finally:
@@ -176,7 +217,7 @@ def run_job(cfg: Any, flow: str, local: str | Callable[[Any], Any], prefect: boo
             from flows.server import configured_api_url
 
             flow_fn, temporary = _load(flow), configured_api_url() is None
-            with _prefect() as url:
+            with _prefect(describe=lambda: lake_state_line(cfg)) as url:
                 state = flow_fn(config=cfg, return_state=True, **flow_kwargs)
             see_again = run_link(url, state.state_details.flow_run_id, temporary)
             try:
@@ -323,7 +364,7 @@ def demo(
         if prefect:
             from flows.capture import capture_flow
 
-            with _prefect(server) as url:
+            with _prefect(server, describe=lambda: lake_state_line(cfg)) as url:
                 t = time.perf_counter()
                 state = capture_flow(config=cfg, shards_per_task=1, return_state=True)
                 TIMES["capture (Prefect flow)"] = time.perf_counter() - t

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -136,6 +137,34 @@ class TemporaryServer:
             pass
 
 
+class ApiWatch(threading.Thread):
+    """Watches the Prefect API a command runs against and calls ``on_lost`` once when it is gone:
+    the temporary server's process exited, or the API missed ``misses`` health checks in a row.
+    Without it a run whose server died finishes its tasks, then retries the API for minutes and
+    ends in a long ``httpx.ConnectError`` traceback."""
+
+    def __init__(self, api_url: str, on_lost: Callable[[], None], proc: subprocess.Popen | None = None,
+                 every: float = 1.0, misses: int = 3):
+        super().__init__(name="qsae-prefect-watch", daemon=True)
+        self.api_url, self.on_lost, self.proc, self.every, self.misses = api_url, on_lost, proc, every, misses
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        missed = 0
+        while not self._done.wait(self.every):
+            if self.proc is not None:
+                gone = self.proc.poll() is not None
+            else:
+                missed = 0 if _healthy(self.api_url, timeout=2.0) else missed + 1
+                gone = missed >= self.misses
+            if gone and not self._done.is_set():
+                self.on_lost()
+                return
+
+    def stop(self) -> None:
+        self._done.set()
+
+
 def _drain_prefect_workers() -> None:
     """Flush the logs and events the client still holds before their server goes away."""
     try:
@@ -161,16 +190,24 @@ def launch_if_needed(log_fn: Callable[[str], None] = print, ui: bool = True) -> 
 
 @contextmanager
 def prefect_api(log_fn: Callable[[str], None] = print, ui: bool = True,
-                server: TemporaryServer | None = None) -> Iterator[str]:
+                server: TemporaryServer | None = None, on_lost: Callable[[], None] | None = None) -> Iterator[str]:
     """Yield the Prefect API URL to run flows against, starting a temporary server if none is set.
 
     With ``PREFECT_API_URL`` set (env or profile) nothing is started. Otherwise a server of our
     own (``server`` if one was launched early) runs for the duration of the block; its UI shows
-    the runs while it lasts.
+    the runs while it lasts. ``on_lost`` is called (from a watcher thread) if the API goes away
+    during the block.
     """
     url = configured_api_url()
     if url and server is None:
-        yield url
+        watch = ApiWatch(url, on_lost) if on_lost else None
+        if watch:
+            watch.start()
+        try:
+            yield url
+        finally:
+            if watch:
+                watch.stop()
         return
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -184,12 +221,17 @@ def prefect_api(log_fn: Callable[[str], None] = print, ui: bool = True,
         raise
     log_fn(f"Prefect API up {server.startup_seconds:.1f} s after launch; UI while this runs: "
            f"{server.api_url.removesuffix('/api')}")
+    watch = ApiWatch(server.api_url, on_lost, proc=server.proc) if on_lost else None
     try:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
             os.environ["PREFECT_API_URL"] = server.api_url
+            if watch:
+                watch.start()
             try:
                 yield server.api_url
             finally:
+                if watch:
+                    watch.stop()  # before our own stop of the server, which is no loss
                 _drain_prefect_workers()
                 os.environ.pop("PREFECT_API_URL", None)
     finally:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from qsae.errors import DatasetError, SAEFormatError
+from qsae.jobs import interrupt
 from qsae.jobs.configs import CaptureConfig
 from qsae.jobs.preflight import preflight
 from qsae.jobs.progress import Progress
@@ -407,11 +408,13 @@ def capture_shards(plan: CapturePlan, shards: Sequence[int], progress: bool = Fa
     batch_size = resolve_questions_per_batch(cfg, lm, budget)
     stats = CaptureStats(list(shards))
     total = sum(lake.shard_region(s).stop - lake.shard_region(s).start for s in shards)
-    with background_writer(lake, cfg.writer_queue) as writer:
-        with res.lock, Progress(total, f"capture of shards {list(shards)}", "questions", bar=progress,
-                                logger=log) as bar:  # one capture at a time per model (hooks are per module)
+    # One capture at a time per model (hooks are per module), its writes flushed before the next
+    # starts: a stop request then finds at most this step's shards in flight.
+    with interrupt.working(), res.lock, background_writer(lake, cfg.writer_queue) as writer:
+        with Progress(total, f"capture of shards {list(shards)}", "questions", bar=progress, logger=log) as bar:
             t0 = time.perf_counter()
             for shard in shards:
+                interrupt.check(f"before shard {shard}")  # a shard is written whole, or not started
                 region = lake.shard_region(shard)
                 shard_qs = qs.questions[region]
                 buf = _empty_shard(lake, len(shard_qs))
@@ -420,6 +423,7 @@ def capture_shards(plan: CapturePlan, shards: Sequence[int], progress: bool = Fa
                 order = np.argsort(lengths, kind="stable")
                 start = 0
                 while start < len(shard_qs):
+                    interrupt.check(f"in shard {shard}, before it was written")  # nothing of it written yet
                     rows = order[start:start + batch_size]
                     batch = [shard_qs[i] for i in rows]
                     t = time.perf_counter()

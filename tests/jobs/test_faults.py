@@ -202,3 +202,56 @@ def test_two_workers_on_overlapping_shards_are_harmless(fault_setup):
     # Both wrote every pending shard, whole and aligned: identical bytes, nothing interleaved.
     assert verify(store).ok
     assert_same_lake(store, ref)
+
+
+def test_losing_the_prefect_server_mid_shard_ends_in_one_line_and_resumes(fault_setup):
+    """The temporary Prefect server is killed while a shard is written but not yet marked done:
+    that shard finishes, no other starts, the command ends within 30 s with one line and exit
+    status 3 (it once took ~4 minutes and ended in a 376-line httpx traceback), and the same
+    command resumes to a lake equal to an uninterrupted one."""
+    import re
+    import threading
+
+    tmp, cfg, ref = fault_setup
+    store = str(tmp / "server-lost.zarr")
+    conf = _config_file(tmp, cfg, "server-lost", store=store, questions_per_shard=2, questions_per_chunk=2)
+    marker = tmp / "server-lost.marker"
+    env = _env(PREFECT_HOME=str(tmp / "prefect-home-lost"))
+    env.pop("PREFECT_API_URL", None)
+    # Pause 6 s on the 2nd of 4 shards, after its data is written and before it is marked done.
+    proc = subprocess.Popen([*qsae_with_fault(f"pause:{marker}:1:6"), "capture", "-c", str(conf),
+                             "--shards-per-task", "1"], cwd=REPO, text=True, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        _wait_lines(marker, 2, proc, timeout=300)
+        port = next(m.group(1) for line in list(out) if (m := re.search(r"qsae-server-(\d+)\.log", line)))
+        pids = subprocess.run(["pgrep", "-f", "--", f"server start --host 127.0.0.1 --port {port}"],
+                              capture_output=True, text=True).stdout.split()
+        assert pids, out
+        for pid in pids:
+            os.killpg(int(pid), signal.SIGKILL)
+        t0 = time.monotonic()
+        err = proc.stderr.read()
+        proc.wait(timeout=60)
+        ended = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    reader.join(timeout=10)
+    assert proc.returncode == 3, err[-3000:]
+    assert ended < 30, ended
+    lines = err.strip().splitlines()
+    assert lines[-1] == ("qsae: the Prefect server stopped; the lake holds 4 of 8 questions; rerun the same "
+                         "command to resume"), err[-3000:]
+    assert "Traceback" not in err and "ConnectError" not in err, err[-3000:]
+    done = QuestionLake.open(store).done_mask()
+    per_shard = done.reshape(4, 2)
+    assert done.sum() == 4 and (per_shard.all(1) | ~per_shard.any(1)).all()  # the paused one finished; no other started
+    assert verify(store).ok
+    again = subprocess.run([QSAE, "capture", "-c", str(conf), "--shards-per-task", "1"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert_same_lake(store, ref)

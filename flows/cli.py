@@ -538,11 +538,12 @@ def verify(
 def inspect(
     store: str = typer.Argument(..., help="lake URL"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+    full: bool = typer.Option(False, "--full", help="print long attributes whole (they are cut otherwise)"),
 ) -> None:
     """Summarise a store: dims, variables (dtype, size, layout), done fraction, lineage, results."""
     from qsae.lake.inspect import inspect_store, render
 
-    info = inspect_store(store)
+    info = inspect_store(store, full=full)
     typer.echo(json.dumps(info, indent=1) if as_json else render(info))
 
 

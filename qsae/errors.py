@@ -95,3 +95,23 @@ class StoreFullError(QsaeError):
 
 class ModelFileError(QsaeError):
     """A model's files are there but cannot be read (truncated, damaged)."""
+
+
+class NothingCapturedError(QsaeError):
+    """An analysis was asked of a lake with no captured (done) question: nothing to compute."""
+
+
+class ResultError(QsaeError):
+    """A result group a reader needs is missing, damaged or stale (computed from another state of the lake)."""
+
+
+class ResultMissingError(ResultError):
+    """The store holds no such result group (whatever its consolidated metadata lists)."""
+
+
+class ResultDamagedError(ResultError):
+    """A chunk of a result group is missing, empty or does not decode."""
+
+
+class StaleResultError(ResultError):
+    """A result group was computed from another state of the lake (fewer questions done, another lake)."""

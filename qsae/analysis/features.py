@@ -40,6 +40,8 @@ def entries(idx: np.ndarray, val: np.ndarray, keep_rows: np.ndarray) -> Entries:
 
 def top_per_feature(e: Entries, n: int) -> dict[int, list[tuple[int, float]]]:
     """For each feature, its ``n`` entries of largest value: [(row, value)], largest first."""
+    if e.feature.size == 0:
+        return {}
     order = np.lexsort((-e.value, e.feature))
     f, r, v = e.feature[order], e.row[order], e.value[order]
     starts = np.flatnonzero(np.r_[True, f[1:] != f[:-1]])

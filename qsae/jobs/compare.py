@@ -11,9 +11,10 @@ import numpy as np
 import xarray as xr
 
 from qsae.analysis.matching import FeatureMatch, firing_stats, match_features
+from qsae.jobs import interrupt
 from qsae.jobs.configs import CompareConfig
 from qsae.jobs.report import Report, fmt
-from qsae.lake.results import lineage_of, save_figure, write_result_group
+from qsae.lake.results import lake_state, lineage_of, save_figure, write_result_group
 
 log = logging.getLogger("qsae.jobs.compare")
 
@@ -40,6 +41,7 @@ class CompareResult(Report):
                  f"{fmt(s['matched'])} pairs matched ({fmt(s['matched_above_0.9'])} above cosine 0.9, mean "
                  f"{fmt(s['mean_matched_similarity'])}); {fmt(s['emerged'])} emerged and {fmt(s['vanished'])} "
                  f"vanished (no counterpart above {s['threshold']})"]
+        lines += [f"{role} lake: {line}" for role, line in (s.get("captured") or {}).items()]
         if "inputs" in s:
             lines.append(f"firing from {s['inputs']['position']} codes: {s['inputs']['meaning']}")
             shifts = s.get("largest_shifts", [])
@@ -168,9 +170,16 @@ def run_compare(cfg: CompareConfig) -> CompareResult:
     table["vanished"] = ("base", match.best_a < cfg.threshold)
     freq_a = freq_b = None
     lineage: dict[str, Any] = {}
+    state = None
     if cfg.base_lake and cfg.finetuned_lake:
         ds_a = open_lake(cfg.lake_ref(cfg.base_lake))
         ds_b = open_lake(cfg.lake_ref(cfg.finetuned_lake))
+        states = {"base": lake_state(ds_a).require(cfg.base_lake, "compare"),
+                  "finetuned": lake_state(ds_b).require(cfg.finetuned_lake, "compare")}
+        for role, st in states.items():
+            if st.line():
+                summary.setdefault("captured", {})[role] = st.line()
+        state = states["finetuned"]
         layer = _lake_layer(cfg.layer, ds_a, ds_b)
         for role, ds, url, info in (("base", ds_a, cfg.base_lake, info_a), ("fine-tuned", ds_b, cfg.finetuned_lake, info_b)):
             check_codes_from(ds, url, layer, info, role)
@@ -209,8 +218,10 @@ def run_compare(cfg: CompareConfig) -> CompareResult:
     group = f"{cfg.name}/layer_{cfg.layer if cfg.layer is not None else 'all'}"
     fig_url = None
     if out:
-        write_result_group(out, group, table, {"kind": "compare", "summary": summary, "params": cfg.model_dump(),
-                                               "lineage": lineage})
+        with interrupt.working():  # a stop request waits for the result to be whole
+            write_result_group(out, group, table, {"kind": "compare", "summary": summary, "params": cfg.model_dump(),
+                                                   "lineage": lineage},
+                               state if cfg.out is None or cfg.out == cfg.finetuned_lake else None)
         fig_url = save_figure(compare_figure(match, freq_a, freq_b), out, f"{group}/figure.png")
     return CompareResult(group, summary, match, table, fig_url, out.url if out else None)
 

@@ -29,8 +29,10 @@ import fsspec
 import numpy as np
 
 from qsae.analysis.features import HIST_BINS, LayerFeatures, QuestionTable, layer_features, token_layer_features
+from qsae.errors import ResultError, ResultMissingError
 from qsae.jobs.configs import FeaturesConfig
 from qsae.jobs.report import Report
+from qsae.lake.results import lake_state, read_result_group
 from qsae.lake.storage import StoreRef
 from qsae.lake.store import open_lake
 
@@ -46,24 +48,31 @@ class FeaturesResult(Report):
     layers: dict[int, dict[str, Any]] = field(default_factory=dict)
     neuronpedia: str | None = None
     seconds: float = 0.0
+    captured: str = ""  # "N of M questions captured; the rest are not in this result" on a partial lake
+    cautions: list[str] = field(default_factory=list)
 
     def to_text(self) -> str:
-        lines = [f"feature dashboards of {self.store} ({self.seconds:.1f} s)"]
+        lines = [f"feature dashboards of {self.store} ({self.seconds:.1f} s)"] + ([self.captured] if self.captured else [])
         for layer, info in self.layers.items():
             lines.append(f"  layer {layer}: {info['features']} features fire; open {info['index']}")
             if info.get("logit_effects_skipped"):
                 lines.append(f"    decoder logit effects skipped: {info['logit_effects_skipped']}")
         if self.neuronpedia:
             lines.append(f"  Neuronpedia batches: {self.neuronpedia}")
+        lines += [f"caution: {c}" for c in self.cautions]
         return "\n".join(lines)
 
     def to_markdown(self) -> str:
         rows = "\n".join(f"| {layer} | {info['features']} | `{info['index']}` |" for layer, info in self.layers.items())
-        return f"# Feature dashboards\n\n{self.store}\n\n| layer | features firing | index |\n|---|---|---|\n{rows}\n"
+        head = f"**{self.captured}**\n\n" if self.captured else ""
+        notes = "".join(f"\n- caution: {c}" for c in self.cautions)
+        return (f"# Feature dashboards\n\n{self.store}\n\n{head}| layer | features firing | index |\n|---|---|---|\n"
+                f"{rows}\n{notes}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"store": self.store, "layers": {str(k): v for k, v in self.layers.items()},
-                "neuronpedia": self.neuronpedia, "seconds": self.seconds}
+                "neuronpedia": self.neuronpedia, "seconds": self.seconds, "captured": self.captured or None,
+                "cautions": self.cautions}
 
 
 # ----------------------------------------------------------------- logit effects
@@ -311,7 +320,8 @@ def run_features(cfg: FeaturesConfig) -> FeaturesResult:
 
         raise SchemaError(f"{cfg.store} holds no SAE codes: features needs a lake captured with an SAE")
     layers = cfg.layers or [int(x) for x in ds.layer.values]
-    result = FeaturesResult(store=cfg.store)
+    state = lake_state(ds).require(cfg.store, "show")
+    result = FeaturesResult(store=cfg.store, captured=state.line())
     tokenizer = None
     questions = QuestionTable(ds)
     if cfg.neuronpedia and _model_folder(attrs) is not None:
@@ -319,7 +329,9 @@ def run_features(cfg: FeaturesConfig) -> FeaturesResult:
 
         tokenizer = AutoTokenizer.from_pretrained(_model_folder(attrs), local_files_only=True)
     for layer in layers:
-        rivalry, group = _rivalry_for(cfg, layer)
+        rivalry, group, why = _rivalry_for(cfg, layer, state)
+        if why:
+            result.cautions.append(f"layer {layer}: no ambiguity shares: {why}")
         lf = layer_features(ds, layer, top_n=cfg.top_n, rivalry=rivalry, rivalry_group=group)
         effects, skipped = logit_effects(attrs, layer, lf.features) if cfg.logit_effects else ({}, "not asked")
         if skipped and cfg.logit_effects:
@@ -383,15 +395,19 @@ def _run_token_features(cfg: FeaturesConfig, ds, attrs: dict[str, Any], t0: floa
     return result
 
 
-def _rivalry_for(cfg: FeaturesConfig, layer: int):
-    """The layer's rivalry result group (question -> ambiguous/unambiguous), if one exists."""
+def _rivalry_for(cfg: FeaturesConfig, layer: int, state):
+    """The layer's rivalry result group (question -> ambiguous/unambiguous) if one exists and is
+    proven (every chunk there, computed from the lake as it is now); else (None, None, why not),
+    ``why`` empty when there simply is none."""
     for protocol in ("paper", "per_question"):
         group = f"rivalry/layer_{layer}/{protocol}"
         try:
-            return open_lake(cfg.ref, group=group).load(), group
-        except Exception:  # noqa: BLE001 - no rivalry result for this layer: no ambiguity column
+            return read_result_group(cfg.ref, group, state, rerun=f"qsae rivalry {cfg.store}").load(), group, ""
+        except ResultMissingError:
             continue
-    return None, None
+        except ResultError as exc:  # stale or damaged: never its shares, and the reason said
+            return None, None, str(exc)
+    return None, None, ""
 
 
 _STYLE = """

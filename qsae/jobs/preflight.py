@@ -40,9 +40,14 @@ def check_model_layers(model: str, layers: list[int], revision: str | None = Non
         raise LayerError(f"layers {bad} out of range: {model} has {n} layers (0..{n - 1})")
 
 
-def lake_layers(ref: StoreRef, layers: list[int] | None, kind: type[Lake] = Lake) -> list[int]:
-    """Open the lake (its schema and kind checked), refuse layers it lacks; the layers to use."""
+def lake_layers(ref: StoreRef, layers: list[int] | None, kind: type[Lake] = Lake, what: str = "") -> list[int]:
+    """Open the lake (its schema and kind checked), refuse layers it lacks and, for an analysis
+    (``what``), a lake with nothing captured; the layers to use."""
+    from qsae.lake.results import lake_state
+
     lake = kind.open(ref)
+    if what:
+        lake_state(lake).require(ref.url, what)
     have = lake.layers
     missing = [layer for layer in layers or [] if layer not in have]
     if missing:
@@ -74,14 +79,14 @@ def _collect(cfg: CollectConfig) -> None:
 
 @preflight.register
 def _rivalry(cfg: RivalryConfig) -> None:
-    lake_layers(cfg.ref, cfg.layers, kind=QuestionLake)
+    lake_layers(cfg.ref, cfg.layers, kind=QuestionLake, what="analyse")
 
 
 @preflight.register
 def _features(cfg: FeaturesConfig) -> None:
     from qsae.sae.locate import sae_path
 
-    lake_layers(cfg.ref, cfg.layers)
+    lake_layers(cfg.ref, cfg.layers, what="show")
     if cfg.sae is not None:
         sae_path(cfg.sae)
 
@@ -90,7 +95,7 @@ def _features(cfg: FeaturesConfig) -> None:
 def _reconstruction(cfg: ReconstructionConfig) -> None:
     from qsae.sae.locate import sae_path
 
-    lake_layers(cfg.ref, cfg.layers)
+    lake_layers(cfg.ref, cfg.layers, what="reconstruct")
     if cfg.sae is not None:
         sae_path(cfg.sae)
     if cfg.model_in_loop and cfg.model is not None:
@@ -101,7 +106,7 @@ def _reconstruction(cfg: ReconstructionConfig) -> None:
 def _train(cfg: TrainConfig) -> None:
     from qsae.sae.locate import sae_path
 
-    lake_layers(cfg.ref, [cfg.layer] if cfg.layer is not None else None, kind=TokenLake)
+    lake_layers(cfg.ref, [cfg.layer] if cfg.layer is not None else None, kind=TokenLake, what="train on")
     if cfg.init_from:
         sae_path(cfg.init_from)
 
@@ -119,7 +124,8 @@ def _compare(cfg: CompareConfig) -> None:
             sae_path(source)
     for url in (cfg.base_lake, cfg.finetuned_lake):
         if url is not None:
-            lake_layers(cfg.lake_ref(url), [cfg.layer] if cfg.layer is not None else None, kind=QuestionLake)
+            lake_layers(cfg.lake_ref(url), [cfg.layer] if cfg.layer is not None else None, kind=QuestionLake,
+                        what="compare")
 
 
 __all__ = ["preflight", "check_model_layers", "lake_layers"]

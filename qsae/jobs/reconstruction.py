@@ -18,10 +18,11 @@ import torch
 import xarray as xr
 
 from qsae.errors import LayerError, SAEFormatError
+from qsae.jobs import interrupt
 from qsae.jobs.configs import ReconstructionConfig
 from qsae.jobs.progress import Progress
 from qsae.jobs.report import Report, fmt
-from qsae.lake.results import lineage_of, save_figure, write_result_group
+from qsae.lake.results import LakeState, lake_state, lineage_of, save_figure, write_result_group
 from qsae.lake.schema import KIND_QUESTIONS, KIND_TOKENS
 from qsae.lake.store import open_lake
 from qsae.sae.formats import load_sae, load_sae_for
@@ -53,6 +54,7 @@ class ReconstructionPlan:
     layers: list[int]
     positions: list[str]  # keys of POSITION_LABELS
     attrs: dict[str, Any] = field(default_factory=dict)
+    state: LakeState | None = None  # the lake as the plan read it (recorded in the result group)
 
     @property
     def labels(self) -> list[str]:
@@ -101,6 +103,7 @@ class ReconstructionResult(Report):
 
     def to_dict(self) -> dict[str, Any]:
         return {"store": self.store, "group": RESULT_GROUP, "figure": self.figure, "rows": self.rows(),
+                "captured": self.table.attrs.get("captured"),
                 "positions": dict(self.table.attrs.get("positions") or {}),
                 "comparable_to_saebench": bool(self.table.attrs.get("comparable_to_saebench")),
                 "cautions": self.cautions()}
@@ -109,7 +112,8 @@ class ReconstructionResult(Report):
         rows, d_sae = self.rows(), int(self.table.sizes.get("feature", 0))
         kind = "token lake: comparable with SAEBench" if self.table.attrs.get("comparable_to_saebench") else \
             "question lake: not comparable with SAEBench's text-token metrics"
-        lines = [f"SAE reconstruction of {self.store} ({kind})",
+        lines = [f"SAE reconstruction of {self.store} ({kind})"] + (
+            [self.table.attrs["captured"]] if self.table.attrs.get("captured") else []) + [
                  f"{'layer':>5}  {'position':<15} {'rows':>7} {'FVE':>7} {'cos':>6} {'L0':>6} "
                  f"{'dead (of ' + fmt(d_sae) + ')':>15}"]
         for r in rows:
@@ -129,6 +133,7 @@ class ReconstructionResult(Report):
         labels = self.table.attrs.get("positions") or {}
         return "\n".join(
             [f"# Reconstruction metrics\n\nstore `{self.store}`, group `{RESULT_GROUP}`, figure `{self.figure}`", ""]
+            + ([f"**{self.table.attrs['captured']}**", ""] if self.table.attrs.get("captured") else [])
             + [f"- **{k}**: {v}" for k, v in labels.items()]
             + ["", "Comparable with SAEBench's core metrics: " + ("yes (text tokens)" if self.table.attrs.get(
                 "comparable_to_saebench") else "no (question-lake positions)")]
@@ -153,7 +158,8 @@ def plan_reconstruction(cfg: ReconstructionConfig) -> ReconstructionPlan:
         if "codes_idx" not in ds:
             raise SAEFormatError(f"{cfg.store} holds no SAE codes (captured without an SAE)")
         positions = ["prompt", "completion"] if cfg.positions == "both" else [cfg.positions]
-    return ReconstructionPlan(cfg, kind, layers, positions, attrs)
+    state = lake_state(ds).require(cfg.store, "reconstruct")
+    return ReconstructionPlan(cfg, kind, layers, positions, attrs, state)
 
 
 def _question_rows(ds: xr.Dataset, layer: int, block: slice, position: str):
@@ -313,7 +319,10 @@ def finish_reconstruction(plan: ReconstructionPlan, offline: list[LayerMetrics],
                    "positions": {POSITION_LABELS[p][0]: POSITION_LABELS[p][1] for p in plan.positions},
                    "comparable_to_saebench": plan.kind == KIND_TOKENS,
                    "definitions": "see qsae.sae.metrics module docstring"}
-    write_result_group(cfg.ref, RESULT_GROUP, table, table.attrs)
+    if plan.state is not None and plan.state.line():
+        table.attrs["captured"] = plan.state.line()
+    with interrupt.working():  # a stop request waits for the result to be whole
+        write_result_group(cfg.ref, RESULT_GROUP, table, table.attrs, plan.state)
     fig_url = save_figure(reconstruction_figure(table), cfg.ref, f"{RESULT_GROUP}/figure.png")
     return ReconstructionResult(table, fig_url, cfg.store)
 

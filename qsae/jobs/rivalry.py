@@ -21,6 +21,7 @@ import xarray as xr
 
 from qsae.analysis.rivalry import (
     AMBIGUOUS,
+    NOT_CAPTURED,
     UNAMBIGUOUS,
     Grouping,
     codes_matrix,
@@ -37,10 +38,11 @@ from qsae.analysis.rivalry import (
     stratified_permutation_test,
 )
 from qsae.errors import LayerError, SchemaError
+from qsae.jobs import interrupt
 from qsae.jobs.configs import RivalryConfig
 from qsae.jobs.progress import Progress
 from qsae.jobs.report import Report
-from qsae.lake.results import figure_png, lineage_of, save_png, write_result_group
+from qsae.lake.results import LakeState, figure_png, lineage_of, save_png, write_result_group
 from qsae.lake.store import open_lake
 
 log = logging.getLogger("qsae.jobs.rivalry")
@@ -76,6 +78,7 @@ class RivalryPlan:
     k: int = 0
     strata_name: str | None = None  # the question variable the calibrated test stratifies by
     strata: np.ndarray | None = None
+    state: LakeState | None = None  # the lake as the plan read it: recorded in every result group
 
     @property
     def protocol(self) -> Protocol:
@@ -83,6 +86,9 @@ class RivalryPlan:
 
     def groups_summary(self) -> dict[str, Any]:
         out = self.grouping.summary(self.entropy)
+        if self.state is not None:
+            out["captured"] = {"n_done": self.state.n_done, "n_questions": self.state.n_units,
+                               "note": self.state.line() or "every question captured"}
         out["entropy"] = self.cfg.entropy
         out["entropy_meaning"] = ENTROPY_NAMES[self.cfg.entropy]
         if self.strata is not None:
@@ -180,8 +186,10 @@ def plan_rivalry(cfg: RivalryConfig) -> RivalryPlan:
         raise SchemaError(f"{cfg.store} holds no SAE codes ({need}): capture with an SAE first")
     layers = resolve_layers(ds, cfg.layers)
     done = ds.done.values.astype(bool)
+    state = LakeState.of(dict(ds.attrs), done).require(cfg.store, "analyse")
     entropy = np.where(done, question_entropy(ds, cfg.entropy), np.nan)
     grouping = entropy_groups(entropy, cfg.rule, cfg.q, cfg.threshold, cfg.high, cfg.low)
+    grouping.labels[~done] = NOT_CAPTURED  # not a group of the analysis: not in it at all
     D, first = distinct_rows(ds.completion_ids.values)
     correct = ds.correct.values.mean(axis=1) >= 0.5
     with np.errstate(over="ignore"):
@@ -190,7 +198,7 @@ def plan_rivalry(cfg: RivalryConfig) -> RivalryPlan:
     strata_name, strata = resolve_strata(ds, cfg.strata)
     return RivalryPlan(cfg, layers, ds.question.values, entropy, grouping, np.where(done, D, 0), first,
                        np.where(done, correct, False), baselines, dict(ds.attrs), int(ds.sizes["sample"]),
-                       int(ds.sizes["k"]), strata_name, strata)
+                       int(ds.sizes["k"]), strata_name, strata, state)
 
 
 def _decoder(plan: RivalryPlan, layer: int) -> tuple[np.ndarray | None, str | None]:
@@ -491,25 +499,15 @@ def finish_rivalry(plan: RivalryPlan, results: list[LayerResult]) -> RivalryResu
     params = cfg.model_dump()
     groups = plan.groups_summary()
     cautions = [c for r in results for c in r.summary.get("cautions", [])]
-    for r in results:
-        ds = xr.Dataset(coords={"question": plan.questions})
-        ds["entropy"] = ("question", plan.entropy, {"long_name": ENTROPY_NAMES[cfg.entropy],
-                                                    "note": "the entropy the groups were cut on; the lake's own "
-                                                            "`entropy` is the exact first-token entropy (nats)"})
-        ds["group"] = ("question", plan.grouping.labels)
-        ds["distinct_completions"] = ("question", plan.distinct.astype(np.int32))
-        if plan.strata is not None:
-            ds["stratum"] = ("question", plan.strata)
-        for key, value in r.per_question.items():
-            ds[key] = ("question", value)
-        attrs = {"summary": {**r.summary, "groups": groups, "params": params}, "lineage": lineage, "kind": "rivalry"}
-        write_result_group(cfg.ref, result_group(cfg, r.layer), ds, attrs)
     summary = {"protocol": cfg.protocol, "layers": layers, "groups": groups, "params": params,
                "n_samples": plan.n_samples, "k": plan.k, "cautions": cautions,
                "by_layer": {r.layer: r.summary for r in results},
                "multiple_testing": f"Holm across the layers tested, on the {proto.p_key} one-sided p-values"}
     group = result_group(cfg)
-    write_result_group(cfg.ref, group, by_layer, {"summary": summary, "lineage": lineage, "kind": "rivalry"})
+    with interrupt.working():  # a stop request waits for the result groups to be whole
+        _write_layer_results(plan, results, groups, params, lineage)
+        write_result_group(cfg.ref, group, by_layer, {"summary": summary, "lineage": lineage, "kind": "rivalry"},
+                           plan.state)
     figures, images = {}, {}
     for key, make in (("by_layer", lambda: by_layer_figure(by_layer, cfg, cautions)),
                       ("groups", lambda: groups_figure(plan, results, cfg)),
@@ -523,6 +521,25 @@ def finish_rivalry(plan: RivalryPlan, results: list[LayerResult]) -> RivalryResu
     log.info("rivalry (%s) over layers %s: %s p %s, Holm %s", cfg.protocol, layers, name.replace("p_", ""),
              [_f(x) for x in p_main], [_f(x) for x in p_holm])
     return RivalryResult(group, summary, by_layer, {r.layer: r for r in results}, figures, images, cfg.store)
+
+
+def _write_layer_results(plan: RivalryPlan, results: list[LayerResult], groups: dict[str, Any],
+                         params: dict[str, Any], lineage: dict[str, Any]) -> None:
+    """One result group per layer: the per-question table with the layer's summary."""
+    cfg = plan.cfg
+    for r in results:
+        ds = xr.Dataset(coords={"question": plan.questions})
+        ds["entropy"] = ("question", plan.entropy, {"long_name": ENTROPY_NAMES[cfg.entropy],
+                                                    "note": "the entropy the groups were cut on; the lake's own "
+                                                            "`entropy` is the exact first-token entropy (nats)"})
+        ds["group"] = ("question", plan.grouping.labels)
+        ds["distinct_completions"] = ("question", plan.distinct.astype(np.int32))
+        if plan.strata is not None:
+            ds["stratum"] = ("question", plan.strata)
+        for key, value in r.per_question.items():
+            ds[key] = ("question", value)
+        attrs = {"summary": {**r.summary, "groups": groups, "params": params}, "lineage": lineage, "kind": "rivalry"}
+        write_result_group(cfg.ref, result_group(cfg, r.layer), ds, attrs, plan.state)
 
 
 def run_rivalry(cfg: RivalryConfig, progress: bool = False) -> RivalryResult:
@@ -550,8 +567,11 @@ def groups_line(g: dict[str, Any]) -> str:
 def render_text(summary: dict[str, Any], group: str, figures: dict[str, str], store: str) -> str:
     """The terminal summary: groups, each layer's p-values with their Monte-Carlo error, cautions."""
     proto = PROTOCOLS[summary["protocol"]]
-    lines = [f"feature rivalry ({summary['protocol']} protocol), layers {summary['layers']}",
-             groups_line(summary["groups"]), *proto.text_rows(summary)]
+    lines = [f"feature rivalry ({summary['protocol']} protocol), layers {summary['layers']}"]
+    if (summary["groups"].get("captured") or {}).get("n_done", 0) < (summary["groups"].get("captured") or {}).get(
+            "n_questions", 0):
+        lines.append(summary["groups"]["captured"]["note"])
+    lines += [groups_line(summary["groups"]), *proto.text_rows(summary)]
     lines += [f"caution: {c}" for c in summary.get("cautions", [])]
     lines.append(f"results: {store} group {group!r}; figures: {', '.join(figures.values()) or 'none'}")
     return "\n".join(lines)
@@ -562,8 +582,10 @@ def render_markdown(summary: dict[str, Any], group: str, figures: dict[str, str]
     """The Prefect artifact: groups (and strata), the protocol's tables, cautions, figures inline."""
     proto = PROTOCOLS[summary["protocol"]]
     g = summary["groups"]
+    captured = g.get("captured") or {}
     lines = [f"# Feature rivalry ({summary['protocol']} protocol), layers {summary['layers']}",
              f"store `{store}`, result group `{group}` (one group per layer beside it)", "",
+             *([f"**{captured['note']}**", ""] if captured.get("n_done", 0) < captured.get("n_questions", 0) else []),
              f"| group | questions | {g['entropy_meaning']}: range |", "|---|---|---|"]
     for name in (AMBIGUOUS, UNAMBIGUOUS):
         lines.append(f"| {name} | {g[name]['n']} | {_f(g[name]['entropy_min'])} .. {_f(g[name]['entropy_max'])} |")

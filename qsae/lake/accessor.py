@@ -273,12 +273,14 @@ class QsaeAccessor:
                                  "e.g. rivalry='rivalry/layer_15/paper'")
             if store is None:
                 raise ValueError("select(group=...) needs store= (this dataset was not opened with qsae.open_lake)")
-            from qsae.lake.store import open_lake
+            from qsae.lake.results import lake_state, read_result_group
+            from qsae.lake.storage import StoreRef
 
-            groups = ("ambiguous", "unambiguous", "left_out")
+            groups = ("ambiguous", "unambiguous", "left_out", "not_captured")
             if group not in groups:
                 raise ValueError(f"select(group={group!r}): a rivalry group is one of {', '.join(groups)}")
-            g = open_lake(store, storage_options=storage_options, group=rivalry).group.values
+            ref = StoreRef.of(store, storage_options)  # the result proven: all there, and of this lake as it is
+            g = read_result_group(ref, rivalry, lake_state(self._ds), rerun=f"qsae rivalry {ref.url}").group.values
             keep &= np.where(g == "", "left_out", g) == group  # results written before 2026-12 stored ""
         return self._ds.isel(question=np.flatnonzero(keep))
 

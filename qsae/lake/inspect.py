@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import zarr
-
+from qsae.lake.results import result_groups
 from qsae.lake.storage import StoreRef
 from qsae.lake.store import Lake
 
@@ -26,18 +25,22 @@ def _sizes_on_disk(ref: StoreRef) -> dict[str, int]:
     return sizes
 
 
-def _result_groups(group: zarr.Group, prefix: str = "") -> list[str]:
-    out = []
-    for name, child in group.groups():
-        path = f"{prefix}{name}"
-        if any(True for _ in child.arrays()):
-            out.append(path)
-        out += _result_groups(child, path + "/")
-    return out
+ATTR_CHARS = 2_000  # an attribute longer than this (as JSON) is cut unless --full
 
 
-def inspect_store(target: str | StoreRef, storage_options: dict | None = None) -> dict[str, Any]:
-    """Everything ``qsae inspect`` prints, as a JSON-able dict."""
+def _cut(value: Any, full: bool) -> Any:
+    """An attribute as inspect shows it: whole with ``full``, else its first ATTR_CHARS
+    characters (as JSON) and how long it is (a 50 MB attribute once came out whole)."""
+    if full:
+        return value
+    text = json.dumps(value, default=str)
+    if len(text) <= ATTR_CHARS:
+        return value
+    return f"{text[:ATTR_CHARS]}... ({len(text):,} characters; --full prints them)"
+
+
+def inspect_store(target: str | StoreRef, storage_options: dict | None = None, full: bool = False) -> dict[str, Any]:
+    """Everything ``qsae inspect`` prints, as a JSON-able dict (long attributes cut unless ``full``)."""
     ref = StoreRef.of(target, storage_options)
     url = ref.url
     lake = Lake.open(ref)
@@ -61,8 +64,8 @@ def inspect_store(target: str | StoreRef, storage_options: dict | None = None) -
                    "pending": len(lake.pending_shards())},
         "bytes_on_disk": sum(disk.values()),
         "variables": variables,
-        "lineage": {k: attrs[k] for k in LINEAGE if k in attrs},
-        "result_groups": _result_groups(lake.group),
+        "lineage": {k: _cut(attrs[k], full) for k in LINEAGE if k in attrs},
+        "result_groups": result_groups(lake.group),
     }
 
 

@@ -23,6 +23,12 @@ RESID_DTYPES = ("float16", "float32")
 # Dimension names.
 LAYER, QUESTION, SAMPLE, D_MODEL, K, NEW_TOKEN = "layer", "question", "sample", "d_model", "k", "new_token"
 TOKEN = "token"
+# The largest size of each dim any lake qsae writes can have (PopQA has 14,267 questions; a
+# 2-billion-token lake of 2,048-wide float16 activations is 8 TB). Sizes read from a store's
+# metadata are checked against these before anything is allocated from them: a store whose
+# metadata claims more is refused, never read into memory.
+MAX_SIZES = {QUESTION: 20_000_000, TOKEN: 2_000_000_000, LAYER: 1_024, SAMPLE: 10_000, D_MODEL: 1 << 17, K: 1 << 16,
+             NEW_TOKEN: 1 << 16}
 
 # Attributes every store carries (lineage). Values are JSON.
 COMMON_ATTRS = ("schema_version", "kind", "model", "model_revision", "hook", "dataset", "dataset_revision",

@@ -8,7 +8,16 @@ import zarr
 
 from qsae import __version__
 from qsae.errors import IncompleteStoreError, NewerSchemaError, SchemaError
-from qsae.lake.schema import DATASET_ID, QUESTION_SCHEMA, SCHEMA_VERSION, SCHEMAS, LakeSchema, resolve_dtype
+from qsae.lake.schema import (
+    DATASET_ID,
+    MAX_SIZES,
+    QUESTION,
+    QUESTION_SCHEMA,
+    SCHEMA_VERSION,
+    SCHEMAS,
+    LakeSchema,
+    resolve_dtype,
+)
 
 CREATING = "creating"  # the root attribute of a store whose creation has not finished
 
@@ -41,7 +50,12 @@ def validate_group(group: zarr.Group, url: str = "", expect: LakeSchema | None =
     for coord in schema.coords:
         if coord not in names:
             raise SchemaError(f"{url} lacks the coordinate array {coord!r}")
-    sizes = dict(attrs["config"]["sizes"])
+    sizes = _sane_sizes(attrs, url)
+    for coord in schema.coords:  # coordinates are read whole: sized first
+        shape = tuple(group[coord].shape)
+        if coord in sizes and shape != (sizes[coord],):
+            raise SchemaError(f"{url}: the coordinate array {coord!r} has shape {shape}, the config says "
+                              f"{coord}={sizes[coord]:,}")
     if schema is QUESTION_SCHEMA and DATASET_ID.name in names:  # optional: only for non-integer dataset ids
         arr = group[DATASET_ID.name]
         if tuple(arr.metadata.dimension_names or ()) != DATASET_ID.dims or arr.dtype.kind not in "TUO":
@@ -65,3 +79,18 @@ def validate_group(group: zarr.Group, url: str = "", expect: LakeSchema | None =
                 raise SchemaError(f"{url}: {var.name} has dtype {got}, expected strings")
         elif np.dtype(got) != want:
             raise SchemaError(f"{url}: {var.name} has dtype {got}, expected {want}")
+
+
+def _sane_sizes(attrs: dict, url: str) -> dict[str, int]:
+    """The config's dim sizes, each a non-negative integer within ``MAX_SIZES``: checked before
+    anything is allocated from them (metadata claiming 10**12 questions is refused, not read)."""
+    try:
+        sizes = dict(attrs["config"]["sizes"])
+    except (KeyError, TypeError, ValueError):
+        raise SchemaError(f"{url} lacks config.sizes, or it is not a mapping of dim sizes") from None
+    for dim, n in sizes.items():
+        bound = MAX_SIZES.get(dim, MAX_SIZES[QUESTION])
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= bound:
+            raise SchemaError(f"{url}: its metadata says {dim} = {n!r}, beyond any lake qsae writes (at most "
+                              f"{bound:,}): refused before anything is read")
+    return sizes

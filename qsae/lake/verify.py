@@ -181,10 +181,45 @@ def verify(target: str | StoreRef, storage_options: dict | None = None, reencode
     for start in range(0, n, block_questions):
         done_total += _check_block(ds, slice(start, min(start + block_questions, n)), report, attrs, vocab_log)
     report.checks["done"] = done_total
+    _check_results(ref, lake, report)
     if completions:
         _check_completions(ds, attrs, report, block_questions)
     _check_sae_files(attrs, report, ds, reencode, seed)
     return report
+
+
+def _check_results(ref: StoreRef, lake: QuestionLake, report: Report) -> None:
+    """Every result group proves itself as the lake does: every chunk there and decoding
+    (crc32c), and the lake state it was computed from equal to the lake's now (a stale one is
+    said, not failed: its readers refuse it until the analysis is rerun)."""
+    import zarr
+
+    from qsae.lake.results import LakeState, lake_state, result_damage, result_groups
+
+    now = lake_state(lake)
+    status: dict[str, str] = {}
+    for group in result_groups(lake.group):
+        damage = result_damage(ref, group)
+        if damage:
+            report.fail(f"result group {group}: {damage[0]}" + (f" (and {len(damage) - 1} more)" if len(damage) > 1
+                                                                else ""))
+            status[group] = "damaged"
+            continue
+        grp = zarr.open_group(store=(ref / group).zarr_store(read_only=True), mode="r", zarr_format=3,
+                              use_consolidated=False)
+        try:
+            for name, arr in grp.arrays():
+                arr[...]  # every chunk decoded: checksums where it has them
+        except Exception as exc:  # noqa: BLE001 - a chunk that does not decode is a finding
+            report.fail(f"result group {group}: {name} does not decode ({type(exc).__name__}: {exc})")
+            status[group] = "damaged"
+            continue
+        rec = dict(grp.attrs).get("lake_state")
+        why = LakeState.from_record(rec).stale_reason(now) if rec else "it records no lake state (an older qsae)"
+        status[group] = "ok" if why is None else "stale" if rec else "unchecked"
+        if why:
+            report.warnings.append(f"result group {group}: {why}; readers refuse it until its analysis is rerun")
+    report.checks["result_groups"] = status
 
 
 def _tokenizer_for(attrs: dict):

@@ -223,7 +223,9 @@ def test_a_lost_done_object_is_reported(good_lake):
     finally:
         logging.getLogger("qsae.lake").removeHandler(handler)
     assert any("are left out of this analysis" in r.getMessage() for r in records)
-    assert res.summary["groups"]["left_out"] >= 2
+    g = res.summary["groups"]
+    assert g["not_captured"] >= 2 and g["captured"]["n_done"] == g["captured"]["n_questions"] - g["not_captured"]
+    assert "questions captured; the rest are not in this result" in res.to_text()  # never counted as left out
 
 
 def test_damaged_objects_are_reported_never_a_crash(good_lake, tmp_path):

@@ -36,6 +36,7 @@ from .correlations import (
 from .grouping import (
     AMBIGUOUS,
     EXCLUDED,
+    NOT_CAPTURED,
     UNAMBIGUOUS,
     Grouping,
     Rule,
@@ -67,7 +68,7 @@ from .per_question import (
 from .scores import auroc, auroc_with_ci, decoder_cosine_score, holm, paired_auroc, roc_curve
 
 __all__ = [
-    "AMBIGUOUS", "DENSE_FEATURES", "EXCLUDED", "UNAMBIGUOUS", "Calibrated", "Component", "GroupStats",
+    "AMBIGUOUS", "DENSE_FEATURES", "EXCLUDED", "NOT_CAPTURED", "UNAMBIGUOUS", "Calibrated", "Component", "GroupStats",
     "Grouping", "PaperParams", "QuestionScore", "RivalryTest", "Rule", "auroc", "auroc_with_ci",
     "blocked_pair_percentile", "calibrated_test", "codes_matrix", "compare_groups", "constant_columns", "curveball",
     "decoder_cosine_score", "distinct_rows", "entropy_groups", "first_word", "first_word_entropy", "group_stats",

@@ -10,6 +10,8 @@ import numpy as np
 
 Rule = Literal["thresholds", "median", "quantile", "threshold"]
 AMBIGUOUS, UNAMBIGUOUS, EXCLUDED = "ambiguous", "unambiguous", "left_out"  # results before 2026-12 stored ""
+NOT_CAPTURED = "not_captured"  # questions of a partial lake: in no group, not counted as left out
+_LABEL = f"<U{max(map(len, (AMBIGUOUS, UNAMBIGUOUS, EXCLUDED, NOT_CAPTURED)))}"  # every label fits
 
 
 def first_word(text: str) -> str:
@@ -75,6 +77,7 @@ class Grouping:
             out[g] = {"n": int(e.size), "entropy_min": float(e.min()) if e.size else None,
                       "entropy_max": float(e.max()) if e.size else None}
         out["left_out"] = int((self.labels == EXCLUDED).sum())
+        out["not_captured"] = int((self.labels == NOT_CAPTURED).sum())
         return out
 
 
@@ -90,7 +93,7 @@ def entropy_groups(entropy: np.ndarray, rule: Rule = "thresholds", q: float = 0.
     ok = np.isfinite(e)
     labels = np.full(e.shape, EXCLUDED, dtype=object)
     if not ok.any():
-        return Grouping(labels.astype(str), rule, {})
+        return Grouping(labels.astype(_LABEL), rule, {})
     if rule == "thresholds":
         if not low <= high:
             raise ValueError(f"the thresholds rule needs low <= high, got low={low}, high={high}")
@@ -119,4 +122,4 @@ def entropy_groups(entropy: np.ndarray, rule: Rule = "thresholds", q: float = 0.
         cutoffs = {"threshold": float(threshold)}
     else:
         raise ValueError(f"unknown grouping rule {rule!r} (thresholds, median, quantile, threshold)")
-    return Grouping(labels.astype(str), rule, cutoffs)
+    return Grouping(labels.astype(_LABEL), rule, cutoffs)

@@ -125,6 +125,8 @@ def roc_curve(labels: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.nda
     s = np.asarray(score, float)
     ok = np.isfinite(s)
     y, s = y[ok], s[ok]
+    if y.size == 0:
+        return np.zeros(1), np.zeros(1)
     order = np.argsort(-s, kind="stable")
     y, s = y[order], s[order]
     last = np.r_[np.flatnonzero(np.diff(s) != 0), y.size - 1]

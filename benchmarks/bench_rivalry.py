@@ -115,7 +115,6 @@ def calibration(seeds: int, n_perm: int, settings: list[str] | None = None) -> N
     design (fixed-fixed null, both references) gives three candidates (its conditional and
     relabelling p-values and their maximum); a second run gives the feature-marginal null with
     relabellings. Per cell: seeds with p <= 0.05, mean p, one-sided KS p (p-values pushed to 0)."""
-    import dataclasses
 
     import scipy.stats
 
@@ -135,7 +134,7 @@ def calibration(seeds: int, n_perm: int, settings: list[str] | None = None) -> N
             for s in range(seeds):
                 X, amb, strata = make(name, np.random.default_rng(10_000 + s), na, nu)
                 both = calibrated_test(X, amb, base, n_perm=n_perm, seed=s, strata=strata)
-                fm = calibrated_test(X, amb, dataclasses.replace(base, null="feature_marginal", reference="relabel"),
+                fm = calibrated_test(X, amb, base.model_copy(update=dict(null="feature_marginal", reference="relabel")),
                                      n_perm=n_perm, seed=s, strata=strata)
                 for c, p in zip(candidates, (fm.p_less, both.components["relabel"].p_less,
                                              both.components["conditional"].p_less, both.p_less)):

@@ -15,9 +15,16 @@ from prefect.futures import as_completed
 from flows.logs import forward_qsae_logs
 from flows.policies import retry_unless_bad_input
 from flows.storage_blocks import resolve_secret_blocks
-from qsae.jobs.capture import CaptureConfig, CapturePlan, CaptureResult, CaptureStats, capture_shards, plan_capture
+from qsae.jobs.capture import (
+    CaptureConfig,
+    CapturePlan,
+    CaptureResult,
+    CaptureStats,
+    capture_shards,
+    finish_capture,
+    plan_capture,
+)
 from qsae.jobs.progress import Progress
-from qsae.lake.store import QuestionLake
 
 forward_qsae_logs()  # the jobs' log lines in each run's logs
 
@@ -65,9 +72,6 @@ def capture_flow(config: CaptureConfig = CaptureConfig(), shards_per_task: int =
         for future in as_completed(futures):  # the tasks take turns on the model: an ETA per finished group
             results.append(future.result())
             overall.update(results[-1].questions)
-    lake = QuestionLake.open(config.ref, mode="r+")  # reread: the tasks marked shards done, maybe added attrs
-    if shards is None:  # a fanned-out child leaves the store's attributes to its parent (no racing writes)
-        lake.update_attrs(last_capture={"shards": pending, "questions": sum(r.questions for r in results)})
-    result = CaptureResult.of(lake, pending, results)
+    result = finish_capture(plan, pending, results, record=shards is None)
     create_markdown_artifact(markdown=result.to_markdown(), key="qsae-capture", description=f"capture into {config.store}")
     return result

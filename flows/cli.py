@@ -11,23 +11,20 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import typer
 import yaml
 
+from flows.console import TIMES, UI_PORT, run_job
 from qsae.jobs import configs as C  # torch-free: the options' help comes from the fields' descriptions
-from qsae.jobs.preflight import preflight  # torch-free
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="qsae: an activation data lake for SAE interpretability research.")
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML or JSON file with the run's fields")
 SetOpt = typer.Option(None, "--set", help="override any field: --set key=value (value parsed as YAML)")
-TIMES: dict[str, float] = {}  # stage -> seconds, printed at the end of the demo
 
 PrefectOpt = typer.Option(True, "--prefect/--no-prefect", help="run as a Prefect flow (default) or in-process")
 
@@ -35,7 +32,7 @@ PrefectOpt = typer.Option(True, "--prefect/--no-prefect", help="run as a Prefect
 def field_help(cls, field: str, note: str = "") -> str:
     """A config field's description (the one source of truth for the CLI and Prefect), with the
     config's default when it has one."""
-    info = cls.model_fields[field]
+    info = cls.field_info(field) if hasattr(cls, "field_info") else cls.model_fields[field]
     default = info.get_default(call_default_factory=True)
     text = info.description + (f" {note}" if note else "")
     return text + (f" (default: {default})" if default not in (None, "", [], {}) else "")
@@ -73,113 +70,6 @@ def parse_layers(layers: str | None) -> list[int] | None:
         raise typer.BadParameter(f"--layers expects comma-separated integers, got {layers!r}") from None
 
 
-class _ShortQsaeErrors(logging.Formatter):
-    """Prefect's console lines as they are, except a record carrying one of qsae's own errors:
-    one line (which run failed, and with which error), without the traceback. The run's logs
-    in the UI keep the whole record; the command's last lines give the reason once."""
-
-    def __init__(self, inner: logging.Formatter | None):
-        super().__init__()
-        self.inner = inner or logging.Formatter()
-
-    def format(self, record: logging.LogRecord) -> str:
-        from qsae.errors import QsaeError
-
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, QsaeError):
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None, "args": (),
-                                            "msg": f"failed: {type(exc).__name__}: {first[:160]}"})
-        elif "\\n" in (msg := record.getMessage()) and msg.startswith("Finished in state Failed"):
-            # a failed state's repr carries the whole multi-line reason: its first line says enough here
-            record = logging.makeLogRecord({**record.__dict__, "args": (), "msg": msg.split("\\n")[0] + " ...)"})
-        return self.inner.format(record)
-
-
-@contextmanager
-def _prefect_console_on_stdout() -> Iterator[None]:
-    """Prefect's console handler writes to stdout for the command's duration (stderr is for the
-    error alone, as with --no-prefect), with qsae's errors one line each (``_ShortQsaeErrors``)."""
-    from prefect.logging.handlers import PrefectConsoleHandler
-
-    loggers = [logging.getLogger()] + [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)]
-    saved = []
-    for lg in loggers:
-        for h in getattr(lg, "handlers", []):
-            if isinstance(h, PrefectConsoleHandler) and not isinstance(h.formatter, _ShortQsaeErrors):
-                saved.append((h, h.formatter, h.console.file))
-                h.setFormatter(_ShortQsaeErrors(h.formatter))
-                h.console.file = None  # rich then writes to whatever sys.stdout is at each line
-    try:
-        yield
-    finally:
-        for h, formatter, file in saved:
-            h.setFormatter(formatter)
-            h.console.file = file
-
-
-LOST_SERVER_EXIT = 3  # the exit status of a run whose Prefect server went away (resumable)
-LOST_SERVER_GRACE_S = 25.0  # how long the step at work may take to reach a safe point
-
-
-def _server_lost(describe: Callable[[], str] | None) -> None:
-    """The Prefect API is gone: the step at work finishes (a shard is written whole, or not
-    started), then the command ends with one line and a status that says so, instead of
-    retrying the API for minutes and a long traceback. Runs in the watcher thread."""
-    from qsae.jobs import interrupt
-
-    interrupt.request_stop("the Prefect server stopped")
-    idle = interrupt.wait_idle(LOST_SERVER_GRACE_S)
-    try:
-        state = describe() if describe else ""
-    except Exception:  # noqa: BLE001 - the line must come out whatever the store says
-        state = ""
-    line = "qsae: the Prefect server stopped" + (f"; {state}" if state else "") + "; rerun the same command to resume"
-    if not idle:
-        line += f" (a step was still at work after {LOST_SERVER_GRACE_S:.0f} s: what it had not marked done is redone)"
-    for stream in (sys.stdout, sys.__stdout__):
-        try:
-            stream.flush()
-        except Exception:  # noqa: BLE001
-            pass
-    print(line, file=sys.__stderr__, flush=True)
-    os._exit(LOST_SERVER_EXIT)
-
-
-def lake_state_line(cfg: Any) -> str:
-    """'the lake holds N of M questions' for a config naming a lake (empty if it has none yet)."""
-    from qsae.lake.store import Lake
-
-    ref = getattr(cfg, "ref", None)
-    if ref is None:
-        return ""
-    lake = Lake.open(ref)
-    return f"the lake holds {int(lake.done_mask().sum()):,} of {lake.n_units:,} {lake.schema.unit}s"
-
-
-@contextmanager
-def _prefect(server=None, describe: Callable[[], str] | None = None) -> Iterator[str]:
-    """A Prefect API for the flow: PREFECT_API_URL if set, else a temporary server of our own
-    (``server``, if the command launched it early to overlap its start with other work). If the
-    API goes away during the run, ``_server_lost`` ends the command (``describe``: its state)."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.server import prefect_api
-
-    qsae_logger = logging.getLogger("qsae")
-    plain = [h for h in qsae_logger.handlers if getattr(h, "_qsae_cli", False)]
-    for h in plain:  # inside a flow run Prefect prints (and records) the jobs' lines itself
-        qsae_logger.removeHandler(h)
-    t0 = time.perf_counter()
-    try:
-        with _prefect_console_on_stdout(), prefect_api(typer.echo, server=server,
-                                                       on_lost=lambda: _server_lost(describe)) as url:
-            TIMES["Prefect server start (wait)"] = time.perf_counter() - t0
-            yield url
-    finally:
-        for h in plain:
-            qsae_logger.addHandler(h)
-
-
 def _require_named_store(cfg: Any, what: str) -> None:
     """Write only into a lake the user named (option, config file or --set): a default would
     resume, or refuse, a lake someone else made there."""
@@ -194,68 +84,6 @@ def _require_named_store(cfg: Any, what: str) -> None:
 JsonOpt = typer.Option(False, "--json", help="print the result as JSON (for scripts) instead of the summary")
 
 
-def _load(path: str) -> Any:
-    """``module:name`` imported when called: the checks run before torch and Prefect are imported."""
-    import importlib
-
-    module, name = path.split(":")
-    return getattr(importlib.import_module(module), name)
-
-
-def run_job(cfg: Any, flow: str, local: str | Callable[[Any], Any], prefect: bool, as_json: bool,
-            **flow_kwargs: Any) -> Any:
-    """The one way a command runs a job: cheap checks first, then the job through its Prefect flow
-    (``flow``, which returns the job's typed result as it is) or in-process (``local``, a
-    ``module:function`` or a function of the config); then the result, rendered."""
-    out = sys.stdout
-    with _human_lines_to_stderr(as_json):  # --json: stdout holds the JSON alone
-        preflight(cfg)
-        if not prefect:
-            result = (_load(local) if isinstance(local, str) else local)(cfg)
-            see_again = None
-        else:
-            from flows.server import configured_api_url
-
-            flow_fn, temporary = _load(flow), configured_api_url() is None
-            with _prefect(describe=lambda: lake_state_line(cfg)) as url:
-                state = flow_fn(config=cfg, return_state=True, **flow_kwargs)
-            see_again = run_link(url, state.state_details.flow_run_id, temporary)
-            try:
-                result = state.result()  # the job's result, or its exception raised here
-            except BaseException:
-                typer.echo(see_again)
-                raise
-        if not as_json:
-            typer.echo(result.to_text())
-        if see_again:
-            typer.echo(see_again)
-    if as_json:
-        print(result.to_json(), file=out, flush=True)
-    return result
-
-
-@contextmanager
-def _human_lines_to_stderr(on: bool) -> Iterator[None]:
-    """With ``--json``, every line meant for a person (Prefect's console, progress, the run's
-    link) goes to stderr, so stdout is the JSON alone."""
-    if not on:
-        yield
-        return
-    from contextlib import redirect_stdout
-
-    with redirect_stdout(sys.stderr):
-        yield
-
-
-def run_link(api_url: str, flow_run_id: Any, temporary: bool) -> str:
-    """How to see a flow run again: its page on a lasting server, or ``qsae ui`` after a temporary one."""
-    if not temporary:
-        return f"this run in the Prefect UI: {api_url.removesuffix('/api')}/runs/flow-run/{flow_run_id}"
-    return (f"this run (its logs, artifact and figures) stays in Prefect's database; to see it again run `qsae ui` "
-            f"and open http://127.0.0.1:{UI_PORT}/runs/flow-run/{flow_run_id}")
-
-
-UI_PORT = 4200
 
 
 @app.command()
@@ -322,13 +150,8 @@ def capture(
                        dataset=dataset, store=store, n_samples=samples, limit=limit,
                        max_new_tokens=max_new_tokens, device=device, mode=mode)
     _require_named_store(cfg, "capture")
-    def local(cfg):
-        from qsae.jobs.capture import CaptureResult, run_capture
-
-        lake, stats = run_capture(cfg, progress=True)
-        return CaptureResult.of(lake, stats.shards, [stats])
-
-    run_job(cfg, "flows.capture:capture_flow", local, prefect, as_json, shards_per_task=shards_per_task)
+    run_job(cfg, "flows.capture:capture_flow", "qsae.jobs.capture:run_capture", prefect, as_json,
+            shards_per_task=shards_per_task)
 
 
 @app.command()
@@ -347,7 +170,6 @@ def demo(
 
         server = launch_if_needed(typer.echo)
     try:
-        from qsae.jobs.capture import run_capture
         from qsae.jobs.demo import demo_capture_config, ensure_demo_model, ensure_demo_sae
 
         TIMES["imports (torch, transformers)"] = time.perf_counter() - t0
@@ -361,27 +183,16 @@ def demo(
         cfg = cfg.model_copy(update={"store": cfg.ref.absolute})  # the path it prints is the one it writes
         typer.echo(f"capturing {questions} PopQA questions x {cfg.sampling.n_samples} samples through SmolLM2 layer "
                    f"{cfg.layers} and {sae} into {cfg.store}")
-        if prefect:
-            from flows.capture import capture_flow
-
-            with _prefect(server, describe=lambda: lake_state_line(cfg)) as url:
-                t = time.perf_counter()
-                state = capture_flow(config=cfg, shards_per_task=1, return_state=True)
-                TIMES["capture (Prefect flow)"] = time.perf_counter() - t
-            see_again = run_link(url, state.state_details.flow_run_id, temporary=server is not None)
-            result = state.result()
+        def show(result: Any) -> None:
             typer.echo(f"{result.done} of {result.n_questions} questions done")
-        else:
-            t = time.perf_counter()
-            run_capture(cfg, progress=True)
-            TIMES["capture (in-process)"] = time.perf_counter() - t
+            _echo_open(cfg.store)
+            _echo_times(time.perf_counter() - t0)
+
+        run_job(cfg, "flows.capture:capture_flow", "qsae.jobs.capture:run_capture", prefect, False, server=server,
+                show=show, shards_per_task=1)
     finally:
         if server is not None:  # also when conversion or capture failed: never leave it running
             server.stop()
-    _echo_open(cfg.store)
-    _echo_times(time.perf_counter() - t0)
-    if prefect:
-        typer.echo(see_again)
 
 
 @app.command("demo-sae")
@@ -428,12 +239,7 @@ def collect(
                        hook=hook, store=store, max_tokens=max_tokens)
     _require_named_store(cfg, "collection")
 
-    def local(cfg):
-        from qsae.jobs.collect import CollectResult, collect
-
-        return CollectResult.of(collect(cfg, progress=True))
-
-    run_job(cfg, "flows.train:collect_flow", local, prefect, as_json)
+    run_job(cfg, "flows.train:collect_flow", "qsae.jobs.collect:collect", prefect, as_json)
 
 
 @app.command()
@@ -452,8 +258,7 @@ def train(
     """Train a TopK or ReLU+L1 SAE from a token lake; writes a SAELens folder."""
     cfg = build_config(C.TrainConfig, config, set_, store=store, layer=layer, architecture=architecture, k=k,
                        out=out, epochs=epochs)
-    run_job(cfg, "flows.train:train_flow", lambda cfg: _load("qsae.jobs.train:train_sae")(cfg, progress=True),
-            prefect, as_json)
+    run_job(cfg, "flows.train:train_flow", "qsae.jobs.train:train_sae", prefect, as_json)
 
 
 @app.command()
@@ -473,8 +278,7 @@ def rivalry(
     """Feature rivalry, the paper's protocol by default, with calibrated p-values for every layer."""
     cfg = build_config(C.RivalryConfig, config, set_, store=store, layers=layer or None, protocol=protocol, rule=rule,
                        entropy=entropy, n_perm=n_perm, strata=strata)
-    run_job(cfg, "flows.rivalry:rivalry_flow", lambda cfg: _load("qsae.jobs.rivalry:run_rivalry")(cfg, progress=True),
-            prefect, as_json)
+    run_job(cfg, "flows.rivalry:rivalry_flow", "qsae.jobs.rivalry:run_rivalry", prefect, as_json)
 
 
 @app.command()
@@ -508,8 +312,8 @@ def reconstruct(
     """SAEBench-style reconstruction metrics per layer and position (offline; optionally with the model)."""
     cfg = build_config(C.ReconstructionConfig, config, set_, store=store, layers=parse_layers(layers),
                        model_in_loop=model_in_loop, sae=sae)
-    run_job(cfg, "flows.reconstruction:reconstruction_flow",
-            lambda cfg: _load("qsae.jobs.reconstruction:run_reconstruction")(cfg, progress=True), prefect, as_json)
+    run_job(cfg, "flows.reconstruction:reconstruction_flow", "qsae.jobs.reconstruction:run_reconstruction", prefect,
+            as_json)
 
 
 @app.command()
@@ -520,7 +324,7 @@ def verify(
 ) -> None:
     """Check a lake against its schema and invariants; exit status 1 if anything is wrong."""
     from qsae.errors import QsaeError
-    from qsae.lake.verify import verify as run
+    from qsae.jobs.verify import verify as run
 
     try:
         report = run(store, reencode=reencode)
@@ -595,7 +399,6 @@ def _root(debug: bool = typer.Option(False, "--debug", help=f"show the traceback
 def show_job_logs() -> None:
     """The jobs log through stdlib loggers under ``qsae``; the CLI prints their INFO lines on
     stdout as its own output (inside a Prefect run, flows.logs also forwards them to the run's logs)."""
-    import logging
 
     class CurrentStdout(logging.StreamHandler):
         """Writes to whatever sys.stdout is when a line is logged (not when the handler was made:

@@ -24,9 +24,9 @@ from flows.reconstruction import reconstruction_flow
 from flows.rivalry import rivalry_flow
 from flows.storage_blocks import resolve_secret_blocks
 from qsae.jobs.capture import CaptureConfig
+from qsae.jobs.pipeline import PipelineResult, record_capture
 from qsae.jobs.reconstruction import ReconstructionConfig
 from qsae.jobs.rivalry import RivalryConfig
-from qsae.lake.store import QuestionLake
 
 forward_qsae_logs()  # the jobs' log lines in each run's logs
 
@@ -77,7 +77,7 @@ def pipeline_flow(
     shards_per_task: int = 1,
     rivalry: RivalryConfig | None = None,
     reconstruction: ReconstructionConfig | None = None,
-) -> dict[str, Any]:
+) -> PipelineResult:
     """Capture (in-process, or fanned out to GPU workers), then rivalry and reconstruction."""
     logger = get_run_logger()
     # Children get the block names, never the secrets (their parameters are stored by Prefect).
@@ -93,26 +93,11 @@ def pipeline_flow(
     else:  # in this process: the capture flow plans (once) and captures what is pending
         config = config.model_copy(update={"store": capture_flow(config=config, shards_per_task=shards_per_task).store})
         resolved = resolved.model_copy(update={"store": config.store})
-    lake = QuestionLake.open(resolved.ref, mode="r+")
-    if not lake.done_mask().all():
-        raise RuntimeError(f"{config.store}: {int((~lake.done_mask()).sum())} questions not done after capture")
-    lake.update_attrs(last_pipeline={"captures": captures})
+    lake = record_capture(resolved.ref, captures)
     common = {"store": config.store, "storage_options": config.storage_options}
     riv = rivalry_flow(config=(rivalry or RivalryConfig(**common)).model_copy(update=common))
     rec = reconstruction_flow(config=(reconstruction or ReconstructionConfig(**common)).model_copy(update=common))
-    lines = [
-        f"# qsae pipeline: `{config.store}`",
-        "",
-        f"- lake: `{config.store}` ({lake.n_questions} questions, layers {lake.layers}); "
-        f"open with `xr.open_zarr({config.store!r})`",
-        f"- rivalry ({riv.summary['protocol']} protocol): group `{riv.group}`, figure `{riv.figure}`, "
-        "calibrated one-sided p by layer "
-        + ", ".join(f"{layer}: {r['calibrated'].get('p_less')}" for layer, r in riv.summary["by_layer"].items()),
-        f"- reconstruction: group `reconstruction`, figure `{rec.figure}`",
-    ]
-    if captures:
-        lines += ["", "| capture flow run | worker | queue | shards |", "|---|---|---|---|"]
-        lines += [f"| {c['flow_run']} | {c['worker']} | {c['queue']} | {c['shards']} |" for c in captures]
-    create_markdown_artifact(key="qsae-pipeline", markdown="\n".join(lines), description=f"pipeline for {config.store}")
+    result = PipelineResult(config.store, lake.n_questions, lake.layers, riv, rec, captures)
+    create_markdown_artifact(key="qsae-pipeline", markdown=result.to_markdown(), description=f"pipeline for {config.store}")
     logger.info(f"pipeline done: {config.store}")
-    return {"store": config.store, "captures": captures, "rivalry": riv.group, "reconstruction_rows": rec.rows()}
+    return result

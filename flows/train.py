@@ -16,7 +16,7 @@ forward_qsae_logs()  # the jobs' log lines in each run's logs
 
 @task(name="collect-tokens", tags=["gpu"], retries=1, retry_condition_fn=retry_unless_bad_input, retry_delay_seconds=10, cache_policy=NO_CACHE)
 def collect_task(config: CollectConfig) -> CollectResult:
-    return CollectResult.of(collect(config))
+    return collect(config)
 
 
 @task(name="train-sae", tags=["gpu"], retries=1, retry_condition_fn=retry_unless_bad_input, retry_delay_seconds=10, cache_policy=NO_CACHE)

@@ -18,14 +18,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
-
-from qsae.lake import accessor as _accessor  # noqa: E402,F401  (registers ``ds.qsae``; numpy/xarray only)
+from qsae.lake import accessor as _accessor  # noqa: F401  (registers ``ds.qsae``; numpy/xarray only)
+from qsae.version import __version__
 
 _PUBLIC = {
     # the lake (torch-free)
     "open_lake": "qsae.lake.store", "QuestionLake": "qsae.lake.store", "TokenLake": "qsae.lake.store",
-    "verify": "qsae.lake.verify", "inspect_store": "qsae.lake.inspect",
+    "verify": "qsae.jobs.verify", "inspect_store": "qsae.lake.inspect",
     # jobs (each a config, torch-free, and a plain function a notebook can call; Prefect flows wrap them)
     "CaptureConfig": "qsae.jobs.configs", "SamplingConfig": "qsae.jobs.configs", "run_capture": "qsae.jobs.capture",
     "CollectConfig": "qsae.jobs.configs", "collect": "qsae.jobs.collect",
@@ -33,6 +32,7 @@ _PUBLIC = {
     "RivalryConfig": "qsae.jobs.configs", "run_rivalry": "qsae.jobs.rivalry",
     "ReconstructionConfig": "qsae.jobs.configs", "run_reconstruction": "qsae.jobs.reconstruction",
     "CompareConfig": "qsae.jobs.configs", "run_compare": "qsae.jobs.compare",
+    "reconstruct": "qsae.jobs.codes", "load_sae_for": "qsae.jobs.codes",
     # building blocks that need torch
     "load_model": "qsae.lm.models", "load_questions": "qsae.lm.datasets",
     "SAE": "qsae.sae.model", "load_sae": "qsae.sae.formats", "load_saes": "qsae.sae.formats",

@@ -21,8 +21,9 @@ import pytest  # noqa: E402
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 # The two tiers: `-m "not slow"` for working (a few minutes), everything in CI. A test that
-# needs a Prefect server, the S3 server or another process is slow by rule, marked here from
-# its fixtures and its own source, so no such test can land in the fast tier by omission.
+# needs a Prefect server, the S3 server or another process is slow by rule and marked so where
+# it is written (`@pytest.mark.slow`, or its module's `pytestmark`); collection fails naming any
+# such test without the mark, so none lands in the fast tier by omission.
 SLOW_FIXTURES = ("prefect_server", "s3_server")
 SLOW_CALLS = ("subprocess.", "_cli(", "Popen(", "multiprocessing", "mp.get_context", "ProcessPoolExecutor",
               "TemporaryServer(", "prefect_api(", "\"s3_server\"")
@@ -38,12 +39,16 @@ def slow_reason(function, fixturenames) -> str | None:
 
 
 def pytest_collection_modifyitems(config, items):
+    unmarked = []
     for item in items:
         function = getattr(item, "function", None)
         if function is not None and not item.get_closest_marker("slow"):
             why = slow_reason(function, item.fixturenames)
             if why:
-                item.add_marker(pytest.mark.slow(reason=why))
+                unmarked.append(f"{item.nodeid} ({why})")
+    if unmarked:
+        raise pytest.UsageError("tests that need a server or another process must be marked @pytest.mark.slow:\n  "
+                                + "\n  ".join(sorted(set(unmarked))))
 
 
 @pytest.fixture(scope="session")
@@ -138,3 +143,27 @@ def prefect_server(tmp_path_factory):
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def captured(tmp_path_factory, tiny_qwen_dir):
+    """The one recipe many test modules share: a random SAE folder for the tiny Qwen3.5 MoE, then
+    a tiny capture with it. ``captured(**recipe)`` returns the capture's config; each distinct
+    recipe is captured once per session, so tests read these lakes and write into their own."""
+    from qsae.jobs.capture import run_capture
+
+    from .helpers import tiny_capture, write_sae_folder
+
+    made: dict = {}
+
+    def make(layers=(1, 2), d_sae=128, sae_scale=1.0, **capture):
+        key = (tuple(layers), d_sae, sae_scale, tuple(sorted(capture.items())))
+        if key not in made:
+            tmp = tmp_path_factory.mktemp("captured")
+            sae = write_sae_folder(tmp / "sae", 64, d_sae, list(layers), scale=sae_scale)
+            cfg = tiny_capture(tiny_qwen_dir, sae, tmp / "lake.zarr", layers=list(layers), **capture)
+            run_capture(cfg)
+            made[key] = cfg
+        return made[key]
+
+    return make

@@ -172,3 +172,34 @@ def write_relu_checkpoint(path, d_model, d_sae, seed=0, identity=False):
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model_state_dict": sd}, path)
     return path
+
+
+def synthetic_lake(url, n_questions=64, layers=(3,), n_samples=6, d_sae=120, k=8, shard=16, shards=None,
+                   codes=None, prompt=None, completions=None, **fields) -> str:
+    """The one synthetic question lake of the tests: schema-conforming random data
+    (``random_shard``) in shards of ``shard`` questions, ``shards`` of them written and done (all by
+    default); ``codes`` (idx, val) of shape (Q, S, k) and ``prompt`` (idx, val) of (Q, k) replace the
+    random codes at every layer (``prompt`` defaults to each question's first sample's codes),
+    ``completions`` (Q, S) and any (Q,)-shaped question ``fields`` (entropy, relation, ...)
+    replace theirs."""
+    spec = small_spec(n_questions=n_questions, layers=layers, n_samples=n_samples, d_sae=d_sae, k=k,
+                      layout=LakeLayout(shard, 4), lineage={"sae_sha256": {str(x): "x" for x in layers}})
+    lake = QuestionLake.open_or_create(str(url), spec, mode="overwrite")
+    L = len(layers)
+    for s in range(lake.n_shards) if shards is None else shards:
+        r = lake.shard_region(s)
+        data = random_shard(lake, s)
+        if codes is not None:
+            idx, val = codes
+            pi, pv = prompt if prompt is not None else (idx[:, 0], val[:, 0])
+            data["codes_idx"] = np.repeat(idx[None, r], L, 0).astype(np.uint16)
+            data["codes_val"] = np.repeat(val[None, r], L, 0)
+            data["prompt_codes_idx"] = np.repeat(pi[None, r], L, 0).astype(np.uint16)
+            data["prompt_codes_val"] = np.repeat(pv[None, r], L, 0)
+        if completions is not None:
+            data["completion"] = completions[r]
+        for name, value in fields.items():
+            if value is not None:
+                data[name] = value[r]
+        lake.write_shard(s, data)
+    return lake.url

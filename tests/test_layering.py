@@ -9,12 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 TORCH_FREE = ["qsae", "qsae.lake", "qsae.lake.schema", "qsae.lake.store", "qsae.lake.storage", "qsae.lake.writer",
-              "qsae.lake.results", "qsae.lake.accessor", "qsae.lake.inspect", "qsae.lake.verify",
+              "qsae.lake.results", "qsae.lake.accessor", "qsae.lake.inspect", "qsae.lake.verify", "qsae.version",
               "qsae.analysis", "qsae.analysis.rivalry", "qsae.analysis.matching", "qsae.jobs.rivalry",
               "qsae.jobs.compare", "qsae.jobs.configs", "qsae.jobs.preflight", "qsae.jobs.report",
-              "qsae.jobs.progress", "qsae.lm.locate", "qsae.sae.locate", "flows.cli"]
+              "qsae.jobs.progress", "qsae.jobs.interrupt", "qsae.jobs.pipeline", "qsae.analysis.params",
+              "qsae.sae.params", "qsae.lm.locate", "qsae.sae.locate", "flows.cli"]
 
 
 def _module_file(name: str) -> Path | None:
@@ -100,6 +103,7 @@ def test_lake_and_analysis_modules_import_neither_torch_nor_prefect_statically()
     assert offenders == {}
 
 
+@pytest.mark.slow
 def test_the_static_graph_finds_what_a_real_import_loads():
     """The static graph is not vacuous: it finds torch behind the capture job, and one real
     interpreter that imports every torch-free module together loads neither torch nor Prefect."""
@@ -129,6 +133,64 @@ def test_nothing_in_qsae_imports_flows_or_prefect():
     offenders = {str(p.relative_to(REPO)): sorted(_imports(p) & {"flows", "prefect"})
                  for p in (REPO / "qsae").rglob("*.py")}
     assert {k: v for k, v in offenders.items() if v} == {}
+
+
+BLOCKS = ("lake", "lm", "sae", "analysis")  # the building blocks, side by side
+SHARED = {"qsae.errors", "qsae.version"}  # what every layer may import
+
+
+def _qsae_imports(path: Path, module: str) -> set[str]:
+    """Every qsae module a file imports anywhere (inside functions too: the rule is the direction)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "qsae")
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            if base.split(".")[0] == "qsae":
+                found.add(base)
+    return found
+
+
+def block_violations(root: Path = REPO) -> dict[str, list[str]]:
+    """For each building-block module: the qsae modules it imports outside its own block (and
+    outside the shared errors and version): a job, a flow, or another block."""
+    out = {}
+    for block in BLOCKS:
+        for path in (root / "qsae" / block).rglob("*.py"):
+            module = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+            bad = sorted(m for m in _qsae_imports(path, module)
+                         if not m.startswith(f"qsae.{block}") and m not in SHARED and m != "qsae")
+            if "qsae" in _qsae_imports(path, module):
+                bad.append("qsae (the package: it registers the accessor and imports jobs)")
+            if bad:
+                out[module] = bad
+    return out
+
+
+def test_the_building_blocks_import_no_job_no_flow_and_not_each_other():
+    """One direction: flows -> jobs -> the building blocks (lake, lm, sae, analysis), which stand
+    side by side: none imports a job, a flow or another block (the lake needs no model or SAE;
+    what joins a lake and an SAE, e.g. re-encoding for verify or decoding codes, is a job's)."""
+    assert block_violations() == {}
+
+
+def test_the_direction_check_catches_an_arrow_back_up(tmp_path):
+    """Not vacuous: a lake module importing an SAE format inside a function, and an SAE module
+    importing a job, are both found."""
+    for rel, text in (("qsae/lake/x.py", "def f():\n    from qsae.sae.formats import load_sae\n"),
+                      ("qsae/sae/y.py", "from ..jobs.configs import TrainConfig\n"),
+                      ("qsae/lm/z.py", "from qsae.errors import QsaeError\nfrom qsae.lm.hooks import splice\n")):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    for block in BLOCKS:
+        (tmp_path / "qsae" / block).mkdir(parents=True, exist_ok=True)
+    assert block_violations(tmp_path) == {"qsae.lake.x": ["qsae.sae.formats"], "qsae.sae.y": ["qsae.jobs.configs"]}
 
 
 def test_the_check_catches_a_stray_import(tmp_path):

@@ -503,10 +503,21 @@ def decode_experts(lm: LoadedModel, path: str) -> str | None:
     return str(impl)
 
 
-def run_capture(cfg: CaptureConfig, progress: bool = False) -> tuple[QuestionLake, CaptureStats]:
+def finish_capture(plan: CapturePlan, shards: list[int], stats: list[CaptureStats], record: bool = True
+                   ) -> CaptureResult:
+    """After the steps: reread the lake (the steps marked shards done, maybe added attributes),
+    record this run in its ``last_capture`` attribute (``record``: a fanned-out child leaves the
+    store's attributes to its parent, so no writes race), and the run's result."""
+    lake = QuestionLake.open(plan.config.ref, mode="r+")
+    if record:
+        lake.update_attrs(last_capture={"shards": list(shards), "questions": sum(s.questions for s in stats)})
+    return CaptureResult.of(lake, shards, stats)
+
+
+def run_capture(cfg: CaptureConfig, progress: bool = False) -> CaptureResult:
     """Plan and capture every pending shard in this process (the notebook entry point)."""
     plan = plan_capture(cfg)
     log.info("store %s: %d of %d shards to capture", plan.config.store, len(plan.pending), plan.lake.n_shards)
     stats = capture_shards(plan, plan.pending, progress=progress)
-    return QuestionLake.open(plan.config.ref), stats
+    return finish_capture(plan, plan.pending, [stats])
 

@@ -55,8 +55,8 @@ class CollectResult(Report):
 
 
 def collect(cfg: CollectConfig, progress: bool = False,
-            lm: LoadedModel | None = None) -> TokenLake:
-    """Run (or resume) a collection; returns the completed token lake."""
+            lm: LoadedModel | None = None) -> CollectResult:
+    """Run (or resume) a collection; returns what the completed token lake holds."""
     lm = lm or load_model(cfg.model, revision=cfg.model_revision, device=cfg.device, dtype=cfg.dtype,
                           trust_remote_code=cfg.trust_remote_code)
     check_layers(lm.model, cfg.layers)
@@ -108,4 +108,4 @@ def collect(cfg: CollectConfig, progress: bool = False,
     n_new = len(pending) * cfg.windows_per_batch * per
     if pending:
         log.info(f"collected ~{n_new} tokens in {elapsed:.1f} s ({n_new / max(elapsed, 1e-9):.0f} tokens/s)")
-    return TokenLake.open(cfg.ref)
+    return CollectResult.of(TokenLake.open(cfg.ref))

@@ -13,6 +13,7 @@ import xarray as xr
 from qsae.analysis.matching import FeatureMatch, firing_stats, match_features
 from qsae.jobs import interrupt
 from qsae.jobs.configs import CompareConfig
+from qsae.jobs.figures import pyplot
 from qsae.jobs.report import Report, fmt
 from qsae.lake.results import lake_state, lineage_of, save_figure, write_result_group
 
@@ -227,11 +228,7 @@ def run_compare(cfg: CompareConfig) -> CompareResult:
 
 
 def compare_figure(match: FeatureMatch, freq_a: np.ndarray | None, freq_b: np.ndarray | None):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     n = 2 if freq_a is not None else 1
     fig, axes = plt.subplots(1, n, figsize=(5 * n, 3.6))
     axes = np.atleast_1d(axes)

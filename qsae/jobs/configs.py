@@ -7,23 +7,75 @@ shows them as the flows' parameter docs. The job modules re-export their config
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from qsae.analysis.params import PaperParams
 from qsae.errors import SAEFormatError
+from qsae.sae.params import TrainerParams
 
 if TYPE_CHECKING:
-    from qsae.analysis.rivalry import PaperParams
     from qsae.lake.storage import StoreRef
     from qsae.sae.model import SAE
 
 
-class _StoreFields:
-    """``ref``: the config's store and storage options as one handle (``StoreRef``)."""
+class JobConfig(BaseModel):
+    """The base of every job config: unknown fields refused; the fields of its nested parameter
+    groups (``NESTED``: sampling, the paper's parameters, the trainer's) also accepted flat
+    (``n_samples=20``, ``--set n_perm=99``, older deployments), by this one validator; flat
+    values win over a nested group given too."""
 
-    store: str
-    storage_options: dict[str, Any] | None
+    model_config = ConfigDict(extra="forbid")
+    NESTED: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def _group(cls, name: str) -> type[BaseModel]:
+        return cls.model_fields[name].annotation  # type: ignore[return-value]
+
+    @classmethod
+    def _route(cls, data: dict[str, Any], current: dict[str, Any] | None = None) -> dict[str, Any]:
+        for name in cls.NESTED:
+            group = cls._group(name)
+            flat = {k: data[k] for k in group.model_fields if k in data and k not in cls.model_fields}
+            if not flat:
+                continue
+            nested = data.get(name, (current or {}).get(name)) or {}
+            if isinstance(nested, BaseModel):
+                nested = nested.model_dump()
+            data = {**{k: v for k, v in data.items() if k not in flat}, name: group(**{**nested, **flat})}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nest(cls, data: Any) -> Any:
+        return cls._route(data) if isinstance(data, dict) and cls.NESTED else data
+
+    def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False) -> Any:
+        """As pydantic's, with nested groups' fields accepted flat too (``update={"n_samples": 4}``),
+        which pydantic would otherwise set as a stray attribute and ignore."""
+        if update and self.NESTED:
+            update = self._route(dict(update), {n: getattr(self, n) for n in self.NESTED})
+        return super().model_copy(update=update, deep=deep)
+
+    @classmethod
+    def field_info(cls, name: str) -> Any:
+        """A field of this config or of one of its nested groups (the CLI's help comes from it)."""
+        if name in cls.model_fields:
+            return cls.model_fields[name]
+        for group in cls.NESTED:
+            fields = cls._group(group).model_fields
+            if name in fields:
+                return fields[name]
+        raise KeyError(f"{cls.__name__} has no field {name!r}")
+
+
+class StoreFields(BaseModel):
+    """The store a job reads or writes, and ``ref``: it and its storage options as one handle."""
+
+    store: str = Field("storage/lakes/demo.zarr", description="the lake (path or URL: a path, s3://bucket/x.zarr, ...)")
+    storage_options: dict[str, Any] | None = Field(None, description="fsspec options for a remote store (Secret "
+                                                                     "blocks named by key_block/secret_block)")
 
     @property
     def ref(self) -> StoreRef:
@@ -31,7 +83,17 @@ class _StoreFields:
 
         return StoreRef.of(self.store, self.storage_options)
 
-DEFAULT_LR = {"topk": 5e-4, "relu": 5e-5}
+
+class ModelFields(BaseModel):
+    """The language model a job loads, and where it runs."""
+
+    model: str = Field("smollm2", description="local folder, cached HF repo id, or 'smollm2'")
+    model_revision: str | None = Field(None, description="model revision (branch, tag or commit) for a hub repo id; "
+                                                         "recorded in the lake")
+    trust_remote_code: bool = Field(False, description="allow a model's own modelling code from its folder/repo")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1 ...")
+    dtype: str = Field("auto", description="model dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, "
+                                           "bfloat16, float16")
 
 
 class SamplingConfig(BaseModel):
@@ -46,14 +108,11 @@ class SamplingConfig(BaseModel):
     stop_at_newline: bool = Field(True, description="end a completion at its first newline (PopQA answers are one line)")
 
 
-class CaptureConfig(_StoreFields, BaseModel):
+class CaptureConfig(JobConfig, StoreFields, ModelFields):
     """One capture run. Fields that fix the lake's identity are checked on resume."""
 
-    model_config = ConfigDict(extra="forbid")
+    NESTED: ClassVar[tuple[str, ...]] = ("sampling",)
 
-    model: str = Field("smollm2", description="local folder, cached HF repo id, or 'smollm2'")
-    model_revision: str | None = Field(None, description="model revision (branch, tag or commit) for a hub repo id; recorded in the lake")
-    trust_remote_code: bool = Field(False, description="allow a model's own modelling code from its folder/repo")
     sae: str | None = Field(None, description="SAE folder/file/repo id (per layer), or None for residuals only")
     sae_k: int | None = Field(None, description="k for the stored codes (default: the SAE's)")
     hook: Literal["resid_post", "mlp_out"] | None = Field(
@@ -84,39 +143,8 @@ class CaptureConfig(_StoreFields, BaseModel):
         "one_pass", description="one_pass: each prompt prefilled once, activations captured while decoding; "
                                 "two_pass: transformers' generate on every prompt x S, then a second forward "
                                 "(the reference path, slower; the same draws)")
-    device: str = Field("auto", description="auto, cpu, cuda, cuda:1 ...")
-    dtype: str = Field("auto", description="model dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16")
-    store: str = Field("storage/lakes/demo.zarr", description="lake URL: a path, s3://bucket/x.zarr, ...")
-    storage_options: dict[str, Any] | None = Field(None, description="fsspec options for a remote store (Secret blocks named by key_block/secret_block)")
     mode: Literal["resume", "overwrite", "create"] = Field("resume", description="resume (default: skip done shards), overwrite, or create (refuse an existing store)")
     writer_queue: int = Field(2, ge=1, description="shards buffered for the background writer")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _nest_sampling(cls, data: Any) -> Any:
-        """Sampling fields given flat (``n_samples=20``, ``--set n_samples=20``, older deployments)
-        go into ``sampling``; flat ones win over a ``sampling`` given too."""
-        if not isinstance(data, dict):
-            return data
-        flat = {k: data[k] for k in SamplingConfig.model_fields if k in data}
-        if not flat:
-            return data
-        nested = data.get("sampling") or {}
-        if isinstance(nested, SamplingConfig):
-            nested = nested.model_dump()
-        rest = {k: v for k, v in data.items() if k not in flat}
-        return {**rest, "sampling": {**nested, **flat}}
-
-    def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False) -> CaptureConfig:
-        """As pydantic's, with sampling fields accepted flat too (``update={"n_samples": 4}``),
-        which pydantic would otherwise set as a stray attribute and ignore."""
-        flat = {k: update[k] for k in SamplingConfig.model_fields if k in (update or {})}
-        if flat:
-            base = update.get("sampling", self.sampling)
-            base = SamplingConfig(**base) if isinstance(base, dict) else base
-            update = {**{k: v for k, v in update.items() if k not in flat},
-                      "sampling": SamplingConfig(**{**base.model_dump(), **flat})}
-        return super().model_copy(update=update, deep=deep)
 
     @field_validator("layers")
     @classmethod
@@ -136,14 +164,9 @@ class CaptureConfig(_StoreFields, BaseModel):
         return self.hook or sae_hook or "resid_post"
 
 
-class CollectConfig(_StoreFields, BaseModel):
+class CollectConfig(JobConfig, StoreFields, ModelFields):
     """One collection run; the fields that fix the store are checked on resume."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field("smollm2", description="local folder, cached HF repo id, or 'smollm2'")
-    model_revision: str | None = Field(None, description="model revision (branch, tag or commit) for a hub repo id")
-    trust_remote_code: bool = Field(False, description="allow a model's own modelling code from its folder/repo")
     dataset: str = Field("wiki-demo", description="'wiki-demo', a .txt/.jsonl file or a cached HF dataset")
     text_field: str = Field("text", description="the text column of a .jsonl file or HF dataset")
     dataset_split: str = Field("train", description="split of a cached HF dataset")
@@ -154,40 +177,26 @@ class CollectConfig(_StoreFields, BaseModel):
     bos: Literal["prepend", "none"] = Field("prepend", description="prepend BOS to each window, or none (then a window's first token is flagged special)")
     max_tokens: int | None = Field(None, description="stop after about this many stored tokens")
     resid_dtype: Literal["float16", "float32"] = Field("float16", description="on-disk dtype of the activations")
-    device: str = Field("auto", description="auto, cpu, cuda, cuda:1 ...")
-    dtype: str = Field("auto", description="model dtype: auto, float32, bfloat16, float16")
     store: str = Field("storage/lakes/tokens.zarr", description="token lake URL")
-    storage_options: dict[str, Any] | None = Field(None, description="fsspec options for a remote store")
     mode: Literal["resume", "overwrite", "create"] = Field("resume", description="resume (default), overwrite, or create")
 
 
-class TrainConfig(_StoreFields, BaseModel):
-    """One SAE training run over one layer of a token lake."""
+class TrainConfig(JobConfig, StoreFields):
+    """One SAE training run over one layer of a token lake; the optimisation's own parameters
+    are the trainer's (``trainer``, also given flat: ``--set k=64``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    NESTED: ClassVar[tuple[str, ...]] = ("trainer",)
 
     store: str = Field("storage/lakes/tokens.zarr", description="the token lake to train on")
-    storage_options: dict[str, Any] | None = Field(None, description="fsspec options for a remote store")
     layer: int | None = Field(None, description="default: the store's only layer")
-    architecture: Literal["topk", "relu"] = Field("topk", description="topk (Qwen-Scope style) or relu (ReLU + L1, the 9B release)")
+    trainer: TrainerParams = Field(default_factory=TrainerParams, description="architecture, sparsity, optimiser")
     expansion: int = Field(4, ge=1, description="d_sae = expansion * d_model unless d_sae is given")
     d_sae: int | None = Field(None, description="default: expansion * d_model")
-    k: int = Field(32, ge=1, description="TopK: active latents per token")
-    l1_coefficient: float = Field(0.005, ge=0, description="ReLU only (the 9B release's value)")
-    l1_units: Literal["scaled", "raw"] = Field(
-        "scaled", description="ReLU: the L1 trade-off on the rescaled inputs (scale-free), or in raw activation "
-                              "units as the 9B release (λ / scale^2 on the scaled inputs)")
-    lr: float | None = Field(None, gt=0, description="default: 5e-4 TopK, 5e-5 ReLU (the 9B release)")
     batch_size: int = Field(4096, ge=1, description="the 9B release's value")
     epochs: float = Field(1.0, gt=0, description="passes over the lake's training tokens")
     total_tokens: int | None = Field(None, description="overrides epochs")
     buffer_blocks: int = Field(8, ge=1, description="lake blocks shuffled together (bounded memory)")
-    dead_tokens: int = Field(250_000, ge=1, description="a latent is dead after this many tokens without firing "
-                                                        "(Gao et al.: 10M; smaller for CPU-sized runs)")
-    aux_k: int = Field(256, ge=1, description="AuxK: dead latents used to model the error (Gao et al.: 512)")
-    aux_coefficient: float = Field(1 / 32, ge=0, description="AuxK weight (Gao et al.: 1/32)")
     include_special: bool = Field(False, description="train on BOS/EOS/window-start tokens too")
-    seed: int = Field(0, description="seed of the initialisation and the data order (resume replays it exactly)")
     checkpoint_every: int = Field(200, ge=1, description="steps")
     log_every: int = Field(25, ge=1, description="steps")
     out: str = Field("storage/saes/demo", description="folder for the SAELens export and the checkpoints")
@@ -196,19 +205,11 @@ class TrainConfig(_StoreFields, BaseModel):
     init_from: str | None = Field(None, description="start from this SAE (e.g. the base model's, to follow its "
                                                     "features through a fine-tune); its width is used")
 
-    @property
-    def resolved_lr(self) -> float:
-        """``lr``, else the architecture's default (5e-4 TopK, 5e-5 ReLU)."""
-        return self.lr or DEFAULT_LR[self.architecture]
 
-
-class ReconstructionConfig(_StoreFields, BaseModel):
+class ReconstructionConfig(JobConfig, StoreFields):
     """What to evaluate: a question lake's stored codes per position, or a token lake of text."""
 
-    model_config = ConfigDict(extra="forbid")
-
     store: str = Field("storage/lakes/demo.zarr", description="a question lake or a token lake (path or URL)")
-    storage_options: dict[str, Any] | None = Field(None, description="fsspec options for a remote store")
     layers: list[int] | None = Field(None, description="layers to evaluate; default: every captured layer")
     sae: str | None = Field(None, description="question lake: the SAE source if it moved since capture (hash still "
                                               "checked); token lake: the SAE to evaluate (required)")
@@ -230,13 +231,9 @@ class ReconstructionConfig(_StoreFields, BaseModel):
     dtype: str = Field("float32", description="the model's dtype in the loop")
 
 
-class FeaturesConfig(_StoreFields, BaseModel):
+class FeaturesConfig(JobConfig, StoreFields):
     """Feature dashboards (and a Neuronpedia export) of a question lake's SAE codes."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    store: str = Field("storage/lakes/demo.zarr", description="the question lake (path or URL)")
-    storage_options: dict[str, Any] | None = Field(None, description="fsspec options for a remote store")
     layers: list[int] | None = Field(None, description="layers to build (default: every layer of the lake)")
     top_n: int = Field(10, ge=1, description="top questions and top completions shown per feature")
     logit_effects: bool = Field(True, description="decoder logit effects through the unembedding, read from the "
@@ -246,13 +243,13 @@ class FeaturesConfig(_StoreFields, BaseModel):
     sae_k: int | None = Field(None, description="k for that SAE's codes (default: the SAE's)")
 
 
-class RivalryConfig(_StoreFields, BaseModel):
-    """The rivalry study's parameters; the defaults are the paper's protocol."""
+class RivalryConfig(JobConfig, StoreFields):
+    """The rivalry study's parameters; the defaults are the paper's protocol. The per-group
+    statistics' and the calibrated test's knobs are ``paper`` (also given flat: ``--set
+    min_mean=0.05``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    NESTED: ClassVar[tuple[str, ...]] = ("paper",)
 
-    store: str = Field("storage/lakes/demo.zarr", description="the question lake (path or URL)")
-    storage_options: dict[str, Any] | None = Field(None, description="fsspec options for a remote store")
     layers: list[int] | None = Field(None, description="layers to test; default: every captured layer")
     protocol: Literal["paper", "per_question"] = Field(
         "paper", description="paper: correlations across a group's questions at the prompt's end; "
@@ -266,45 +263,19 @@ class RivalryConfig(_StoreFields, BaseModel):
     low: float = Field(0.5, description="thresholds rule: unambiguous below this entropy")
     q: float = Field(0.25, gt=0, le=0.5, description="quantile rule: top/bottom fraction")
     threshold: float | None = Field(None, description="threshold rule: ambiguous above this entropy")
-    percentile: float = Field(5.0, gt=0, lt=100, description="the percentile of pair correlations (p5)")
-    min_mean: float = Field(0.01, ge=0, description="paper: keep features with mean activation above this")
-    max_features: int | None = Field(300, ge=2, description="paper: at most this many features (random, "
-                                                            "feature_seed); None: all (p5 in bounded memory)")
-    feature_seed: int = Field(42, description="paper: seed of the feature cap's random choice")
-    min_questions: int = Field(1, ge=1, description="paper: keep features active in at least this many questions")
+    paper: PaperParams = Field(default_factory=PaperParams, description="the per-group statistics (the paper's "
+                                                                       "filter and p5) and the calibrated test")
     n_perm: int = Field(1000, ge=0, description="draws of each reference of the calibrated test (its own null, "
                                                 "relabellings): no p-value below 1/(n_perm + 1)")
-    null: Literal["fixed_fixed", "feature_marginal"] = Field(
-        "fixed_fixed", description="calibrated test's null: fixed_fixed keeps each question's count of active "
-                                   "features (TopK's k) and each feature's values; feature_marginal does not "
-                                   "(it reads TopK's fixed count as rivalry; kept for comparison)")
-    reference: Literal["both", "conditional", "relabel"] = Field(
-        "both", description="calibrated test's reference: both (the larger p of the two), conditional (the "
-                            "groups' own null), relabel (permuted question labels)")
-    rounds: int = Field(3, ge=1, description="curveball rounds per fixed-fixed null draw")
-    n_null: int = Field(1, ge=1, description="null draws per excess in each relabelling of the calibrated test")
-    replicates: int = Field(8, ge=0, description="further evaluations of the observed statistic (new blocks and "
-                                                 "null draws): its Monte-Carlo noise, in the p-value's error")
-    min_group: int = Field(20, ge=2, description="fewest questions a group needs for a calibrated p-value "
-                                                 "(below it the layer says why there is none)")
     strata: str = Field("auto", description="question variable the calibrated test stratifies by (labels permuted "
                                             "within strata): auto = `relation` when the lake has several, none, "
                                             "or a variable name")
-    min_stratum: int = Field(10, ge=2, description="fewest questions of each group a stratum needs to count")
     n_boot: int = Field(1000, ge=0, description="bootstrap resamples for CIs")
     seed: int = Field(0, description="seed of permutations, nulls and bootstraps")
     block_questions: int = Field(256, ge=1, description="per_question: questions read per block")
     correctness: bool = Field(True, description="AUROC of the per-prompt score for `correct` (reads the SAE's "
                                                 "decoder from the lake's sae_source)")
     n_jobs: int | None = Field(None, ge=1, description="threads for the permutations (default: up to 4 cores)")
-
-    def paper_params(self) -> PaperParams:
-        from qsae.analysis.rivalry import PaperParams
-
-        return PaperParams(self.percentile, self.min_mean, self.max_features, self.feature_seed,
-                           self.min_questions, null=self.null, reference=self.reference, rounds=self.rounds,
-                           n_null=self.n_null, replicates=self.replicates, min_group=self.min_group,
-                           min_stratum=self.min_stratum)
 
 
 class CompareConfig(BaseModel):

@@ -22,19 +22,20 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+from importlib import resources
 from typing import Any
 
-import fsspec
 import numpy as np
 
 from qsae.analysis.features import HIST_BINS, LayerFeatures, QuestionTable, layer_features, token_layer_features
 from qsae.errors import ResultError, ResultMissingError
 from qsae.jobs.configs import FeaturesConfig
+from qsae.jobs.neuronpedia import neuronpedia_batches
 from qsae.jobs.report import Report
 from qsae.lake.results import lake_state, read_result_group
 from qsae.lake.storage import StoreRef
 from qsae.lake.store import open_lake
+from qsae.lm.weights import local_model_folder, unembedding
 
 log = logging.getLogger("qsae.jobs.features")
 BLOCK = 256
@@ -76,56 +77,16 @@ class FeaturesResult(Report):
 
 
 # ----------------------------------------------------------------- logit effects
-def _model_folder(attrs: dict[str, Any]) -> Path | None:
-    """The local folder of the lake's model (the lineage's model_path; the embedded alias's cache)."""
-    path = attrs.get("model_path")
-    if not path:
-        return None
-    from qsae.lm.locate import EMBEDDED, default_cache_dir
-
-    if path in EMBEDDED:
-        folder = default_cache_dir() / "models" / path
-        return folder if (folder / "config.json").exists() else None
-    folder = Path(str(path)).expanduser()
-    return folder if (folder / "config.json").exists() else None
-
-
-def unembedding(folder: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(W_U (vocab, d), the final norm's effective gain (d,)) read from safetensors, tensor by
-    tensor. Qwen3.5-style norms scale by (1 + weight), Llama-style by weight."""
-    from safetensors import safe_open
-
-    cfg = json.loads((folder / "config.json").read_text())
-    text = cfg.get("text_config", cfg)
-    found: dict[str, np.ndarray] = {}
-    wanted = {"unembed": ("lm_head.weight", "model.lm_head.weight"),
-              "embed": ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight"),
-              "norm": ("model.norm.weight", "model.language_model.norm.weight")}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            keys = set(f.keys())
-            for role, names in wanted.items():
-                for name in names:
-                    if role not in found and name in keys:
-                        found[role] = f.get_tensor(name).float().numpy()
-    W_U = found.get("unembed", found.get("embed") if cfg.get("tie_word_embeddings", text.get("tie_word_embeddings")) else None)
-    if W_U is None or "norm" not in found:
-        raise FileNotFoundError(f"no unembedding or final norm weight in {folder}")
-    kind = str(text.get("model_type", cfg.get("model_type", "")))
-    gain = found["norm"] + 1.0 if kind.startswith(("qwen3_5", "qwen3_next")) else found["norm"]
-    return W_U, gain
-
-
 def logit_effects(attrs: dict[str, Any], layer: int, features: np.ndarray, n: int = 10) -> tuple[dict[int, dict], str | None]:
     """For each feature: the tokens its decoder direction promotes and suppresses most through
     the final norm's gain and the unembedding. Returns (effects, reason skipped or None)."""
-    folder = _model_folder(attrs)
+    folder = local_model_folder(attrs.get("model_path"))
     if folder is None:
         return {}, f"the model {attrs.get('model_path')!r} is not available locally"
     try:
         from transformers import AutoTokenizer
 
-        from qsae.sae.formats import load_sae_for
+        from qsae.jobs.codes import load_sae_for
 
         sae = load_sae_for(attrs, layer)
         W_U, gain = unembedding(folder)
@@ -245,67 +206,22 @@ def write_layer(lf: LayerFeatures, questions: QuestionTable, effects: dict[int, 
     meta = {"title": title, "layer": lf.layer, "questions": lf.n_questions, "samples": lf.n_samples, "d_sae": lf.d_sae,
             "block": BLOCK, "entropy_edges": lf.entropy_edges.tolist(), "entropy_all": lf.entropy_all.tolist(),
             "rivalry": lf.rivalry_group, "logits_skipped": skipped, "kind": lf.kind}
-    _write(fs, f"{root}/index.html", _INDEX.replace("__META__", _js(meta)).replace("__ROWS__", _js(rows))
+    _write(fs, f"{root}/index.html", template("index.html").replace("__META__", _js(meta)).replace("__ROWS__", _js(rows))
            .replace("__TITLE__", html.escape(title)))
-    _write(fs, f"{root}/feature.html", _FEATURE.replace("__META__", _js(meta)).replace("__TITLE__", html.escape(title)))
+    _write(fs, f"{root}/feature.html", template("feature.html").replace("__META__", _js(meta)).replace("__TITLE__", html.escape(title)))
     return f"{base.url}/index.html", len(feats), batches
+
+
+def template(name: str) -> str:
+    """A dashboard page template (package data ``qsae/data/dashboard/``), the style sheet inlined:
+    the pages open from ``file://`` with nothing beside them."""
+    folder = resources.files("qsae") / "data" / "dashboard"
+    return (folder / name).read_text(encoding="utf-8").replace("__STYLE__", (folder / "style.css").read_text(
+        encoding="utf-8"))
 
 
 def _js(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).replace("</", "<\\/")
-
-
-def neuronpedia_batches(lf: LayerFeatures, records: dict[int, dict[str, Any]], attrs: dict[str, Any], out_dir: str,
-                        batch_size: int = 128, start: int = 0, tokenizer=None) -> list[str]:
-    """SAEDashboard's Neuronpedia output: ``batch-<i>.json`` of features with their top
-    activations (the prompt's and the completion's tokens, the value at the captured token),
-    the logit effects and the frequency and logit histograms."""
-    fs, root = fsspec.core.url_to_fs(out_dir)
-    fs.makedirs(root, exist_ok=True)
-
-    def tokens_of(text: str) -> list[str]:
-        if tokenizer is not None:
-            return [tokenizer.decode([t]) for t in tokenizer(text, add_special_tokens=False).input_ids] or [text]
-        return text.split(" ") if text else [""]
-
-    written = []
-    feats = list(records)
-    for i in range(0, len(feats), batch_size):
-        items = []
-        for f in feats[i:i + batch_size]:
-            r = records[f]
-            acts = []
-            for row in r["top_prompt"]:
-                toks = tokens_of(f"Q: {row['text']}\nA:")
-                acts.append({"tokens": toks, "values": [0.0] * (len(toks) - 1) + [row["activation"]],
-                             "position": "prompt_end", "question": row["question"]})
-            for row in r.get("top_contexts", []):
-                left = tokens_of(row["left"]) if row["left"] else []
-                acts.append({"tokens": [*left, row["tok"]], "values": [0.0] * len(left) + [row["activation"]],
-                             "position": "token", "token": row["token"]})
-            for row in r["top_completion"]:
-                toks = tokens_of(row["completion"])
-                acts.append({"tokens": toks, "values": [0.0] * (len(toks) - 1) + [row["activation"]],
-                             "position": "completion_end", "question": row["question"], "sample": row["sample"]})
-            logits = r.get("logits", {})
-            hist = r["hist"]
-            edges = np.linspace(0, r["max"], HIST_BINS + 1)
-            items.append({
-                "feature_index": f, "activations": acts,
-                "pos_str": [t for t, _ in logits.get("pos", [])], "pos_values": [v for _, v in logits.get("pos", [])],
-                "neg_str": [t for t, _ in logits.get("neg", [])], "neg_values": [v for _, v in logits.get("neg", [])],
-                "frac_nonzero": (r["freq_prompt"] + r["freq_completion"] * lf.n_samples) / (1 + lf.n_samples),
-                "freq_hist_data_bar_heights": hist, "freq_hist_data_bar_values": ((edges[:-1] + edges[1:]) / 2).tolist(),
-                "logits_hist_data_bar_heights": logits.get("hist", [[], []])[0],
-                "logits_hist_data_bar_values": logits.get("hist", [[], []])[1],
-                "n_prompts_total": lf.n_questions * (1 + lf.n_samples),
-            })
-        batch = {"model_id": attrs.get("model"), "layer": lf.layer, "sae_set": attrs.get("sae_source"),
-                 "hook": attrs.get("hook"), "features": items}
-        path = f"{root}/batch-{start + i // batch_size}.json"
-        _write(fs, path, json.dumps(batch, ensure_ascii=False))
-        written.append(path)
-    return written
 
 
 def run_features(cfg: FeaturesConfig) -> FeaturesResult:
@@ -324,10 +240,10 @@ def run_features(cfg: FeaturesConfig) -> FeaturesResult:
     result = FeaturesResult(store=cfg.store, captured=state.line())
     tokenizer = None
     questions = QuestionTable(ds)
-    if cfg.neuronpedia and _model_folder(attrs) is not None:
+    if cfg.neuronpedia and local_model_folder(attrs.get("model_path")) is not None:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(_model_folder(attrs), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(local_model_folder(attrs.get("model_path")), local_files_only=True)
     for layer in layers:
         rivalry, group, why = _rivalry_for(cfg, layer, state)
         if why:
@@ -359,7 +275,7 @@ def _run_token_features(cfg: FeaturesConfig, ds, attrs: dict[str, Any], t0: floa
     if not cfg.sae:
         raise SAEFormatError(f"{cfg.store} is a token lake (activations, no codes): name the SAE that encodes them "
                              "with --set sae=<folder or repo id>")
-    folder = _model_folder(attrs)
+    folder = local_model_folder(attrs.get("model_path"))
     tokenizer = None
     if folder is not None:
         from transformers import AutoTokenizer
@@ -408,90 +324,3 @@ def _rivalry_for(cfg: FeaturesConfig, layer: int, state):
         except ResultError as exc:  # stale or damaged: never its shares, and the reason said
             return None, None, str(exc)
     return None, None, ""
-
-
-_STYLE = """
-body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}h1{font-size:1.3em}h2{font-size:1.1em;margin-top:1.4em}
-table{border-collapse:collapse}th,td{padding:.25em .6em;border-bottom:1px solid #ddd;text-align:right}
-th{cursor:pointer;background:#f4f4f4;position:sticky;top:0}td.l,th.l{text-align:left}a{color:#0645ad}
-.bar{display:inline-block;background:#4a7fd0;vertical-align:bottom;width:12px;margin-right:1px}
-.bar.alt{background:#d07a4a}.chart{height:80px;display:flex;align-items:flex-end}.ok{color:#17803d}.no{color:#b3261e}
-.sample{display:inline-block;margin:.1em .3em;padding:0 .3em;border-radius:3px;background:#f2f2f2}
-.first{font-weight:bold}.tok{background:#ffe08a;padding:0 .2em;border-radius:3px}.muted{color:#777}
-"""
-
-_INDEX = """<!doctype html><html><head><meta charset="utf-8"><title>__TITLE__</title><style>""" + _STYLE + """</style></head>
-<body><h1>__TITLE__</h1><p id="meta" class="muted"></p>
-<p><input id="filter" placeholder="filter: feature id, or min frequency like >0.01" size="40"> <span id="count"></span></p>
-<table id="t"><thead><tr><th data-k="0">feature</th><th data-k="1">freq prompt end</th><th data-k="2">freq completion end</th>
-<th data-k="3">mean act</th><th data-k="4">max act</th><th data-k="5">share ambiguous</th><th data-k="6">share unambiguous</th>
-<th class="l">fires with</th></tr></thead><tbody></tbody></table>
-<script>
-const META=__META__, ROWS=__ROWS__;
-if(META.kind==='tokens'){document.querySelectorAll('th')[1].textContent='firing frequency';}
-document.getElementById('meta').textContent=(META.kind==='tokens'?META.questions+' tokens; ':META.questions+' questions x '+META.samples+' samples; ')+ROWS.length+
- ' of '+META.d_sae+' features fire'+(META.rivalry?'; ambiguity from '+META.rivalry:'; no rivalry result: no ambiguity shares');
-let key=1, desc=true;
-const fmt=v=>v===null||v===undefined?'':(Math.abs(v)<0.001&&v!==0?v.toExponential(2):(+v).toFixed(4));
-function render(){
- const q=document.getElementById('filter').value.trim();
- let rows=ROWS;
- if(q.startsWith('>')) rows=rows.filter(r=>Math.max(r[1],r[2])>parseFloat(q.slice(1)));
- else if(q) rows=rows.filter(r=>String(r[0]).startsWith(q));
- rows=rows.slice().sort((a,b)=>((a[key]??-1)-(b[key]??-1))*(desc?-1:1));
- const shown=rows.slice(0,2000);
- document.querySelector('#t tbody').innerHTML=shown.map(r=>'<tr><td><a href="feature.html#'+r[0]+'">'+r[0]+'</a></td>'+
-  [1,2,3,4,5,6].map(i=>'<td>'+fmt(r[i])+'</td>').join('')+'<td class="l">'+r[7].map(f=>'<a href="feature.html#'+f+'">'+f+'</a>').join(', ')+'</td></tr>').join('');
- document.getElementById('count').textContent=rows.length+' features'+(rows.length>shown.length?' (first '+shown.length+' shown)':'');
-}
-document.querySelectorAll('th[data-k]').forEach(th=>th.onclick=()=>{const k=+th.dataset.k;desc=(k===key)?!desc:true;key=k;render();});
-document.getElementById('filter').oninput=render;render();
-</script></body></html>
-"""
-
-_FEATURE = """<!doctype html><html><head><meta charset="utf-8"><title>__TITLE__</title><style>""" + _STYLE + """</style></head>
-<body><p><a href="index.html">&larr; all features</a></p><h1 id="h">__TITLE__</h1><div id="body">loading&hellip;</div>
-<script>
-const META=__META__;
-const esc=s=>String(s).replace(/[&<>"]/g,c=>({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]));
-const bars=(h,cls)=>{const m=Math.max(1,...h);return '<div class="chart">'+h.map(v=>'<span class="bar '+(cls||'')+'" style="height:'+(80*v/m)+'px" title="'+v+'"></span>').join('')+'</div>';};
-function firstWord(s){const m=String(s).match(/^(\\S+)(.*)$/s);return m?'<span class="first">'+esc(m[1])+'</span>'+esc(m[2]):esc(s);}
-function show(f,r){
- document.getElementById('h').textContent='Feature '+f+' · layer '+META.layer;
- if(!r){document.getElementById('body').textContent='feature '+f+' never fires in this lake';return;}
- let h='<p>fires on '+(100*r.freq_prompt).toFixed(2)+'% of prompt ends and '+(100*r.freq_completion).toFixed(2)+
-  '% of completion ends; mean activation '+r.mean.toPrecision(3)+', max '+r.max.toPrecision(3)+
-  (r.share_ambiguous!==undefined?'; of its prompt-end firing '+(100*r.share_ambiguous).toFixed(1)+'% in ambiguous, '+
-  (100*r.share_unambiguous).toFixed(1)+'% in unambiguous questions':'')+'</p>';
- h+='<h2>Activation histogram</h2>'+bars(r.hist)+'<p class="muted">0 .. '+r.max.toPrecision(3)+'</p>';
- if(META.kind==='tokens'){
-  h+='<h2>Top contexts</h2><table><tr><th>act</th><th class="l">context (the token highlighted)</th><th>doc</th></tr>'+
-   r.top_contexts.map(c=>'<tr><td>'+c.activation.toFixed(3)+'</td><td class="l">'+esc(c.left)+'<span class="tok">'+esc(c.tok)+'</span>'+esc(c.right)+
-   '</td><td>'+c.doc+'</td></tr>').join('')+'</table>';
- } else {
- h+='<h2>First-token entropy (nats) of the questions where it fires (orange) vs all questions (blue)</h2><div style="display:flex;gap:2em">'+
-  bars(r.entropy_firing,'alt')+bars(META.entropy_all)+'</div><p class="muted">'+META.entropy_edges[0].toFixed(2)+' .. '+
-  META.entropy_edges[META.entropy_edges.length-1].toFixed(2)+' nats</p>';
- h+='<h2>Top questions by prompt-end activation</h2><table><tr><th>act</th><th class="l">question</th><th class="l">gold</th><th title="exact entropy of the first token, softmax(logits / T), in nats">first-token entropy (nats)</th><th class="l">all samples (first word bold; green correct)</th></tr>'+
-  r.top_prompt.map(q=>'<tr><td>'+q.activation.toFixed(3)+'</td><td class="l">'+esc(q.text)+'</td><td class="l">'+esc(q.answers.slice(0,3).join(' / '))+
-  '</td><td>'+q.entropy.toFixed(2)+'</td><td class="l">'+q.samples.map((s,i)=>'<span class="sample '+(q.correct[i]?'ok':'no')+'">'+firstWord(s)+'</span>').join('')+'</td></tr>').join('')+'</table>';
- h+='<h2>Top completions by completion-end activation</h2><table><tr><th>act</th><th class="l">question</th><th class="l">completion (captured token: its end)</th><th>correct</th></tr>'+
-  r.top_completion.map(c=>'<tr><td>'+c.activation.toFixed(3)+'</td><td class="l">'+esc(c.text)+'</td><td class="l">'+esc(c.completion)+
-  '<span class="tok">&#8629;</span></td><td class="'+(c.correct?'ok':'no')+'">'+(c.correct?'yes':'no')+'</td></tr>').join('')+'</table>';
- }
- h+='<h2>Fires with '+(META.kind==='tokens'?'(same token)':'(prompt end)')+'</h2><p>'+(r.cofire.length?r.cofire.map(c=>'<a href="#'+c[0]+'">'+c[0]+'</a> ('+c[1]+')').join(', '):'none')+'</p>';
- h+='<h2>Decoder logit effects</h2>'+(r.logits?'<table><tr><th class="l">promotes</th><th></th><th class="l">suppresses</th><th></th></tr>'+
-  r.logits.pos.map((p,i)=>'<tr><td class="l">'+esc(JSON.stringify(p[0]))+'</td><td>'+p[1].toFixed(3)+'</td><td class="l">'+esc(JSON.stringify(r.logits.neg[i][0]))+'</td><td>'+r.logits.neg[i][1].toFixed(3)+'</td></tr>').join('')+'</table>'
-  :'<p class="muted">skipped: '+esc(META.logits_skipped||'not computed')+'</p>');
- document.getElementById('body').innerHTML=h;
-}
-const loaded={};
-window.qsaeBlock=(b,data)=>{loaded[b]=data;const f=current();if(Math.floor(f/META.block)===b)show(f,data[f]);};
-function current(){return parseInt(location.hash.slice(1)||'0',10);}
-function load(){const f=current(),b=Math.floor(f/META.block);
- if(loaded[b]){show(f,loaded[b][f]);return;}
- const s=document.createElement('script');s.src='data/block_'+String(b).padStart(4,'0')+'.js';
- s.onerror=()=>show(f,null);document.head.appendChild(s);}
-window.onhashchange=load;load();
-</script></body></html>
-"""

@@ -10,6 +10,7 @@ metrics, comparable with its numbers (``comparable_to_saebench`` in the result's
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,14 +20,17 @@ import xarray as xr
 
 from qsae.errors import LayerError, SAEFormatError
 from qsae.jobs import interrupt
+from qsae.jobs.codes import load_sae_for
 from qsae.jobs.configs import ReconstructionConfig
+from qsae.jobs.figures import pyplot
 from qsae.jobs.progress import Progress
 from qsae.jobs.report import Report, fmt
 from qsae.lake.results import LakeState, lake_state, lineage_of, save_figure, write_result_group
 from qsae.lake.schema import KIND_QUESTIONS, KIND_TOKENS
 from qsae.lake.store import open_lake
-from qsae.sae.formats import load_sae, load_sae_for
-from qsae.sae.metrics import ReconAccumulator, decode_codes, loss_recovered
+from qsae.lm.hooks import splice
+from qsae.sae.formats import load_sae
+from qsae.sae.metrics import LossAccumulator, LossRecovered, ReconAccumulator, decode_codes
 from qsae.sae.model import SAE
 
 log = logging.getLogger("qsae.jobs.reconstruction")
@@ -363,11 +367,7 @@ def run_reconstruction(cfg: ReconstructionConfig, progress: bool = False) -> Rec
 
 def reconstruction_figure(table: xr.Dataset):
     """Fidelity by layer (one line per metric and position) and the feature-density histograms."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
     layers = table.layer.values
     positions = [str(p) for p in table.position.values]
@@ -399,3 +399,37 @@ def reconstruction_figure(table: xr.Dataset):
     ax2.legend(fontsize=7)
     fig.suptitle("SAE reconstruction metrics", fontsize=10)
     return fig
+
+
+def loss_recovered(model: torch.nn.Module, sae: SAE, layer: int, windows: torch.Tensor, keep: torch.Tensor,
+                   batch: int = 8, on_batch: Callable[[int], None] | None = None) -> LossRecovered:
+    """CE clean / SAE-spliced / zero-ablated and KLs over ``windows`` (n, T) of token ids, the
+    SAE's output (or zeros) spliced in at ``layer`` (``qsae.lm.hooks.splice``).
+
+    ``keep`` (n, T) marks positions that are spliced and scored (False for BOS/pad); the
+    loss at position t is for predicting token t+1, counted when positions t and t+1 are kept.
+    ``on_batch(n)`` is called after each batch of ``n`` windows (progress).
+    """
+    acc = LossAccumulator()
+    dev = next(model.parameters()).device
+    for i in range(0, windows.shape[0], batch):
+        ids = windows[i:i + batch].to(dev)
+        mask = keep[i:i + batch].to(dev)
+        scored = (mask[:, :-1] & mask[:, 1:]).float()
+        with torch.inference_mode():
+            clean = model(input_ids=ids, use_cache=False).logits[:, :-1]
+
+            def with_sae(x: torch.Tensor, mask: torch.Tensor = mask) -> torch.Tensor:
+                return torch.where(mask[..., None], sae(x.float()).to(x.dtype), x)
+
+            def with_zero(x: torch.Tensor, mask: torch.Tensor = mask) -> torch.Tensor:
+                return torch.where(mask[..., None], torch.zeros_like(x), x)
+
+            with splice(model, layer, with_sae, hook=sae.info.hook):
+                spliced = model(input_ids=ids, use_cache=False).logits[:, :-1]
+            with splice(model, layer, with_zero, hook=sae.info.hook):
+                zeroed = model(input_ids=ids, use_cache=False).logits[:, :-1]
+        acc.add(clean, spliced, zeroed, ids[:, 1:], scored)
+        if on_batch is not None:
+            on_batch(int(ids.shape[0]))
+    return acc.result()

@@ -42,10 +42,11 @@ import numpy as np
 import torch
 
 from qsae.errors import LayerError
-from qsae.jobs.configs import DEFAULT_LR, TrainConfig  # noqa: F401 (re-exported)
+from qsae.jobs.configs import TrainConfig  # noqa: F401 (re-exported)
 from qsae.jobs.progress import Progress
 from qsae.jobs.report import Report, fmt
 from qsae.lake.store import TokenLake
+from qsae.sae.params import DEFAULT_LR  # noqa: F401 (re-exported)
 from qsae.sae.training import BlockSource, DeadFeatureTracker, Metrics, ShuffledStream, Trainer  # noqa: F401
 
 log = logging.getLogger("qsae.jobs.train")
@@ -134,21 +135,26 @@ def train_sae(cfg: TrainConfig, on_log: Callable[[dict[str, Any]], None] | None 
 
         init = load_sae(cfg.init_from, k=1)  # only its weights matter; a TopK file without k loads too
         d_sae = init.d_sae
-    stream = ShuffledStream(source, cfg.batch_size, cfg.buffer_blocks, cfg.seed)
+    stream = ShuffledStream(source, cfg.batch_size, cfg.buffer_blocks, cfg.trainer.seed)
     total_tokens = cfg.total_tokens or int(cfg.epochs * stream.rows_per_epoch)
     total_steps = max(1, total_tokens // cfg.batch_size)
     dev = torch.device(cfg.device)
 
-    trainer = Trainer(cfg, d_model, d_sae)
+    trainer = Trainer(cfg.trainer, d_model, d_sae)
+    # What else fixes the data each step sees and the run's length: a resume must match it too.
+    run = {"store": cfg.store, "layer": cfg.layer, "d_sae": d_sae, "batch_size": cfg.batch_size,
+           "buffer_blocks": cfg.buffer_blocks, "include_special": cfg.include_special, "epochs": cfg.epochs,
+           "total_tokens": cfg.total_tokens, "init_from": cfg.init_from}
     ckpt_path = _checkpoint_path(cfg)
     if cfg.resume and ckpt_path.exists():
-        trainer.load(ckpt_path)
+        trainer.load(ckpt_path, run)
     else:
         trainer.start(next(stream._buffers(0)), init)
     trainer.to(dev)
-    relu_l1 = cfg.l1_coefficient if cfg.architecture == "relu" else None
+    arch = cfg.trainer.architecture
+    relu_l1 = cfg.trainer.l1_coefficient if arch == "relu" else None
 
-    bar = Progress(total_steps, f"train {cfg.architecture}", "steps", bar=progress, logger=log, initial=trainer.step)
+    bar = Progress(total_steps, f"train {arch}", "steps", bar=progress, logger=log, initial=trainer.step)
     history: list[dict[str, float]] = []
     window = Metrics()
     t0 = time.perf_counter()
@@ -170,12 +176,12 @@ def train_sae(cfg: TrainConfig, on_log: Callable[[dict[str, Any]], None] | None 
                     on_log(entry)
                 bar.set_postfix(fve=f"{entry['fve']:.3f}", l0=f"{entry['l0']:.1f}", dead=entry["dead"])
             if step % cfg.checkpoint_every == 0 or step == total_steps:
-                trainer.save(ckpt_path)
+                trainer.save(ckpt_path, run)
             bar.update(1)
     finally:
         batches.close()
         bar.close()
     seconds = time.perf_counter() - t0
     final = {**(history[-1] if history else {}), "dead": trainer.tracker.n_dead, "d_sae": d_sae}
-    out_dir = trainer.sae.save_saelens(Path(cfg.out), trainer.scaler, lineage, trainer.training_record(final))
-    return TrainResult(out_dir, trainer.step, trainer.step * cfg.batch_size, seconds, final, history, cfg.architecture)
+    out_dir = trainer.sae.save_saelens(Path(cfg.out), trainer.scaler, lineage, trainer.training_record(final, run))
+    return TrainResult(out_dir, trainer.step, trainer.step * cfg.batch_size, seconds, final, history, arch)

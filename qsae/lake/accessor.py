@@ -10,12 +10,12 @@ array-shaped (compute them with ``.compute()``) and small eager tables where it 
     ds.qsae.top_questions(120, layer=15, n=10)         # ranking with question text and completions
     ds.qsae.firing_frequency(layer=15)                 # (feature,), lazy
     ds.qsae.select(entropy=(2.0, None), correct="none")
-    ds.qsae.reconstruct(layer=15)                      # x_hat from the codes and the lineage's SAE
+    qsae.reconstruct(ds, layer=15)                     # x_hat from the codes and the lineage's SAE
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -285,23 +285,21 @@ class QsaeAccessor:
         return self._ds.isel(question=np.flatnonzero(keep))
 
     # -------------------------------------------------------------- reconstruction
-    def reconstruct(self, layer: int | None = None, which: Which = "completion", sae: str | None = None) -> xr.DataArray:
-        """SAE reconstruction x_hat of the stored residuals from their codes, with the SAE the
-        lineage names (its sha256 checked); lazy on dask. Needs torch."""
-        from qsae.sae.formats import load_sae_for  # torch, lazily: decoding needs the SAE
-        from qsae.sae.metrics import decode_codes
-
+    def reconstruct(self, decode: Callable[[np.ndarray, np.ndarray], np.ndarray], layer: int | None = None,
+                    which: Which = "completion") -> xr.DataArray:
+        """x_hat of the stored residuals from their codes, lazy on dask: ``decode`` maps (rows, k)
+        indices and values to (rows, d_model) (``qsae.jobs.codes.decoder`` gives the one of the SAE
+        the lineage names, its sha256 checked; ``qsae.reconstruct(ds, layer)`` does both). The lake
+        itself needs no SAE."""
         layer = self._layer(layer)
-        model = load_sae_for(self._ds, layer, sae)
         idx, val = _codes(self._ds, which)
 
-        def decode(i: np.ndarray, v: np.ndarray) -> np.ndarray:
+        def rows(i: np.ndarray, v: np.ndarray) -> np.ndarray:
             shape = i.shape[:-1]
-            flat = decode_codes(model, i.reshape(-1, i.shape[-1]), v.reshape(-1, v.shape[-1]))
-            return flat.reshape(*shape, -1)
+            return np.asarray(decode(i.reshape(-1, i.shape[-1]), v.reshape(-1, v.shape[-1]))).reshape(*shape, -1)
 
         return xr.apply_ufunc(
-            decode, idx.sel(layer=layer), val.sel(layer=layer), input_core_dims=[["k"], ["k"]],
+            rows, idx.sel(layer=layer), val.sel(layer=layer), input_core_dims=[["k"], ["k"]],
             output_core_dims=[["d_model"]], dask="parallelized", output_dtypes=[np.float32], keep_attrs=False,
             dask_gufunc_kwargs={"output_sizes": {"d_model": self._ds.sizes["d_model"]}},
         ).rename("x_hat")

@@ -16,35 +16,38 @@ Imports numpy/zarr/xarray only, so notebooks and dask workers can read without t
 
 from __future__ import annotations
 
-import asyncio
 import datetime as _dt
-import functools
 import logging
 import os
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import numpy as np
 import xarray as xr
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
-from zarr.core.sync import sync as zarr_sync
 
-from qsae import __version__
 from qsae.errors import (
     ConcurrentCreationError,
     ConfigMismatchError,
-    IncompleteStoreError,
     LakeDamagedError,
     QsaeError,
     RegionError,
     SchemaError,
-    StoreFullError,
     StoreUnreachableError,
+)
+from qsae.lake.creation import _busy_message, _creation_state, _reclaim_incomplete, creation_stale_seconds  # noqa: F401
+from qsae.lake.durability import (  # noqa: F401 (BEFORE_DONE and write_timeout are part of this module's API)
+    BEFORE_DONE,
+    RegionHooks,
+    _fsync,
+    _fsync_pool,
+    _run_concurrently,
+    _store_error,
+    write_timeout,
 )
 from qsae.lake.schema import (
     DATASET_ID,
@@ -69,6 +72,7 @@ from qsae.lake.spec import (  # noqa: F401 (the specs are part of this module's 
 )
 from qsae.lake.storage import StoreRef
 from qsae.lake.validate import CREATING, validate_group
+from qsae.version import __version__
 
 log = logging.getLogger("qsae.lake")
 
@@ -416,190 +420,6 @@ class TokenLake(Lake):
 
 
 # ----------------------------------------------------------------- module helpers
-class RegionHooks:
-    """Callables run between a region's data and its done flag, with the store's URL and the
-    region: empty in normal use. Tests install fault injection here (``tests/fault_inject.py``:
-    pause there so a process or the storage can be killed, or raise once) instead of the
-    durability path parsing an environment variable."""
-
-    def __init__(self) -> None:
-        self._hooks: list[Callable[[str, slice], None]] = []
-
-    def install(self, hook: Callable[[str, slice], None]) -> Callable[[], None]:
-        """Add ``hook``; returns the function that removes it again."""
-        self._hooks.append(hook)
-        return lambda: self._hooks.remove(hook)
-
-    def __call__(self, url: str, region: slice) -> None:
-        for hook in list(self._hooks):
-            hook(url, region)
-
-
-BEFORE_DONE = RegionHooks()
-
-
-@functools.lru_cache(maxsize=1)
-def _fsync_pool() -> ThreadPoolExecutor:
-    """The threads that fsync a region's files in parallel, made on first use (not at import)."""
-    return ThreadPoolExecutor(max_workers=8, thread_name_prefix="qsae-fsync")
-
-
-def _fsync(path) -> None:
-    """fsync one file if it exists."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_timeout() -> float:
-    """Seconds a region write may take before the store counts as unreachable."""
-    return float(os.environ.get("QSAE_WRITE_TIMEOUT_S", "300"))
-
-
-def _run_concurrently(coroutines, what: str = "") -> None:
-    """Run zarr async writes together on zarr's own event loop (overlaps per-array overhead).
-
-    Bounded by ``write_timeout()``: an object store that stops answering (an S3 PUT waiting
-    for "100 Continue" is not covered by botocore's read timeout) fails the write clearly
-    instead of hanging the worker.
-    """
-    timeout = write_timeout()
-
-    async def gather():
-        await asyncio.wait_for(asyncio.gather(*coroutines), timeout)
-
-    try:
-        zarr_sync(gather())
-    except (asyncio.TimeoutError, TimeoutError):
-        raise StoreUnreachableError(
-            f"writing {what} timed out after {timeout:g} s: the store stopped answering "
-            "(set QSAE_WRITE_TIMEOUT_S to wait longer); the region is not marked done and a rerun rewrites it"
-        ) from None
-    except Exception as exc:  # noqa: BLE001 - typed below, re-raised as it was when it is not the store's
-        raise _store_error(exc, f"writing {what}") from None
-
-
-def _store_error(exc: BaseException, doing: str,
-                 after: str = "the region is not marked done; free space and rerun (done regions are kept)"
-                 ) -> BaseException:
-    """A store's failure as one line a user can act on: a full disk, an unreachable endpoint or
-    bucket; anything else unchanged."""
-    import errno
-
-    msg = str(exc).splitlines()[0] if str(exc) else ""
-    if isinstance(exc, OSError) and (exc.errno == errno.ENOSPC or "No space left" in msg):
-        return StoreFullError(f"out of disk space {doing}: {after}")
-    module = type(exc).__module__.split(".")[0]
-    if module in ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "adlfs") or isinstance(
-            exc, (ConnectionError, FileNotFoundError)):
-        hint = " (does the bucket exist?)" if "NoSuchBucket" in repr(exc) or "bucket" in msg.lower() else ""
-        return StoreUnreachableError(f"{doing} failed, the store is unreachable{hint}: {type(exc).__name__}: {msg}; "
-                                     "the region is not marked done and a rerun rewrites it")
-    return exc
-
-
-def creation_stale_seconds() -> float:
-    """How long a store may stay marked as being created before it counts as abandoned."""
-    return float(os.environ.get("QSAE_CREATE_STALE_S", "120"))
-
-
-def _raw_attrs(ref: StoreRef) -> dict[str, Any] | None:
-    """The root group's attributes as stored, None when there is no readable group (yet)."""
-    try:
-        g = zarr.open_group(store=ref.zarr_store(read_only=True), mode="r", zarr_format=3, use_consolidated=False)
-        return dict(g.attrs)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError, ValueError, OSError):
-        return None  # absent, or another writer is half-way through writing it
-
-
-def _creation_state(ref: StoreRef) -> dict[str, Any] | None:
-    """None for a complete store; else what is known of its unfinished creation (a ``creating``
-    mark, or, from qsae before 0.2, a group without ``schema_version``)."""
-    attrs = _raw_attrs(ref)
-    if attrs is None:
-        path = ref.local_path  # a directory claimed by mkdir whose group is not written yet
-        if path is not None and path.is_dir() and not any(path.iterdir()):
-            return {"started": path.stat().st_mtime, "identity": None}
-        return None
-    if CREATING in attrs:
-        return {"started": float(attrs[CREATING].get("started", 0)), "identity": attrs.get("config")}
-    if "schema_version" not in attrs:  # qsae before 0.2 wrote the identity last; or a write in progress
-        return {"started": _root_mtime(ref), "identity": None}
-    return None
-
-
-def _root_mtime(ref: StoreRef) -> float:
-    """When the root group's metadata was last written (0 when it cannot be told): an
-    incomplete store counts as abandoned only once this is older than the stale time."""
-    try:
-        fs, root = ref.fs()
-        info = fs.info(f"{root.rstrip('/')}/zarr.json")
-    except Exception:  # noqa: BLE001 - unknown age: treated as old, as before the mark existed
-        return 0.0
-    when = info.get("mtime") or info.get("LastModified") or info.get("created")
-    if hasattr(when, "timestamp"):
-        return float(when.timestamp())
-    return float(when or 0.0)
-
-
-def _newest_local_write(ref: StoreRef) -> float:
-    """The newest mtime of a local store's folder, its entries and theirs (0 for a remote store)."""
-    root = ref.local_path
-    if root is None:
-        return 0.0
-    newest = 0.0
-    try:
-        newest = root.stat().st_mtime
-        with os.scandir(root) as entries:
-            for entry in entries:
-                newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
-                if entry.is_dir(follow_symlinks=False):
-                    with os.scandir(entry.path) as inner:
-                        for sub in inner:
-                            newest = max(newest, sub.stat(follow_symlinks=False).st_mtime)
-    except OSError:  # removed while we looked: then it is being written or deleted, not stale
-        return time.time()
-    return newest
-
-
-def _busy_message(ref: StoreRef) -> str:
-    state = _creation_state(ref) or {}
-    ago = time.time() - state["started"] if state.get("started") else None
-    when = f" (started {ago:.0f} s ago)" if ago is not None else ""
-    return (f"another capture is creating the store at {ref.url} right now{when}: this one stops without touching "
-            "it; run it again in a minute (it resumes that store, or re-creates it if that creation died)")
-
-
-def _reclaim_incomplete(ref: StoreRef, spec: _Spec) -> None:
-    """Remove a store whose creation never finished, when that is safe: nothing done in it, the
-    same identity (else ConfigMismatchError: the real reason), and no creation in progress
-    (else ConcurrentCreationError)."""
-    state = _creation_state(ref) or {}
-    identity = state.get("identity")
-    if identity is not None:
-        diff = identity_diff(identity, spec.identity())
-        if diff:
-            lines = "\n".join(f"  {k}: store has {a!r}, asked for {b!r}" for k, (a, b) in diff.items())
-            raise ConfigMismatchError(f"the store at {ref.url} is being created with a different config:\n{lines}\n"
-                                      "Use another --store.")
-    # Its age is from the newest write anywhere in it, not only from the mark: a creator still
-    # writing arrays is never taken for an abandoned one, whatever the mark or a clock says.
-    age = time.time() - max(float(state.get("started") or 0), _newest_local_write(ref))
-    if age < creation_stale_seconds():
-        raise ConcurrentCreationError(_busy_message(ref))
-    fs, root = ref.fs()
-    if fs.exists(f"{root.rstrip('/')}/done") and [p for p in fs.find(f"{root.rstrip('/')}/done")
-                                                  if not p.endswith("zarr.json")]:
-        raise IncompleteStoreError(f"{ref.url} has done questions but an incomplete identity: refusing to touch it; "
-                                   "move it aside or delete it by hand")
-    ref.delete()
-
-
 def store_exists(target: str | StoreRef, storage_options: dict | None = None) -> bool:
     """True if a zarr group exists at the URL; StoreUnreachableError if it cannot be asked."""
     ref = StoreRef.of(target, storage_options)

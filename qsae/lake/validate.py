@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import zarr
 
-from qsae import __version__
 from qsae.errors import IncompleteStoreError, NewerSchemaError, SchemaError
 from qsae.lake.schema import (
     DATASET_ID,
@@ -18,6 +17,7 @@ from qsae.lake.schema import (
     LakeSchema,
     resolve_dtype,
 )
+from qsae.version import __version__
 
 CREATING = "creating"  # the root attribute of a store whose creation has not finished
 

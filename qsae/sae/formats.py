@@ -229,19 +229,3 @@ def load_saes(
             raise SAEFormatError(f"no SAE given for layers {missing}")
         return {layer: load_sae(source[layer], layer=layer, k=k, device=device, dtype=dtype) for layer in layers}
     return {layer: load_sae(source, layer=layer, k=k, device=device, dtype=dtype) for layer in layers}
-
-
-def load_sae_for(lake: Any, layer: int, source: str | None = None, device: str | torch.device = "cpu") -> SAE:
-    """The SAE that made a lake's codes at ``layer`` (``lake``: its attributes, Dataset, Lake or
-    ``Lineage``), loaded from ``source`` if the files moved, and checked to be that file (sha256)
-    and width (``CodesMismatchError`` otherwise). The one way every analysis gets it."""
-    from qsae.lake.lineage import Lineage
-
-    lineage = lake if isinstance(lake, Lineage) else Lineage.of(lake)
-    made = lineage.codes_sae(layer)
-    path = source or made.source
-    if not path:
-        raise SAEFormatError("the lake records no sae_source; pass sae= to name the SAE file")
-    sae = load_sae(path, layer=layer, k=made.k, device=device)
-    made.check(sae.info.sha256, sae.d_sae, where=str(sae.info.source))
-    return sae

@@ -31,7 +31,6 @@ SAE ablates the MLP). BOS and padding positions are neither spliced nor scored.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -152,51 +151,30 @@ def _token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
 
 
-def loss_recovered(
-    model: torch.nn.Module, sae: SAE, layer: int, windows: torch.Tensor, keep: torch.Tensor,
-    batch: int = 8, on_batch: Callable[[int], None] | None = None,
-) -> LossRecovered:
-    """CE clean / SAE-spliced / zero-ablated and KLs over ``windows`` (n, T) of token ids.
+class LossAccumulator:
+    """CE clean / SAE-spliced / zero-ablated and the KLs from clean, summed over the scored
+    positions of many batches (the model run with the splice is the job's: SAEBench's
+    ``ce_loss_score`` and ``kl_div_score`` from whatever runs the model)."""
 
-    ``keep`` (n, T) marks positions that are spliced and scored (False for BOS/pad); the
-    loss at position t is for predicting token t+1, counted when positions t and t+1 are kept.
-    ``on_batch(n)`` is called after each batch of ``n`` windows (progress).
-    """
-    from qsae.lm.hooks import splice
+    def __init__(self) -> None:
+        self.sums = dict(clean=0.0, sae=0.0, zero=0.0, kl_sae=0.0, kl_zero=0.0)
+        self.n_tok = 0
 
-    sums = dict(clean=0.0, sae=0.0, zero=0.0, kl_sae=0.0, kl_zero=0.0)
-    n_tok = 0
-    dev = next(model.parameters()).device
-    for i in range(0, windows.shape[0], batch):
-        ids = windows[i:i + batch].to(dev)
-        mask = keep[i:i + batch].to(dev)
-        scored = (mask[:, :-1] & mask[:, 1:]).float()
-        targets = ids[:, 1:]
-        with torch.inference_mode():
-            clean = model(input_ids=ids, use_cache=False).logits[:, :-1]
-
-            def with_sae(x: torch.Tensor, mask: torch.Tensor = mask) -> torch.Tensor:
-                return torch.where(mask[..., None], sae(x.float()).to(x.dtype), x)
-
-            def with_zero(x: torch.Tensor, mask: torch.Tensor = mask) -> torch.Tensor:
-                return torch.where(mask[..., None], torch.zeros_like(x), x)
-
-            with splice(model, layer, with_sae, hook=sae.info.hook):
-                spliced = model(input_ids=ids, use_cache=False).logits[:, :-1]
-            with splice(model, layer, with_zero, hook=sae.info.hook):
-                zeroed = model(input_ids=ids, use_cache=False).logits[:, :-1]
+    def add(self, clean: torch.Tensor, spliced: torch.Tensor, zeroed: torch.Tensor, targets: torch.Tensor,
+            scored: torch.Tensor) -> None:
+        """One batch: (n, T, V) logits of each run for predicting ``targets`` (n, T); ``scored``
+        (n, T) weights the positions counted (1.0 or 0.0)."""
         lp_clean = torch.log_softmax(clean.float(), -1)
         for name, logits in (("sae", spliced), ("zero", zeroed)):
             lp = torch.log_softmax(logits.float(), -1)
-            sums[f"kl_{name}"] += float(((lp_clean.exp() * (lp_clean - lp)).sum(-1) * scored).sum())
-            sums[name] += float((_token_losses(logits, targets) * scored).sum())
-        sums["clean"] += float((_token_losses(clean, targets) * scored).sum())
-        n_tok += int(scored.sum())
-        if on_batch is not None:
-            on_batch(int(ids.shape[0]))
-    n = max(n_tok, 1)
-    return LossRecovered(sums["clean"] / n, sums["sae"] / n, sums["zero"] / n, sums["kl_sae"] / n,
-                         sums["kl_zero"] / n, n_tok)
+            self.sums[f"kl_{name}"] += float(((lp_clean.exp() * (lp_clean - lp)).sum(-1) * scored).sum())
+            self.sums[name] += float((_token_losses(logits, targets) * scored).sum())
+        self.sums["clean"] += float((_token_losses(clean, targets) * scored).sum())
+        self.n_tok += int(scored.sum())
+
+    def result(self) -> LossRecovered:
+        n, s = max(self.n_tok, 1), self.sums
+        return LossRecovered(s["clean"] / n, s["sae"] / n, s["zero"] / n, s["kl_sae"] / n, s["kl_zero"] / n, self.n_tok)
 
 
 Positions = Literal["completion", "prompt", "both"]

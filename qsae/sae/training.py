@@ -12,16 +12,14 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from qsae.sae.model import SAE
+from qsae.sae.params import TrainerParams
 from qsae.sae.trainable import ForwardOutput, InputScaler, TrainableSAE, auxk_loss
-
-if TYPE_CHECKING:
-    from qsae.jobs.configs import TrainConfig
 
 
 # ------------------------------------------------------------------------- data
@@ -172,7 +170,7 @@ class Trainer:
     """One run's state: the SAE, its input scaler, the optimiser, the dead-latent tracker and the
     step. A checkpoint holds all of it, so a resumed run continues bit for bit."""
 
-    def __init__(self, cfg: TrainConfig, d_model: int, d_sae: int):  # noqa: F821 (TYPE_CHECKING)
+    def __init__(self, cfg: TrainerParams, d_model: int, d_sae: int):
         self.cfg = cfg
         self.sae = TrainableSAE(d_model, d_sae, cfg.architecture, cfg.k, torch.Generator().manual_seed(cfg.seed))
         self.tracker = DeadFeatureTracker(d_sae, cfg.dead_tokens)
@@ -230,20 +228,22 @@ class Trainer:
         self.tracker.update((out.codes > 0).any(0), xb.shape[0])
         return float(loss), out
 
-    def save(self, path: Path) -> None:
-        """The checkpoint, written atomically (tmp file, then rename)."""
+    def save(self, path: Path, run: dict[str, Any] | None = None) -> None:
+        """The checkpoint, written atomically (tmp file, then rename); it records the trainer's
+        parameters and ``run`` (what a resume must also match)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
+        config = json.dumps({"trainer": self.cfg.model_dump(mode="json"), "run": run or {}}, sort_keys=True)
         torch.save({"sae": self.sae.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
-                    "since": self.tracker.since, "scale": self.scaler.scale, "config": self.cfg.model_dump_json()}, tmp)
+                    "since": self.tracker.since, "scale": self.scaler.scale, "config": config}, tmp)
         tmp.replace(path)
 
-    def load(self, path: Path) -> None:
-        """Resume from a checkpoint written by the same training config."""
+    def load(self, path: Path, run: dict[str, Any] | None = None) -> None:
+        """Resume from a checkpoint written with the same trainer parameters (and, given, the
+        same ``run``: what else fixes the data a step sees, e.g. the batch size and the lake)."""
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        saved = type(self.cfg).model_validate_json(ckpt["config"])
-        skip = {"resume", "device", "log_every", "checkpoint_every"}
-        if saved.model_dump(exclude=skip) != self.cfg.model_dump(exclude=skip):
+        saved = json.loads(ckpt["config"])
+        if saved != {"trainer": self.cfg.model_dump(mode="json"), "run": run or {}}:
             raise ValueError(f"{path} was written by another training config; use another out= or resume=False")
         self.sae.load_state_dict(ckpt["sae"])
         self.opt.load_state_dict(ckpt["opt"])
@@ -251,10 +251,10 @@ class Trainer:
         self.scaler, self.step = InputScaler(float(ckpt["scale"])), int(ckpt["step"])
         self._set_l1()
 
-    def training_record(self, final: dict[str, Any]) -> dict[str, Any]:
+    def training_record(self, final: dict[str, Any], run: dict[str, Any] | None = None) -> dict[str, Any]:
         """What the export records of the run (under ``qsae_training``)."""
         cfg = self.cfg
-        rec = {"config": json.loads(cfg.model_dump_json()), "final": final}
+        rec = {"config": {**(run or {}), **cfg.model_dump(mode="json")}, "final": final}
         if cfg.architecture == "relu":
             rec["l1_coefficient_on_scaled_inputs"] = self.l1
         return rec

@@ -4,7 +4,6 @@ uniform p-values under the null, every layer with Holm, results and figures in t
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections import Counter
 
@@ -33,9 +32,9 @@ from qsae.analysis.rivalry import (
     weighted_percentile,
 )
 from qsae.jobs.rivalry import RivalryConfig, run_rivalry
-from qsae.lake.store import QuestionLake, open_lake
+from qsae.lake.store import open_lake
 
-from ..helpers import random_shard, small_spec
+from ..helpers import synthetic_lake
 
 D_SAE = 300
 FAST = PaperParams(report_draws=2, replicates=4)
@@ -104,27 +103,8 @@ def code_lake(tmp_path, idx, val, completions, layers=(20,), name="riv.zarr", pr
               completion_ids=None, relation=None):
     """A real question lake holding the given codes (per layer: the same) and completions."""
     n_q, S, k = idx.shape
-    spec = small_spec(n_questions=n_q, layers=layers, n_samples=S, d_sae=D_SAE, k=k,
-                      lineage={"sae_sha256": {str(x): "x" for x in layers}})
-    lake = QuestionLake.open_or_create(str(tmp_path / name), spec, mode="overwrite")
-    L = len(layers)
-    for shard in range(lake.n_shards):
-        r = lake.shard_region(shard)
-        data = random_shard(lake, shard)
-        data["codes_idx"] = np.repeat(idx[None, r], L, 0).astype(np.uint16)
-        data["codes_val"] = np.repeat(val[None, r], L, 0)
-        pi, pv = prompt if prompt is not None else (idx[:, 0], val[:, 0])
-        data["prompt_codes_idx"] = np.repeat(pi[None, r], L, 0).astype(np.uint16)
-        data["prompt_codes_val"] = np.repeat(pv[None, r], L, 0)
-        data["completion"] = completions[r]
-        if completion_ids is not None:
-            data["completion_ids"] = completion_ids[r]
-        if entropy is not None:
-            data["entropy"] = entropy[r]
-        if relation is not None:
-            data["relation"] = relation[r]
-        lake.write_shard(shard, data)
-    return lake.url
+    return synthetic_lake(tmp_path / name, n_q, layers, S, D_SAE, k, shard=16, codes=(idx, val), prompt=prompt,
+                          completions=completions, completion_ids=completion_ids, entropy=entropy, relation=relation)
 
 
 def sorted_codes(X, k):
@@ -155,7 +135,7 @@ def test_paper_preset_equals_an_independent_implementation(tmp_path):
         assert r[g]["p5"] == pytest.approx(np.percentile(ref[g], 5), abs=1e-10)
     assert r["paper"]["U"] == pytest.approx(mwu.statistic) and r["paper"]["p_less"] == pytest.approx(mwu.pvalue)
     assert res.summary["groups"]["gap"] == pytest.approx(0.2)
-    assert res.summary["params"]["protocol"] == "paper" and res.summary["params"]["max_features"] == 300
+    assert res.summary["params"]["protocol"] == "paper" and res.summary["params"]["paper"]["max_features"] == 300
     # the cap: more than 300 active features -> RandomState(42).choice, as the paper
     Xbig = independent_codes(rng, 60, 1200, 0.5)
     params = PaperParams(report_draws=1)
@@ -227,7 +207,7 @@ def test_firing_frequency_alone_is_not_rivalry():
         res = rivalry_test(*pooled(independent_codes(rng, 120, 80, 0.12), independent_codes(rng, 120, 80, 0.025)),
                            FAST, n_perm=49, seed=seed)
         ps.append(res.calibrated.p_less)
-        paper.append(res.paper["p_less"])
+        paper.append(res.paper.p_less)
     assert max(paper) < 1e-6, paper  # the uncalibrated test is fooled
     assert sum(p > 0.05 for p in ps) >= 7, ps
 
@@ -276,7 +256,7 @@ def test_answer_diversity_alone_is_not_rivalry():
         amb, grouped = g.labels == "ambiguous", g.labels != ""
         D, first = distinct_rows(ids)
         score = score_questions(idx, val, keep=first)["score"]
-        ps.append(stratified_permutation_test(np.where(grouped, score, np.nan), amb, D, 99, seed)["p_less"])
+        ps.append(stratified_permutation_test(np.where(grouped, score, np.nan), amb, D, 99, seed).p_less)
         if seed < 3:
             raw = score_questions(idx, val)["score"]  # all 20 samples, duplicates included
             ok = np.isfinite(raw)  # D = 1 scores NaN and silently leaves a raw comparison
@@ -294,11 +274,11 @@ def test_stratified_test_detects_a_within_stratum_effect_and_is_exact():
     amb = rng.random(400) < 0.5
     score = -0.05 * D + rng.normal(0, 0.05, 400) - 0.03 * amb
     out = stratified_permutation_test(score, amb, D, 199, 0)
-    assert out["p_less"] <= 0.01 and out["statistic"] == pytest.approx(-0.03, abs=0.015)
+    assert out.p_less <= 0.01 and out.statistic == pytest.approx(-0.03, abs=0.015)
     null = stratified_permutation_test(score + 0.03 * amb, amb, D, 199, 0)
-    assert null["p_less"] > 0.05
+    assert null.p_less > 0.05
     single = stratified_permutation_test(score, D > 5, D, 19, 0)  # groups never share a stratum
-    assert single["p_less"] is None and "no stratum" in single["reason"]
+    assert single.p_less is None and "no stratum" in single.reason
 
 
 def test_question_scores_equal_dense_corrcoef_reference():
@@ -418,7 +398,7 @@ def test_the_level_test_catches_the_feature_marginal_null_on_topk_codes():
     relabelling holds and the groups' own null need not: benchmarks/bench_rivalry.py
     --calibration, hence the larger of the two p-values.)"""
     def rejections(**kw):
-        return sum(c.p_less <= 0.05 for c in level("topk_pools", 64, 448, dataclasses.replace(FAST_TEST, **kw)))
+        return sum(c.p_less <= 0.05 for c in level("topk_pools", 64, 448, FAST_TEST.model_copy(update=kw)))
     assert rejections(null="feature_marginal", reference="relabel") >= 4  # the level test allows 2 of 10
     assert rejections(reference="relabel") >= 3
     assert rejections(reference="conditional") <= 1
@@ -585,7 +565,7 @@ def test_paper_mwu_equals_the_papers_code_on_tied_correlations():
     mwu = scipy.stats.mannwhitneyu(ref[0], ref[1], alternative="less")
     n_ties = np.isclose(ref[0], -1 / 39, rtol=0, atol=1e-9).sum()  # pairs of one-question features, Q = 40
     assert n_ties > 100  # the ties are there
-    assert res.paper["U"] == mwu.statistic and res.paper["p_less"] == pytest.approx(mwu.pvalue, rel=1e-12)
+    assert res.paper.U == mwu.statistic and res.paper.p_less == pytest.approx(mwu.pvalue, rel=1e-12)
     assert res.ambiguous.n_single >= 15  # and counted for the caution
 
 
@@ -596,15 +576,17 @@ def test_paired_auroc_uses_one_set_of_resamples():
     y = rng.random(200) < 0.4
     s = rng.normal(size=200) + y
     out = paired_auroc(y, {"score": s, "same": s.copy(), "noise": rng.normal(size=200)}, n_boot=300, seed=1)
-    assert out["difference"]["same"]["ci"] == [0.0, 0.0]  # paired: identical scores never differ
-    assert out["auroc"]["score"] == pytest.approx(auroc(y, s))
-    lo, hi = out["difference"]["noise"]["ci"]
-    assert lo > 0 and out["ci"]["score"][0] < out["auroc"]["score"] < out["ci"]["score"][1]
+    assert out.difference["same"]["ci"] == [0.0, 0.0]  # paired: identical scores never differ
+    assert out.auroc["score"] == pytest.approx(auroc(y, s))
+    lo, hi = out.difference["noise"]["ci"]
+    assert lo > 0 and out.ci["score"][0] < out.auroc["score"] < out.ci["score"][1]
     # the ROC figure draws every layer tested, not the best one
-    from qsae.jobs.rivalry import LayerResult, roc_curve, roc_figure
+    from qsae.analysis.rivalry import roc_curve
+    from qsae.jobs.rivalry import Correctness, PaperLayer, roc_figure
 
-    layers = [LayerResult(L, {"correctness": {**out, "n_correct": int(y.sum()), "n": 200}}, {}, {},
-                          {k: roc_curve(y, v) for k, v in (("score", s), ("same", s), ("noise", -s))}) for L in (3, 7)]
+    layers = [PaperLayer(L, correctness=Correctness(n_correct=int(y.sum()), n=200, paired=out),
+                         roc={k: roc_curve(y, v) for k, v in (("score", s), ("same", s), ("noise", -s))})
+              for L in (3, 7)]
     fig = roc_figure(layers, RivalryConfig())
     n_pos = int(y.sum())
     assert [a.get_title() for a in fig.axes if a.axison] == [f"layer {L}: {n_pos} correct of 200" for L in (3, 7)]

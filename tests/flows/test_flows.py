@@ -16,22 +16,30 @@ from qsae.jobs.rivalry import RivalryConfig
 from qsae.jobs.train import TrainConfig
 from qsae.lake.store import QuestionLake, open_lake
 
-from ..helpers import prefect_artifacts, prefect_logs, tiny_capture, write_sae_folder
+from ..helpers import prefect_artifacts, prefect_logs
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def flow_lake(tmp_path_factory, tiny_qwen_dir):
-    tmp = tmp_path_factory.mktemp("flows")
-    sae = write_sae_folder(tmp / "sae", 64, 128, [1, 2])
-    cfg = tiny_capture(tiny_qwen_dir, sae, tmp / "lake.zarr", limit=12, n_samples=4, questions_per_shard=4,
-                       questions_per_batch=4)
-    return tmp, cfg
+def flow_lake(tmp_path_factory, captured):
+    """A captured lake (in-process) the flow tests read; the capture test writes its own, the
+    analyses write their result groups into this one."""
+    cfg = captured(limit=12, n_samples=4, questions_per_shard=4, questions_per_batch=4)
+    return tmp_path_factory.mktemp("flows"), cfg
+
+
+@pytest.fixture(scope="module")
+def rivalry_lake(flow_lake):
+    """The flow lake with its rivalry results (through the flow)."""
+    tmp, cfg = flow_lake
+    out = rivalry_flow(config=RivalryConfig(store=cfg.store, rule="median", entropy="exact", n_perm=19, n_boot=50))
+    return tmp, cfg, out
 
 
 def test_capture_flow_maps_shards_resumes_and_reports(flow_lake):
-    tmp, cfg = flow_lake
+    tmp, ref_cfg = flow_lake
+    cfg = ref_cfg.model_copy(update={"store": str(tmp / "flow-capture.zarr")})
     first = capture_flow(config=cfg, shards_per_task=1, shards=[0, 2])  # a partial run, as if cut off
     assert first.done == 8 and first.shards == [0, 2]
     lake = QuestionLake.open(cfg.store)
@@ -49,19 +57,13 @@ def test_capture_flow_maps_shards_resumes_and_reports(flow_lake):
     lines = prefect_logs("qsae.jobs.capture")
     assert any("questions captured" in e.message and e.flow_run_id for e in lines), [e.message for e in lines][:5] and "xr.open_zarr" in arts[0].data
     # the flow's lake equals an in-process capture of the same config
-    from qsae.jobs.capture import run_capture
-
-    ref = cfg.model_copy(update={"store": str(tmp / "ref.zarr")})
-    run_capture(ref)
-    a, b = open_lake(cfg.store).load(), open_lake(ref.store).load()
+    a, b = open_lake(cfg.store).load(), open_lake(ref_cfg.store).load()
     for name in a.data_vars:
         np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
 
 
-def test_rivalry_and_reconstruction_flows_write_results_and_artifacts(flow_lake):
-    tmp, cfg = flow_lake
-    capture_flow(config=cfg)
-    out = rivalry_flow(config=RivalryConfig(store=cfg.store, rule="median", entropy="exact", n_perm=19, n_boot=50))
+def test_rivalry_and_reconstruction_flows_write_results_and_artifacts(rivalry_lake):
+    tmp, cfg, out = rivalry_lake
     assert out.group == "rivalry/paper" and sorted(out.summary["by_layer"]) == [1, 2]  # every layer
     corr = out.summary["by_layer"][2]["correctness"]  # identifiers as keys, what each is beside them
     assert set(corr["auroc"]) == set(corr["predictors"]) == {"rivalry_score", "max_first_token_prob",
@@ -113,7 +115,7 @@ def test_every_deployment_in_prefect_yaml_validates_against_its_flow():
         validate(dep.get("parameters", {}), schema, raise_on_error=True, ignore_required=True)
 
 
-def test_features_flow_links_the_dashboards_and_reads_the_rivalry_groups(flow_lake):
+def test_features_flow_links_the_dashboards_and_reads_the_rivalry_groups(rivalry_lake):
     """After a rivalry run, the dashboards show each feature's share of prompt-end firing in the
     ambiguous and unambiguous groups; the artifact links each layer's index."""
     import json
@@ -122,10 +124,7 @@ def test_features_flow_links_the_dashboards_and_reads_the_rivalry_groups(flow_la
     from flows.features import features_flow
     from qsae.jobs.features import FeaturesConfig
 
-    tmp, cfg = flow_lake
-    capture_flow(config=cfg)
-    if not Path(cfg.store, "rivalry", "layer_2", "paper").exists():  # the rivalry test ran first, or run it
-        rivalry_flow(config=RivalryConfig(store=cfg.store, rule="median", entropy="exact", n_perm=19, n_boot=50))
+    tmp, cfg, _ = rivalry_lake
     out = features_flow(config=FeaturesConfig(store=cfg.store, layers=[2], top_n=3))
     index = Path(out.layers[2]["index"])
     assert index.exists()
@@ -141,14 +140,9 @@ def test_features_flow_links_the_dashboards_and_reads_the_rivalry_groups(flow_la
     assert "rivalry/layer_2/paper" in index.read_text()
 
 
-def test_select_by_rivalry_group_finds_the_store_it_was_opened_from(flow_lake):
+def test_select_by_rivalry_group_finds_the_store_it_was_opened_from(rivalry_lake):
     """ds.qsae.select(group=...) reads the rivalry groups beside the store the dataset came from."""
-    tmp, cfg = flow_lake
-    capture_flow(config=cfg)
-    from pathlib import Path
-
-    if not Path(cfg.store, "rivalry", "layer_2", "paper").exists():
-        rivalry_flow(config=RivalryConfig(store=cfg.store, rule="median", entropy="exact", n_perm=19, n_boot=50))
+    tmp, cfg, _ = rivalry_lake
     ds = open_lake(cfg.store)
     mine = ds.qsae.select(group="ambiguous", rivalry="rivalry/layer_2/paper")
     explicit = ds.qsae.select(group="ambiguous", rivalry="rivalry/layer_2/paper", store=cfg.store)
@@ -169,3 +163,22 @@ def test_select_by_rivalry_group_finds_the_store_it_was_opened_from(flow_lake):
         "exact first-token entropy (nats)"
     top = ds.qsae.top_questions_with_samples(int(ds.codes_idx.isel(layer=1).values.flat[0]), layer=2, n=1)
     assert "first_token_entropy" in top.columns and "entropy" not in top.columns
+
+
+def test_pipeline_returns_its_own_result_with_the_per_question_protocol(flow_lake):
+    """Once a KeyError: 'calibrated' after all the work: the pipeline read the paper protocol's
+    dict key from every protocol's summary. It now reads each layer's typed test."""
+    from flows.pipeline import pipeline_flow
+    from qsae.jobs.pipeline import PipelineResult
+
+    tmp, cfg = flow_lake  # captured: the pipeline's capture stage resumes to nothing
+    store = {"store": cfg.store}
+    out = pipeline_flow(config=cfg, rivalry=RivalryConfig(protocol="per_question", n_perm=9, n_boot=0, **store),
+                        reconstruction=ReconstructionConfig(**store))
+    assert isinstance(out, PipelineResult) and out.rivalry.protocol == "per_question"
+    assert out.rivalry.group == "rivalry/per_question" and sorted(out.rivalry.layers) == [1, 2]
+    assert all(r.test.n_perm == 9 for r in out.rivalry.layers.values())
+    art = prefect_artifacts("qsae-pipeline")[0].data
+    assert "per_question protocol" in art and "one-sided p by layer 1:" in art
+    assert json.loads(out.to_json())["rivalry"]["protocol"] == "per_question"
+    assert QuestionLake.open(cfg.store).attrs["last_pipeline"] == {"captures": []}

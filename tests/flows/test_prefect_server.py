@@ -24,6 +24,9 @@ REPO = Path(__file__).resolve().parents[2]
 QSAE = str(Path(sys.executable).parent / "qsae")
 
 
+
+pytestmark = pytest.mark.slow  # every test here starts or stops a server process
+
 def _spin(deadline: float) -> None:
     x = 0
     while time.time() < deadline:

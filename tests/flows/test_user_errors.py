@@ -113,6 +113,7 @@ def _main(capsys, *args: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(list(args), done.value.code, captured.out, captured.err)
 
 
+@pytest.mark.slow
 def test_cli_prints_user_errors_short_with_exit_status_2(tmp_path, tiny_qwen_dir, capsys, monkeypatch):
     monkeypatch.delenv("QSAE_DEBUG", raising=False)
     bad = _tsv(tmp_path / "bad.tsv", [f"{i}\ts\tp\to\tWho?\tnot json" for i in range(7)])
@@ -152,6 +153,7 @@ def _errors(text: str) -> list[str]:
     return [line for line in text.strip().splitlines() if line.startswith(("qsae: error:", "(a ", "  "))]
 
 
+@pytest.mark.slow
 def test_common_mistakes_fail_before_a_server_or_model_starts_and_read_the_same_either_way(
         tmp_path, tiny_qwen_dir, capsys, monkeypatch):
     """The five mistakes of issue 26 (and two more) through Prefect (the default): exit 2, the
@@ -260,6 +262,7 @@ def test_a_full_disk_ends_in_one_line_and_keeps_done_shards(tmp_path, tiny_qwen_
     assert QuestionLake.open(str(store)).pending_shards() == [1]  # shard 0 kept, shard 1 to rewrite
 
 
+@pytest.mark.slow
 def test_a_missing_bucket_and_a_dead_endpoint_are_one_line(s3_server, tmp_path):
     import botocore.exceptions
 

@@ -13,9 +13,9 @@ import zarr
 
 from qsae.errors import LayerError, StoreUnreachableError
 from qsae.jobs.capture import CaptureConfig, _layer_arrays, plan_capture, run_capture
+from qsae.jobs.verify import verify
 from qsae.lake.schema import FP16_MAX
 from qsae.lake.store import open_lake
-from qsae.lake.verify import verify
 from qsae.lm.convert import to_lake_dtype
 from qsae.sae.formats import load_sae
 
@@ -69,12 +69,8 @@ def test_nonfinite_and_overflowing_activations_are_flagged_not_hidden(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def good_lake(tmp_path_factory, tiny_qwen_dir):
-    tmp = tmp_path_factory.mktemp("verify")
-    sae = write_sae_folder(tmp / "sae", 64, 128, [1])
-    cfg = tiny_capture(tiny_qwen_dir, sae, tmp / "good.zarr", layers=[1], sae_k=5, limit=4, resid_dtype="float32")
-    run_capture(cfg)
-    return tmp, cfg
+def good_lake(tmp_path_factory, captured):
+    return tmp_path_factory.mktemp("verify"), captured(layers=(1,), sae_k=5, limit=4, resid_dtype="float32")
 
 
 def _corrupt_copy(tmp, cfg, name, edit):
@@ -163,6 +159,7 @@ def test_verifier_reports_a_wrong_sae_file_and_a_broken_schema(good_lake):
     assert any("not a qsae lake" in p for p in verify(url).problems)
 
 
+@pytest.mark.slow
 def test_verify_cli_exit_status(good_lake, tmp_path):
     import subprocess
     import sys
@@ -228,6 +225,7 @@ def test_a_lost_done_object_is_reported(good_lake):
     assert "questions captured; the rest are not in this result" in res.to_text()  # never counted as left out
 
 
+@pytest.mark.slow
 def test_damaged_objects_are_reported_never_a_crash(good_lake, tmp_path):
     import subprocess
     import sys

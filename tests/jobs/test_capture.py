@@ -31,7 +31,7 @@ def smol_run(tmp_path_factory, smollm2):
     tmp = tmp_path_factory.mktemp("cap-smol")
     sae = write_sae_folder(tmp / "SAE-L0_8", 576, 256, [2, 9])
     cfg = small_cfg(tmp, "smollm2", sae, [2, 9], sae_k=None)
-    lake, stats = run_capture(cfg)
+    stats = run_capture(cfg).stats[0]
     return cfg, open_lake(cfg.store).load(), stats
 
 

@@ -21,7 +21,7 @@ def _cfg(tmp, name, **kw):
 
 def test_collected_activations_equal_fresh_forward(tmp_path, smollm2):
     cfg = _cfg(tmp_path, "t.zarr")
-    lake = collect(cfg, lm=smollm2)
+    lake = TokenLake.open(collect(cfg, lm=smollm2).store)
     ds = lake.to_xarray().load()
     assert ds.done.all() and ds.sizes["token"] == 9 * 23  # BOS is fed but not stored
     assert (ds.position.values.reshape(9, 23) == np.arange(1, 24)).all()
@@ -42,7 +42,7 @@ def test_collected_activations_equal_fresh_forward(tmp_path, smollm2):
 
 def test_mlp_hook_and_no_bos(tmp_path, smollm2):
     cfg = _cfg(tmp_path, "mlp.zarr", hook="mlp_out", bos="none", layers=[4], max_tokens=3 * 24)
-    ds = collect(cfg, lm=smollm2).to_xarray().load()
+    ds = TokenLake.open(collect(cfg, lm=smollm2).store).to_xarray().load()
     ids = ds.token_id.values.reshape(3, 24)
     assert ds.special.values.reshape(3, 24)[:, 0].all()  # window start flagged without BOS
     _, cap = run_with_capture(smollm2.model, torch.tensor(ids[:1]), mlp_layers=[4], stop_early=True)
@@ -50,7 +50,7 @@ def test_mlp_hook_and_no_bos(tmp_path, smollm2):
 
 
 def test_interrupted_collection_resumes_to_the_same_store(tmp_path, smollm2, monkeypatch):
-    full = collect(_cfg(tmp_path, "full.zarr"), lm=smollm2).to_xarray().load()
+    full = TokenLake.open(collect(_cfg(tmp_path, "full.zarr"), lm=smollm2).store).to_xarray().load()
     real = ShardWriter.submit
     calls = []
 
@@ -67,6 +67,6 @@ def test_interrupted_collection_resumes_to_the_same_store(tmp_path, smollm2, mon
     monkeypatch.undo()
     part = TokenLake.open(cfg.store)
     assert part.pending_shards() == [2]
-    resumed = collect(cfg, lm=smollm2).to_xarray().load()
+    resumed = TokenLake.open(collect(cfg, lm=smollm2).store).to_xarray().load()
     for name in full.data_vars:
         np.testing.assert_array_equal(resumed[name].values, full[name].values, err_msg=name)

@@ -14,11 +14,9 @@ import numpy as np
 import pytest
 import yaml
 
-from qsae.jobs.capture import CaptureConfig, run_capture
+from qsae.jobs.capture import CaptureConfig
+from qsae.jobs.verify import verify
 from qsae.lake.store import QuestionLake, open_lake
-from qsae.lake.verify import verify
-
-from ..helpers import tiny_capture, write_sae_folder
 
 REPO = Path(__file__).resolve().parents[2]
 QSAE = str(Path(sys.executable).parent / "qsae")
@@ -31,12 +29,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def fault_setup(tmp_path_factory, tiny_qwen_dir):
-    tmp = tmp_path_factory.mktemp("faults")
-    sae = write_sae_folder(tmp / "sae", 64, 128, [1, 2])
-    cfg = tiny_capture(tiny_qwen_dir, sae, tmp / "reference.zarr")
-    run_capture(cfg)
-    return tmp, cfg, open_lake(cfg.store).load()
+def fault_setup(tmp_path_factory, captured):
+    cfg = captured()
+    return tmp_path_factory.mktemp("faults"), cfg, open_lake(cfg.store).load()
 
 
 def _env(**extra):

@@ -17,21 +17,17 @@ from qsae.errors import ResultDamagedError, ResultMissingError, SchemaError, Sta
 from qsae.jobs.configs import FeaturesConfig, RivalryConfig
 from qsae.jobs.features import run_features
 from qsae.jobs.rivalry import run_rivalry
-from qsae.lake.store import LakeLayout, QuestionLake, consolidate, open_lake
-from qsae.lake.verify import verify
+from qsae.jobs.verify import verify
+from qsae.lake.store import QuestionLake, consolidate, open_lake
 
-from ..helpers import random_shard, small_spec
+from ..helpers import random_shard, synthetic_lake
 
 N, SHARD = 64, 16
 
 
 def synthetic(url: str, shards: list[int]) -> str:
     """A question lake of 64 questions (4 shards of 16) with random codes, the given shards done."""
-    spec = small_spec(n_questions=N, layers=(3,), n_samples=6, d_sae=120, k=8, layout=LakeLayout(SHARD, 4))
-    lake = QuestionLake.open_or_create(url, spec, mode="resume")
-    for s in shards:
-        lake.write_shard(s, random_shard(lake, s))
-    return url
+    return synthetic_lake(url, N, shard=SHARD, shards=shards)
 
 
 def rivalry(url: str):
@@ -159,6 +155,7 @@ def test_inspect_cuts_long_attributes(tmp_path, capsys):
     assert len(out) < 20_000 and json.loads(out)["lineage"]["dataset"].endswith("--full prints them)")
 
 
+@pytest.mark.slow
 def test_the_cli_process_ends_in_one_line_on_hostile_metadata(tmp_path):
     """The real console script, so what a user's terminal shows."""
     import sys

@@ -14,6 +14,7 @@ from qsae.jobs.collect import CollectConfig, collect
 from qsae.jobs.reconstruction import (
     ReconstructionConfig,
     finish_reconstruction,
+    loss_recovered,
     model_layer,
     offline_layer,
     plan_reconstruction,
@@ -24,7 +25,6 @@ from qsae.jobs.reconstruction import (
 from qsae.lake.store import QuestionLake, open_lake
 from qsae.lm.hooks import decoder_layers, run_with_capture, splice
 from qsae.sae.formats import load_sae
-from qsae.sae.metrics import loss_recovered
 from qsae.sae.model import file_sha256
 
 from ..helpers import random_shard, small_spec, tiny_capture, write_relu_checkpoint

@@ -161,6 +161,7 @@ def test_layout_must_nest():
         LakeLayout(questions_per_shard=10, questions_per_chunk=4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["memory", "s3"])
 def test_same_code_works_on_remote_urls(scheme, request):
     if scheme == "s3":

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import qsae
 from qsae.errors import LineageError, SAEFormatError
 from qsae.lake.lineage import RESULT_KEYS, CodesMismatchError, Lineage
 from qsae.lake.store import QuestionLake, open_lake
@@ -54,10 +55,10 @@ def coded_lake(tmp_path):
 
 
 def test_every_reader_of_codes_refuses_another_sae_file_in_the_same_words(coded_lake):
+    from qsae.jobs.codes import load_sae_for
     from qsae.jobs.reconstruction import run_reconstruction
     from qsae.jobs.rivalry import RivalryConfig, _decoder, plan_rivalry
-    from qsae.lake.verify import verify
-    from qsae.sae.formats import load_sae_for
+    from qsae.jobs.verify import verify
 
     lake, sae_path, weights = coded_lake
     ds = open_lake(lake.url)
@@ -71,7 +72,7 @@ def test_every_reader_of_codes_refuses_another_sae_file_in_the_same_words(coded_
     with pytest.raises(CodesMismatchError, match="not the same file"):
         run_reconstruction(ReconstructionConfig(store=lake.url))
     with pytest.raises(CodesMismatchError, match="not the same file"):
-        ds.qsae.reconstruct(layer=3)
+        qsae.reconstruct(ds, layer=3)
     report = verify(lake.url)
     assert not report.ok and any("not the same file" in p for p in report.problems), report.text()
     W, why = _decoder(plan, 3)  # the rivalry's per-prompt score reports it instead of failing the study

@@ -11,23 +11,17 @@ import pytest
 import xarray as xr
 from zarr.storage import LocalStore, WrapperStore
 
-import qsae  # noqa: F401  (registers ds.qsae)
-from qsae.jobs.capture import run_capture
+import qsae  # registers ds.qsae
+from qsae.jobs.codes import decoder
 from qsae.sae.formats import load_sae
-
-from ..helpers import tiny_capture, write_sae_folder
 
 GUIDE = Path(__file__).resolve().parents[2] / "docs" / "query-guide.md"
 
 
 @pytest.fixture(scope="module")
-def lake(tmp_path_factory, tiny_qwen_dir):
-    tmp = tmp_path_factory.mktemp("query")
-    sae = write_sae_folder(tmp / "sae", 64, 300, [1, 2], scale=3.0)
-    cfg = tiny_capture(tiny_qwen_dir, sae, tmp / "lake.zarr", sae_k=8, limit=12, n_samples=4, max_new_tokens=5,
-                       questions_per_shard=4, questions_per_batch=4)
-    run_capture(cfg)
-    return cfg
+def lake(captured):
+    return captured(d_sae=300, sae_scale=3.0, sae_k=8, limit=12, n_samples=4, max_new_tokens=5, questions_per_shard=4,
+                    questions_per_batch=4)
 
 
 def dense_codes(idx, val, d_sae):
@@ -64,7 +58,7 @@ def test_accessor_results_equal_numpy_on_raw_arrays(lake):
     want = (e >= np.median(e)) & ~raw.correct.values.any(1)
     assert list(sel.question.values) == list(raw.question.values[want])
     sae = load_sae(lake.sae, layer=2, k=8)
-    x_hat = ds.qsae.reconstruct(layer=2).compute()
+    x_hat = qsae.reconstruct(ds, layer=2).compute()
     ref = dense[1] @ sae.W_dec.double().numpy() + sae.b_dec.double().numpy()
     np.testing.assert_allclose(x_hat.values, ref, rtol=1e-4, atol=1e-4)
 
@@ -87,7 +81,7 @@ def test_accessor_stays_lazy_until_computed(lake):
     store.reads.clear()
     act = ds.qsae.feature_activation([1, 2], layer=2)
     freq = ds.qsae.firing_frequency(layer=1)
-    x_hat = ds.qsae.reconstruct(layer=2)
+    x_hat = ds.qsae.reconstruct(decoder(ds, 2), layer=2)
     assert isinstance(act.data, da.Array) and isinstance(freq.data, da.Array) and isinstance(x_hat.data, da.Array)
     assert store.reads == []  # nothing but metadata read so far
     act.compute()

@@ -26,6 +26,7 @@ def test_profiles_read_the_environment(monkeypatch):
         load_profile("gcs")
 
 
+@pytest.mark.slow
 def test_secret_blocks_are_resolved_at_run_time(prefect_server):
     from prefect.blocks.system import Secret
 

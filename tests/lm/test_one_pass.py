@@ -123,10 +123,10 @@ def test_out_of_memory_halves_the_batch_and_loses_nothing(tmp_path, smollm2):
     base = dict(model="smollm2", sae=str(sae), layers=[3], sae_k=4, n_samples=3, max_new_tokens=4, limit=8,
                 questions_per_shard=4, questions_per_chunk=2, device="cpu", dtype="float32", seed=2)
     ref_cfg = CaptureConfig(**base, questions_per_batch=2, store=str(tmp_path / "ref.zarr"))
-    _, ref_stats = run_capture(ref_cfg)
+    ref_stats = run_capture(ref_cfg).stats[0]
     cfg = CaptureConfig(**base, questions_per_batch=4, store=str(tmp_path / "oom.zarr"))
     with oom_above_rows(get_model(cfg).lm.model, 6) as raised:
-        _, stats = run_capture(cfg)
+        stats = run_capture(cfg).stats[0]
     assert raised["count"] == 1 and isinstance(raised["error"], torch.OutOfMemoryError)
     assert stats.oom_backoffs == [{"shard": 0, "from": 4, "to": 2}] and stats.questions_per_batch == 2
     lake, ref = open_lake(cfg.store), open_lake(ref_cfg.store)

@@ -89,8 +89,8 @@ def test_trainer_dead_count_equals_replayed_firing(tmp_path):
     sae = load_sae(res.out)
     # Dead = not fired in the last dead_tokens tokens: with 256-token batches that is the
     # last 78 batches (78 * 256 = 19968 <= 20000 < 79 * 256). Replay exactly those batches.
-    stream = ShuffledStream(LakeSource(lake, 7), cfg.batch_size, cfg.buffer_blocks, cfg.seed)
-    n_last = cfg.dead_tokens // cfg.batch_size
+    stream = ShuffledStream(LakeSource(lake, 7), cfg.batch_size, cfg.buffer_blocks, cfg.trainer.seed)
+    n_last = cfg.trainer.dead_tokens // cfg.batch_size
     it = stream.batches(res.steps - n_last)
     fired = torch.zeros(96, dtype=torch.bool)
     for _ in range(n_last):

@@ -22,6 +22,8 @@ descriptive); the per-prompt decoder-cosine score against correctness with paire
 CIs (``scores``); Holm across layers. Everything is numpy/scipy on sparse codes.
 """
 
+from qsae.analysis.params import PaperParams
+
 from .correlations import (
     DENSE_FEATURES,
     blocked_pair_percentile,
@@ -46,10 +48,10 @@ from .grouping import (
     first_word_entropy,
 )
 from .paper import (
+    MWU,
     Calibrated,
     Component,
     GroupStats,
-    PaperParams,
     RivalryTest,
     calibrated_test,
     group_stats,
@@ -58,17 +60,20 @@ from .paper import (
     rivalry_test,
 )
 from .per_question import (
+    GroupComparison,
     QuestionScore,
+    StratifiedTest,
     compare_groups,
     question_score,
     score_questions,
     stratified_permutation_test,
     weighted_percentile,
 )
-from .scores import auroc, auroc_with_ci, decoder_cosine_score, holm, paired_auroc, roc_curve
+from .scores import PairedAUROC, auroc, auroc_with_ci, decoder_cosine_score, holm, paired_auroc, roc_curve
 
 __all__ = [
-    "AMBIGUOUS", "DENSE_FEATURES", "EXCLUDED", "NOT_CAPTURED", "UNAMBIGUOUS", "Calibrated", "Component", "GroupStats",
+    "AMBIGUOUS", "DENSE_FEATURES", "EXCLUDED", "MWU", "NOT_CAPTURED", "UNAMBIGUOUS", "Calibrated", "Component",
+    "GroupComparison", "GroupStats", "PairedAUROC", "StratifiedTest",
     "Grouping", "PaperParams", "QuestionScore", "RivalryTest", "Rule", "auroc", "auroc_with_ci",
     "blocked_pair_percentile", "calibrated_test", "codes_matrix", "compare_groups", "constant_columns", "curveball",
     "decoder_cosine_score", "distinct_rows", "entropy_groups", "first_word", "first_word_entropy", "group_stats",

@@ -55,6 +55,8 @@ import numpy as np
 import scipy.sparse as sp
 import scipy.stats
 
+from qsae.analysis.params import PaperParams
+
 from .correlations import (
     DENSE_FEATURES,
     blocked_pair_percentile,
@@ -70,8 +72,6 @@ from .correlations import (
 _PERMUTATION, _OBSERVED, _DESCRIPTIVE, _CONDITIONAL = 0, 1, 2, 4
 # Statistics closer than this are equal (p5s are O(1e-3..1): what is left is rounding).
 TIE = 1e-12
-Null = Literal["fixed_fixed", "feature_marginal"]
-Reference = Literal["both", "conditional", "relabel"]
 
 
 @dataclass
@@ -101,33 +101,6 @@ class GroupStats:
                 tag: self.p5, f"null_{tag}": self.null_p5, f"null_{tag}_draws": self.null_p5_draws}
 
 
-@dataclass(frozen=True)
-class PaperParams:
-    """The knobs of the across-question protocol (defaults: the paper's) and of the calibrated
-    test: the ``null`` (fixed_fixed keeps each question's count of active features, TopK's k;
-    feature_marginal does not), the ``reference`` the p-value takes (both: the larger of the
-    conditional and the relabelling p), ``rounds`` curveball rounds per null draw, ``n_null``
-    null draws per excess in a relabelling, ``replicates`` further evaluations of the observed
-    statistic (its Monte-Carlo noise, for the p-value's error), ``min_group`` questions each
-    group needs for a calibrated p-value, ``min_stratum`` questions each group needs in a stratum
-    for the stratum to count, and ``report_draws`` null draws for the descriptive per-group null
-    p5."""
-
-    pct: float = 5.0
-    min_mean: float = 0.01
-    max_features: int | None = 300
-    feature_seed: int = 42
-    min_questions: int = 1
-    null: Null = "fixed_fixed"
-    reference: Reference = "both"
-    rounds: int = 3
-    n_null: int = 1
-    report_draws: int = 10
-    replicates: int = 8
-    min_group: int = 20
-    min_stratum: int = 10
-
-
 def null_draw(X: sp.spmatrix, rng: np.random.Generator, params: PaperParams, cells: np.ndarray | None = None
               ) -> sp.csr_matrix:
     """One draw of the null within each cell of rows (label -1: left as it is): fixed-fixed
@@ -155,16 +128,16 @@ def group_stats(X: sp.csr_matrix, params: PaperParams, rng: np.random.Generator,
     n_single = int((np.diff(Xs.indptr) == 1).sum()) if feats.size else 0
     draws = params.n_null if n_null is None else n_null
     if feats.size > DENSE_FEATURES:  # no cap: never F x F; the exact percentile in blocks
-        p5, n_pairs, n_const = blocked_pair_percentile(Xs, params.pct)
-        nulls = [blocked_pair_percentile(null_draw(Xs, rng, params), params.pct)[0] for _ in range(draws if n_pairs else 0)]
+        p5, n_pairs, n_const = blocked_pair_percentile(Xs, params.percentile)
+        nulls = [blocked_pair_percentile(null_draw(Xs, rng, params), params.percentile)[0] for _ in range(draws if n_pairs else 0)]
         corr = null_corr = np.empty(0)
     else:
         corr, n_const = pair_correlations(Xs) if not keep else _corrcoef_pairs(Xs)
-        p5, n_pairs = percentile(corr, params.pct), int(corr.size)
+        p5, n_pairs = percentile(corr, params.percentile), int(corr.size)
         nulls, null_corr = [], np.empty(0)
         for _ in range(draws if corr.size else 0):
             null_corr, _ = pair_correlations(null_draw(Xs, rng, params))
-            nulls.append(percentile(null_corr, params.pct))
+            nulls.append(percentile(null_corr, params.percentile))
     null_p5 = float(np.mean(nulls)) if nulls else float("nan")
     return GroupStats(X.shape[0], n_active, int(feats.size), n_const, n_pairs, p5, null_p5, nulls, n_single,
                       corr if keep else np.empty(0), null_corr if keep else np.empty(0))
@@ -181,16 +154,27 @@ def _corrcoef_pairs(Xs: sp.csc_matrix) -> tuple[np.ndarray, int]:
     return C[np.triu_indices_from(C, k=1)], int((~good).sum())
 
 
-def paper_mwu(amb: np.ndarray, unamb: np.ndarray) -> dict[str, Any]:
+@dataclass
+class MWU:
+    """The paper's test over all pairs (descriptive: pairs are not independent draws)."""
+
+    U: float | None = None
+    p_less: float | None = None
+    rank_biserial: float | None = None
+    reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"U": self.U, "p_less": self.p_less, "rank_biserial": self.rank_biserial}
+        return {**out, "reason": self.reason} if self.reason else out
+
+
+def paper_mwu(amb: np.ndarray, unamb: np.ndarray) -> MWU:
     """The paper's test over all pairs: ``mannwhitneyu(amb, unamb, alternative="less")`` on the
     correlations ``np.corrcoef`` gives (``_corrcoef_pairs``): its ties are the paper's."""
     if amb.size == 0 or unamb.size == 0:
-        return {"U": None, "p_less": None, "rank_biserial": None,
-                "reason": "an empty group, or more than DENSE_FEATURES features (pairs not held): no test"}
-    a, u = amb, unamb
-    res = scipy.stats.mannwhitneyu(a, u, alternative="less")
-    return {"U": float(res.statistic), "p_less": float(res.pvalue),
-            "rank_biserial": float(2 * res.statistic / (a.size * u.size) - 1)}
+        return MWU(reason="an empty group, or more than DENSE_FEATURES features (pairs not held): no test")
+    res = scipy.stats.mannwhitneyu(amb, unamb, alternative="less")
+    return MWU(float(res.statistic), float(res.pvalue), float(2 * res.statistic / (amb.size * unamb.size) - 1))
 
 
 # ------------------------------------------------------------- the calibrated test
@@ -259,8 +243,8 @@ def set_p5(X: sp.csr_matrix, rows: np.ndarray, params: PaperParams) -> float:
         return float("nan")
     Xs = Xr.tocsc()[:, feats]
     if feats.size > DENSE_FEATURES:
-        return blocked_pair_percentile(Xs, params.pct)[0]
-    return percentile(pair_correlations(Xs)[0], params.pct)
+        return blocked_pair_percentile(Xs, params.percentile)[0]
+    return percentile(pair_correlations(Xs)[0], params.percentile)
 
 
 def _cells(lay: Layout, Q: int, by: Literal["set", "group"]) -> np.ndarray:
@@ -518,15 +502,16 @@ class RivalryTest:
 
     ambiguous: GroupStats
     unambiguous: GroupStats
-    paper: dict[str, Any]
+    paper: MWU
     calibrated: Calibrated
     pooled: Calibrated | None = None  # with strata: the same test ignoring them, beside it
 
     def as_dict(self, pct: float) -> dict[str, Any]:
         out = {"ambiguous": self.ambiguous.as_dict(pct), "unambiguous": self.unambiguous.as_dict(pct),
                "calibrated": self.calibrated.as_dict(),
-               "paper": {**self.paper, "what": "mannwhitneyu(pairs_ambiguous, pairs_unambiguous, 'less') as in "
-                                               "the paper: feature pairs are not independent draws, NOT calibrated"}}
+               "paper": {**self.paper.to_dict(), "what": "mannwhitneyu(pairs_ambiguous, pairs_unambiguous, 'less') "
+                                                         "as in the paper: feature pairs are not independent draws, "
+                                                         "NOT calibrated"}}
         if self.pooled is not None:
             out["calibrated_pooled"] = self.pooled.as_dict()
         return out

@@ -94,8 +94,27 @@ def score_questions(codes_idx: np.ndarray, codes_val: np.ndarray, pct: float = 5
     }
 
 
+@dataclass
+class StratifiedTest:
+    """Ambiguous vs unambiguous scores compared within strata (of D): statistic and rank p-values."""
+
+    n_informative_questions: int
+    n_strata: int
+    n_perm: int
+    n_scored: int
+    statistic: float | None = None
+    p_less: float | None = None
+    p_two_sided: float | None = None
+    reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in ("n_informative_questions", "n_strata", "n_perm", "n_scored", "statistic",
+                                             "p_less", "p_two_sided")}
+        return {**out, "reason": self.reason} if self.reason else out
+
+
 def stratified_permutation_test(score: np.ndarray, is_ambiguous: np.ndarray, strata: np.ndarray,
-                                n_perm: int = 1000, seed: int = 0) -> dict[str, Any]:
+                                n_perm: int = 1000, seed: int = 0) -> StratifiedTest:
     """Do ambiguous questions score lower than unambiguous ones *with the same stratum* (D)?
 
     Statistic: the Cochran-Mantel-Haenszel-weighted mean difference
@@ -125,43 +144,65 @@ def stratified_permutation_test(score: np.ndarray, is_ambiguous: np.ndarray, str
         wsum += w
         used += n
         n_strata += 1
-    out: dict[str, Any] = {"n_informative_questions": used, "n_strata": n_strata, "n_perm": n_perm,
-                           "n_scored": int(ok.sum())}
+    out = StratifiedTest(used, n_strata, n_perm, int(ok.sum()))
     if wsum == 0:
-        out.update(statistic=None, p_less=None, p_two_sided=None, reason="no stratum holds both groups: no test")
+        out.reason = "no stratum holds both groups: no test"
         return out
     T, perms = obs / wsum, perm_sum / wsum
     p_less = (1 + (perms <= T + 1e-12).sum()) / (1 + n_perm)
     p_greater = (1 + (perms >= T - 1e-12).sum()) / (1 + n_perm)
-    out.update(statistic=float(T), p_less=float(p_less), p_two_sided=float(min(1.0, 2 * min(p_less, p_greater))))
+    out.statistic, out.p_less = float(T), float(p_less)
+    out.p_two_sided = float(min(1.0, 2 * min(p_less, p_greater)))
     return out
 
 
-def compare_groups(amb: np.ndarray, unamb: np.ndarray, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+@dataclass
+class GroupComparison:
+    """An unconditional comparison of two groups' scores (descriptive)."""
+
+    n_ambiguous: int
+    n_unambiguous: int
+    medians: dict[str, float | None]
+    p5: dict[str, float | None]
+    U: float | None = None
+    p_two_sided: float | None = None
+    p_less: float | None = None
+    rank_biserial: float | None = None
+    median_diff: float | None = None
+    median_diff_ci: list[float] | None = None
+    reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"n_ambiguous": self.n_ambiguous, "n_unambiguous": self.n_unambiguous}
+        for g in ("ambiguous", "unambiguous"):
+            out[f"median_{g}"], out[f"p5_{g}"] = self.medians[g], self.p5[g]
+        out.update(U=self.U, p_two_sided=self.p_two_sided, p_less=self.p_less, rank_biserial=self.rank_biserial,
+                   median_diff=self.median_diff, median_diff_ci=self.median_diff_ci)
+        return {**out, "reason": self.reason} if self.reason else out
+
+
+def compare_groups(amb: np.ndarray, unamb: np.ndarray, n_boot: int = 2000, seed: int = 0) -> GroupComparison:
     """Mann-Whitney U (two-sided, and one-sided: ambiguous lower), rank-biserial effect size
     r = 2 U_amb / (n_amb n_unamb) - 1 (negative: ambiguous scores lower), and a percentile
     bootstrap CI of median(amb) - median(unamb). Not conditional on anything: descriptive."""
     a = np.asarray(amb, float)
     b = np.asarray(unamb, float)
     a, b = a[np.isfinite(a)], b[np.isfinite(b)]
-    out: dict[str, Any] = {"n_ambiguous": int(a.size), "n_unambiguous": int(b.size)}
-    for name, x in (("ambiguous", a), ("unambiguous", b)):
-        out[f"median_{name}"] = float(np.median(x)) if x.size else None
-        out[f"p5_{name}"] = float(np.percentile(x, 5)) if x.size else None
+    groups = {"ambiguous": a, "unambiguous": b}
+    out = GroupComparison(int(a.size), int(b.size),
+                          {g: float(np.median(x)) if x.size else None for g, x in groups.items()},
+                          {g: float(np.percentile(x, 5)) if x.size else None for g, x in groups.items()})
     if a.size == 0 or b.size == 0:
-        out.update(reason="an empty group: no test", U=None, p_two_sided=None, p_less=None, rank_biserial=None,
-                   median_diff=None, median_diff_ci=None)
+        out.reason = "an empty group: no test"
         return out
     two = scipy.stats.mannwhitneyu(a, b, alternative="two-sided")
     less = scipy.stats.mannwhitneyu(a, b, alternative="less")
-    out.update(U=float(two.statistic), p_two_sided=float(two.pvalue), p_less=float(less.pvalue),
-               rank_biserial=float(2 * two.statistic / (a.size * b.size) - 1),
-               median_diff=float(np.median(a) - np.median(b)))
+    out.U, out.p_two_sided, out.p_less = float(two.statistic), float(two.pvalue), float(less.pvalue)
+    out.rank_biserial = float(2 * two.statistic / (a.size * b.size) - 1)
+    out.median_diff = float(np.median(a) - np.median(b))
     if a.size > 1 and b.size > 1:
         boot = scipy.stats.bootstrap((a, b), lambda x, y, axis=-1: np.median(x, axis=axis) - np.median(y, axis=axis),
                                      n_resamples=n_boot, method="percentile", vectorized=True,
                                      random_state=np.random.default_rng(seed))
-        out["median_diff_ci"] = [float(boot.confidence_interval.low), float(boot.confidence_interval.high)]
-    else:
-        out["median_diff_ci"] = None
+        out.median_diff_ci = [float(boot.confidence_interval.low), float(boot.confidence_interval.high)]
     return out

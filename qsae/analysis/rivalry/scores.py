@@ -3,6 +3,7 @@ score, AUROC with paired bootstrap CIs, ROC curves, Holm across layers."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -79,8 +80,27 @@ def _auroc_rows(y: np.ndarray, s: np.ndarray) -> np.ndarray:
         return ((r * y).sum(1) - npos * (npos + 1) / 2) / (npos * nneg)
 
 
+@dataclass
+class PairedAUROC:
+    """AUROCs of several scores for the same labels on one set of bootstrap resamples: each
+    AUROC's CI and, for each score against the reference, the difference and its CI."""
+
+    n: int
+    n_positive: int
+    left_out: int
+    resamples: int
+    reference: str
+    auroc: dict[str, float] = field(default_factory=dict)
+    ci: dict[str, list[float] | None] = field(default_factory=dict)
+    difference: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "n_positive": self.n_positive, "left_out": self.left_out, "resamples": self.resamples,
+                "reference": self.reference, "auroc": self.auroc, "ci": self.ci, "difference": self.difference}
+
+
 def paired_auroc(labels: np.ndarray, scores: dict[str, np.ndarray], n_boot: int = 1000, seed: int = 0,
-                 level: float = 0.95, reference: str | None = None) -> dict[str, Any]:
+                 level: float = 0.95, reference: str | None = None) -> PairedAUROC:
     """AUROC of several scores for the same labels, with one set of bootstrap resamples for
     all of them (questions resampled with replacement), so that the difference between the
     first score (or ``reference``) and each other one has its own percentile CI: "better than
@@ -92,11 +112,10 @@ def paired_auroc(labels: np.ndarray, scores: dict[str, np.ndarray], n_boot: int 
     ok = np.isfinite(S).all(axis=0)
     y, S = y[ok], S[:, ok]
     ref = reference or names[0]
-    out: dict[str, Any] = {"n": int(y.size), "n_positive": int(y.sum()), "left_out": int((~ok).sum()),
-                           "resamples": int(n_boot), "reference": ref, "auroc": {}, "ci": {}, "difference": {}}
+    out = PairedAUROC(int(y.size), int(y.sum()), int((~ok).sum()), int(n_boot), ref)
     for k, s in zip(names, S):
-        out["auroc"][k] = auroc(y, s)
-    if n_boot == 0 or not np.isfinite(out["auroc"][ref]):
+        out.auroc[k] = auroc(y, s)
+    if n_boot == 0 or not np.isfinite(out.auroc[ref]):
         return out
     rng = np.random.default_rng(seed)
     boots = {k: [] for k in names}
@@ -109,13 +128,13 @@ def paired_auroc(labels: np.ndarray, scores: dict[str, np.ndarray], n_boot: int 
     B = {k: np.concatenate(v) for k, v in boots.items()}
     for k in names:
         b = B[k][np.isfinite(B[k])]
-        out["ci"][k] = [float(np.quantile(b, a)), float(np.quantile(b, 1 - a))] if b.size else None
+        out.ci[k] = [float(np.quantile(b, a)), float(np.quantile(b, 1 - a))] if b.size else None
         if k != ref:
             d = B[ref] - B[k]
             d = d[np.isfinite(d)]
-            out["difference"][k] = {"value": out["auroc"][ref] - out["auroc"][k],
-                                    "ci": [float(np.quantile(d, a)), float(np.quantile(d, 1 - a))] if d.size else None,
-                                    "what": f"AUROC({ref}) - AUROC({k}) on the same resamples"}
+            out.difference[k] = {"value": out.auroc[ref] - out.auroc[k],
+                                 "ci": [float(np.quantile(d, a)), float(np.quantile(d, 1 - a))] if d.size else None,
+                                 "what": f"AUROC({ref}) - AUROC({k}) on the same resamples"}
     return out
 
 

@@ -15,20 +15,15 @@ import numpy as np
 import pytest
 
 from qsae.analysis.features import layer_features
-from qsae.jobs.capture import run_capture
 from qsae.jobs.features import FeaturesConfig, logit_effects, run_features
 from qsae.lake.store import open_lake
 
-from ..helpers import tiny_capture, write_sae_folder
+from ..helpers import write_sae_folder
 
 
 @pytest.fixture(scope="module")
-def feature_lake(tmp_path_factory, tiny_qwen_dir):
-    tmp = tmp_path_factory.mktemp("features")
-    sae = write_sae_folder(tmp / "sae", 64, 96, [1, 3])
-    cfg = tiny_capture(tiny_qwen_dir, sae, tmp / "lake.zarr", layers=[1, 3], sae_k=6, limit=10, n_samples=4,
-                       questions_per_shard=4)
-    run_capture(cfg)
+def feature_lake(captured):
+    cfg = captured(layers=(1, 3), d_sae=96, sae_k=6, limit=10, n_samples=4, questions_per_shard=4)
     return cfg, open_lake(cfg.store).load()
 
 
@@ -85,7 +80,7 @@ def test_logit_effects_equal_hand_computation_and_skip_with_a_reason(feature_lak
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qsae.sae.formats import load_sae_for
+    from qsae.jobs.codes import load_sae_for
 
     _, ds = feature_lake
     attrs = dict(ds.attrs)

@@ -299,6 +299,32 @@ def features(
 
 
 @app.command()
+def steer(
+    store: str = typer.Argument(..., help=C.SteerConfig.model_fields["store"].description),
+    config: Path | None = ConfigOpt,
+    layer: int | None = field_opt(C.SteerConfig, "layer"),
+    preset: str | None = field_opt(C.SteerConfig, "preset"),
+    pairs: int | None = field_opt(C.SteerConfig, "pairs"),
+    prompts: int | None = field_opt(C.SteerConfig, "prompts"),
+    multipliers: str | None = field_opt(C.SteerConfig, "multipliers", note="(comma-separated)"),
+    units: str | None = field_opt(C.SteerConfig, "units"),
+    prefect: bool = PrefectOpt,
+    as_json: bool = JsonOpt,
+    set_: list[str] | None = SetOpt,
+) -> None:
+    """The rivalry paper's steering experiment: flips along rival pairs' decoder differences."""
+    mult = None
+    if multipliers is not None:
+        try:
+            mult = [float(x) for x in multipliers.replace(" ", "").split(",") if x]
+        except ValueError:
+            raise typer.BadParameter(f"--multipliers expects comma-separated numbers, got {multipliers!r}") from None
+    cfg = build_config(C.SteerConfig, config, set_, store=store, layer=layer, preset=preset, pairs=pairs,
+                       prompts=prompts, multipliers=mult, units=units)
+    run_job(cfg, "flows.steer:steer_flow", "qsae.jobs.steer:run_steer", prefect, as_json)
+
+
+@app.command()
 def reconstruct(
     store: str = typer.Argument(..., help=C.ReconstructionConfig.model_fields["store"].description),
     config: Path | None = ConfigOpt,

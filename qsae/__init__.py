@@ -33,6 +33,7 @@ _PUBLIC = {
     "ReconstructionConfig": "qsae.jobs.configs", "run_reconstruction": "qsae.jobs.reconstruction",
     "CompareConfig": "qsae.jobs.configs", "run_compare": "qsae.jobs.compare",
     "reconstruct": "qsae.jobs.codes", "load_sae_for": "qsae.jobs.codes",
+    "SteerConfig": "qsae.jobs.configs", "run_steer": "qsae.jobs.steer",
     # building blocks that need torch
     "load_model": "qsae.lm.models", "load_questions": "qsae.lm.datasets",
     "SAE": "qsae.sae.model", "load_sae": "qsae.sae.formats", "load_saes": "qsae.sae.formats",

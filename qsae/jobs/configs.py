@@ -278,6 +278,52 @@ class RivalryConfig(JobConfig, StoreFields):
     n_jobs: int | None = Field(None, ge=1, description="threads for the permutations (default: up to 4 cores)")
 
 
+class SteerConfig(JobConfig, StoreFields):
+    """The rivalry paper's steering experiment (its exp2) on a question lake with a rivalry result:
+    steer the layer's residual along rival pairs' decoder differences, count the flips."""
+
+    layer: int | None = Field(None, description="the layer to steer; default: the rivalry result's peak layer "
+                                               "(largest p5_unambiguous - p5_ambiguous)")
+    preset: Literal["calibrated", "paper"] = Field(
+        "calibrated", description="calibrated: rival pairs against frequency-matched control pairs and random "
+                                  "directions, with p-values; paper: the paper's choices exactly (one random "
+                                  "direction per pair, absolute multipliers, its output fields)")
+    top_pairs: int = Field(50, ge=1, description="the most negative correlations of the ambiguous group taken "
+                                                 "as rival pairs (the paper: 50)")
+    pairs: int = Field(20, ge=1, description="rival pairs tested, the most negative first (the paper: 20)")
+    prompts: int | None = Field(50, ge=1, description="the first N ambiguous prompts in lake order (the paper: "
+                                                      "50); None: every ambiguous prompt")
+    multipliers: list[float] = Field(default_factory=lambda: [5.0, 10.0, 20.0],
+                                     description="steering strengths (the paper: 5, 10, 20)")
+    units: Literal["absolute", "norm"] = Field(
+        "absolute", description="absolute: m * unit direction (the paper); norm: m times the layer's median "
+                                "prompt-end residual norm (comparable across models and layers)")
+    max_new_tokens: int = Field(10, ge=1, description="greedy tokens per completion (the paper: 10)")
+    controls: int = Field(20, ge=0, description="calibrated: control pairs (no rivals, matched in firing "
+                                                "frequency) per multiplier")
+    randoms: int = Field(20, ge=0, description="calibrated: isotropic random directions per multiplier")
+    n_perm: int = Field(9999, ge=1, description="relabellings of the across-pairs test")
+    seed: int = Field(0, description="seed of the control pairs, the random directions and the relabellings")
+    rivals: Literal["top", "random"] = Field(
+        "top", description="top: the most anti-correlated pairs (the experiment); random: random feature pairs "
+                           "of the group (a null: the level check)")
+    model: str | None = Field(None, description="the model (default: the lake's model_path)")
+    sae: str | None = Field(None, description="the SAE source if it moved since capture (its sha256 is checked)")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1 ...")
+    dtype: str = Field("auto", description="model dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16")
+    rows_per_batch: int = Field(256, ge=1, description="conditions decoded together per prompt")
+    prompts_per_step: int = Field(8, ge=1, description="prompts per step (a mapped task; the unit of resume)")
+    early_exit: bool = Field(True, description="a steered row leaves once its text already differs from the "
+                                               "baseline's (the paper's verdict, decided early)")
+
+    @field_validator("multipliers")
+    @classmethod
+    def _multipliers(cls, v: list[float]) -> list[float]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"multipliers must be non-empty and distinct, got {v}")
+        return [float(x) for x in v]
+
+
 class CompareConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -18,6 +18,7 @@ from qsae.jobs.configs import (
     FeaturesConfig,
     ReconstructionConfig,
     RivalryConfig,
+    SteerConfig,
     TrainConfig,
 )
 from qsae.lake.storage import StoreRef
@@ -126,6 +127,35 @@ def _compare(cfg: CompareConfig) -> None:
         if url is not None:
             lake_layers(cfg.lake_ref(url), [cfg.layer] if cfg.layer is not None else None, kind=QuestionLake,
                         what="compare")
+
+
+@preflight.register
+def _steer(cfg: SteerConfig) -> None:
+    """The lake, its proven rivalry result and the layer in it, an ambiguous question, the model
+    and the SAE on this machine: all said before a model loads."""
+    from qsae.errors import DatasetError, LayerError
+    from qsae.lake.results import lake_state, read_result_group
+    from qsae.sae.locate import check_sae_layers
+
+    lake = QuestionLake.open(cfg.ref)
+    state = lake_state(lake).require(cfg.ref.url, "steer")
+    hint = f"qsae rivalry {cfg.store}"
+    by_layer = read_result_group(cfg.ref, "rivalry/paper", state, rerun=hint)
+    layers = [int(x) for x in by_layer.layer.values]
+    if cfg.layer is not None and cfg.layer not in layers:
+        raise LayerError(f"layer {cfg.layer} has no rivalry result in {cfg.ref.url} (it has layers {layers}): run "
+                         f"`{hint} --layer {cfg.layer}` first")
+    for layer in [cfg.layer] if cfg.layer is not None else layers:
+        group = read_result_group(cfg.ref, f"rivalry/layer_{layer}/paper", state, rerun=hint).group.values
+        if not (group == "ambiguous").any():
+            raise DatasetError(f"the rivalry result at layer {layer} has no ambiguous question: nothing to steer")
+    attrs = lake.attrs
+    model = cfg.model or attrs.get("model_path") or attrs.get("model")
+    check_model_layers(str(model), [cfg.layer] if cfg.layer is not None else layers)
+    source = cfg.sae or attrs.get("sae_source")
+    if not source:
+        raise DatasetError(f"{cfg.ref.url} records no SAE (captured without one): nothing to steer along")
+    check_sae_layers(source, [cfg.layer] if cfg.layer is not None else layers)
 
 
 __all__ = ["preflight", "check_model_layers", "lake_layers"]

@@ -105,7 +105,7 @@ def test_every_deployment_in_prefect_yaml_validates_against_its_flow():
     from prefect.utilities.schema_tools.validation import validate
 
     spec = yaml.safe_load((Path(__file__).resolve().parents[2] / "prefect.yaml").read_text())
-    assert {d["name"] for d in spec["deployments"]} >= {"capture", "rivalry", "reconstruction-nightly", "pipeline"}
+    assert {d["name"] for d in spec["deployments"]} >= {"capture", "rivalry", "steer", "reconstruction-nightly", "pipeline"}
     for dep in spec["deployments"]:
         path, name = dep["entrypoint"].split(":")
         flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), name)

@@ -124,7 +124,8 @@ def test_the_cli_prints_a_server_failure_as_a_short_error(tmp_path):
     """An impossible start (timeout 0) reaches the user as two plain lines and exit status 2."""
     from qsae.lake.store import QuestionLake
 
-    lake = QuestionLake.open_or_create(str(tmp_path / "lake.zarr"), small_spec(n_questions=16))  # passes the checks
+    lake = QuestionLake.open_or_create(str(tmp_path / "lake.zarr"), small_spec(n_questions=16))
+    lake.write_shard(0, random_shard(lake, 0))  # something captured: it passes the checks
     env = _env(tmp_path / "home", QSAE_PREFECT_START_TIMEOUT_S="0")
     out = subprocess.run([QSAE, "rivalry", lake.url], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)

@@ -1,0 +1,38 @@
+"""The steering flow: plan once, a GPU task per chunk of prompts (each written with its done
+marks, so a retried or rerun flow resumes), then the tests, figures and the artifact."""
+
+from __future__ import annotations
+
+from prefect import flow, task, unmapped
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flows.logs import forward_qsae_logs
+from flows.policies import retry_unless_bad_input
+from flows.storage_blocks import resolve_secret_blocks
+from qsae.jobs.configs import SteerConfig
+from qsae.jobs.steer import SteerPlan, SteerResult, finish_steer, plan_steer, steer_prompts
+
+forward_qsae_logs()  # the jobs' log lines in each run's logs
+
+
+@task(name="steer-prompts", tags=["gpu"], retries=1, retry_condition_fn=retry_unless_bad_input, retry_delay_seconds=10,
+      cache_policy=NO_CACHE)
+def steer_task(plan: SteerPlan, prompts: list[int]) -> int:
+    return steer_prompts(plan, prompts)
+
+
+@flow(name="qsae-steer", log_prints=True)
+def steer_flow(config: SteerConfig = SteerConfig()) -> SteerResult:
+    """Steer the rival pairs' decoder differences at the peak layer; flips against controls."""
+    config = config.model_copy(update={"storage_options": resolve_secret_blocks(config.storage_options)})
+    plan = plan_steer(config)
+    todo = [i for i in range(len(plan.prompts)) if not plan.done[i]]
+    chunks = [todo[i:i + config.prompts_per_step] for i in range(0, len(todo), config.prompts_per_step)]
+    for future in steer_task.map(unmapped(plan), chunks):
+        future.result()
+    plan.done[:] = True  # every chunk wrote its prompts; finish reads them from the store
+    result = finish_steer(plan)
+    create_markdown_artifact(key="qsae-steer", markdown=result.to_markdown(),
+                             description=f"steering at layer {plan.layer}, {config.preset} preset")
+    return result

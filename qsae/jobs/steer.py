@@ -384,9 +384,12 @@ def finish_steer(plan: SteerPlan) -> SteerResult:
                 row["p_vs_controls"] = float(tests.pair_p[a, j])
             rows.append(row)
     low = [r for r in rows if r["multiplier"] == cfg.multipliers[0]]
-    above = sum(r["flip_rate_B"] > r["flip_rate_random"] for r in low)
-    headline = (f"more flips than random at the lowest multiplier ({fmt(cfg.multipliers[0])}) in {above} of "
-                f"{len(low)} pairs")
+    if RANDOM in by:
+        above = sum(r["flip_rate_B"] > r["flip_rate_random"] for r in low)
+        headline = (f"more flips than random at the lowest multiplier ({fmt(cfg.multipliers[0])}) in {above} of "
+                    f"{len(low)} pairs")
+    else:
+        headline = "no random directions"
     if tests is not None and tests.reason is None:
         j = 0
         headline += (f"; rival pairs vs {tests.n_controls} frequency-matched control pairs there: mean flip excess "

@@ -190,8 +190,10 @@ def _open_or_create(plan: SteerPlan) -> np.ndarray:
     except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
         pass
     D, M, P = len(plan.kinds), len(plan.multipliers), len(plan.prompts)
-    ref = plan.cfg.ref / plan.group
-    root = zarr.open_group(store=ref.zarr_store(), mode="w", zarr_format=3)
+    lake_root = zarr.open_group(store=plan.cfg.ref.zarr_store(), mode="r+", zarr_format=3, use_consolidated=False)
+    parent = plan.group.rsplit("/", 1)[0]
+    lake_root.require_group(parent)  # the parents are groups too, as xarray makes them
+    root = zarr.open_group(store=(plan.cfg.ref / plan.group).zarr_store(), mode="w", zarr_format=3)
     codecs = {"compressors": [ZstdCodec(level=3), Crc32cCodec()], "config": {"write_empty_chunks": True}}
 
     def array(name, dims, dtype, fill, shape, chunks, values=None):

@@ -3,14 +3,16 @@ marks, so a retried or rerun flow resumes), then the tests, figures and the arti
 
 from __future__ import annotations
 
-from prefect import flow, task, unmapped
+from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
 
 from flows.logs import forward_qsae_logs
 from flows.policies import retry_unless_bad_input
 from flows.storage_blocks import resolve_secret_blocks
 from qsae.jobs.configs import SteerConfig
+from qsae.jobs.progress import Progress
 from qsae.jobs.steer import SteerPlan, SteerResult, finish_steer, plan_steer, steer_prompts
 
 forward_qsae_logs()  # the jobs' log lines in each run's logs
@@ -29,8 +31,13 @@ def steer_flow(config: SteerConfig = SteerConfig()) -> SteerResult:
     plan = plan_steer(config)
     todo = [i for i in range(len(plan.prompts)) if not plan.done[i]]
     chunks = [todo[i:i + config.prompts_per_step] for i in range(0, len(todo), config.prompts_per_step)]
-    for future in steer_task.map(unmapped(plan), chunks):
-        future.result()
+    futures = steer_task.map(unmapped(plan), chunks) if chunks else []
+    with Progress(len(todo), f"steering layer {plan.layer} (all pending prompts)", "prompts", bar=False,
+                  logger=get_run_logger(), every=0.0) as overall:
+        size = {id(f): len(c) for f, c in zip(futures, chunks)}
+        for future in as_completed(futures):  # the steps take turns on the model: an ETA per finished chunk
+            future.result()
+            overall.update(size[id(future)])
     plan.done[:] = True  # every chunk wrote its prompts; finish reads them from the store
     result = finish_steer(plan)
     create_markdown_artifact(key="qsae-steer", markdown=result.to_markdown(),

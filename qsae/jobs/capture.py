@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ import torch
 from qsae.errors import DatasetError, SAEFormatError
 from qsae.jobs import interrupt
 from qsae.jobs.configs import CaptureConfig
+from qsae.jobs.models import Shared, shared_model
 from qsae.jobs.preflight import preflight
 from qsae.jobs.progress import Progress
 from qsae.jobs.report import Report, fmt
@@ -46,7 +46,7 @@ from qsae.lm.datasets import Question, QuestionSet, format_prompt, is_correct, l
 from qsae.lm.generate import Draw, sample_and_capture
 from qsae.lm.hooks import check_layers, text_config
 from qsae.lm.memory import auto_questions_per_batch
-from qsae.lm.models import LoadedModel, load_model
+from qsae.lm.models import LoadedModel
 from qsae.lm.sampling import SAMPLER_ID, empirical_entropy, newline_token_ids
 from qsae.sae.formats import load_saes
 from qsae.sae.model import SAE, check_sae_matches_model
@@ -82,21 +82,9 @@ def capture_lineage(cfg: CaptureConfig, lm_name: str, lm_revision: str, qs: Ques
 
 
 # ------------------------------------------------------------------ shared resources
-@dataclass
-class _Resources:
-    lm: LoadedModel
-    lock: threading.Lock
-
-
-@lru_cache(maxsize=2)
-def _model(name: str, revision: str | None, device: str, dtype: str, trust_remote_code: bool) -> _Resources:
-    lm = load_model(name, revision=revision, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    return _Resources(lm, threading.Lock())
-
-
-def get_model(cfg: CaptureConfig) -> _Resources:
+def get_model(cfg: CaptureConfig) -> Shared:
     """The process-wide model for a config, with the lock that serialises its use (hooks)."""
-    return _model(cfg.model, cfg.model_revision, cfg.device, cfg.dtype, cfg.trust_remote_code)
+    return shared_model(cfg.model, cfg.model_revision, cfg.device, cfg.dtype, cfg.trust_remote_code)
 
 
 @lru_cache(maxsize=4)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,11 +41,12 @@ from qsae.jobs import interrupt
 from qsae.jobs.codes import load_sae_for
 from qsae.jobs.configs import SteerConfig
 from qsae.jobs.figures import pyplot
+from qsae.jobs.models import Shared, shared_model
 from qsae.jobs.progress import Progress
 from qsae.jobs.report import Report, fmt
 from qsae.lake.results import LakeState, figure_png, jsonable, lake_state, lineage_of, read_result_group, save_png
 from qsae.lake.store import consolidate, open_lake
-from qsae.lm.models import LoadedModel, load_model
+from qsae.lm.models import LoadedModel
 from qsae.lm.steer import greedy_conditions
 
 log = logging.getLogger("qsae.jobs.steer")
@@ -229,9 +231,9 @@ def _open_or_create(plan: SteerPlan) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------ steps
-def _model(cfg: SteerConfig, attrs: dict[str, Any]) -> LoadedModel:
+def _model(cfg: SteerConfig, attrs: dict[str, Any]) -> Shared:
     name = cfg.model or attrs.get("model_path") or attrs.get("model")
-    return load_model(str(name), device=cfg.device, dtype=cfg.dtype)
+    return shared_model(str(name), device=cfg.device, dtype=cfg.dtype)
 
 
 def steer_prompts(plan: SteerPlan, prompts: list[int], lm: LoadedModel | None = None, progress: bool = False) -> int:
@@ -241,7 +243,13 @@ def steer_prompts(plan: SteerPlan, prompts: list[int], lm: LoadedModel | None = 
     todo = [i for i in prompts if not plan.done[i]]
     if not todo:
         return 0
-    lm = lm or _model(cfg, plan.attrs)
+    shared = Shared(lm, threading.Lock()) if lm is not None else _model(cfg, plan.attrs)
+    with shared.lock:  # the steering hook is the model's: one step at a time on it
+        return _steer_prompts(plan, todo, shared.lm, progress)
+
+
+def _steer_prompts(plan: SteerPlan, todo: list[int], lm: LoadedModel, progress: bool) -> int:
+    cfg = plan.cfg
     tok, model = lm.tokenizer, lm.model
     stop = [t for t in {tok.eos_token_id} if t is not None]
     dev = next(model.parameters()).device
